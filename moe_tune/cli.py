@@ -1,0 +1,79 @@
+"""The ``moe-tune`` command. User mistakes (MoeTuneError) become one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from moe_tune.errors import MoeTuneError
+
+
+def cmd_train(args) -> None:
+    from moe_tune.recipe import load_recipe  # noqa: PLC0415  (keep `--help` fast)
+    from moe_tune.train import run_training  # noqa: PLC0415
+
+    run_training(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+
+
+def cmd_eval(args) -> None:
+    from moe_tune.data import read_chat_rows  # noqa: PLC0415
+    from moe_tune.evaluate import evaluate, format_table, write_json  # noqa: PLC0415
+    from moe_tune.loading import load_model  # noqa: PLC0415
+    from moe_tune.train import MODEL_DIR, RECIPE_FILE  # noqa: PLC0415
+
+    target = Path(args.model)
+    is_run = (target / RECIPE_FILE).is_file()
+    if is_run and not (target / MODEL_DIR).is_dir():
+        raise MoeTuneError(f"{target}: this run has no saved model yet (did training finish?)")
+    model_path = target / MODEL_DIR if is_run else target
+    out = Path(args.out) if args.out else (target / "eval" if is_run else Path("eval") / target.name)
+    rows_by_file = {path: read_chat_rows(path, args.max_rows) for path in args.data}
+    model, tokenizer = load_model(str(model_path), args.dtype)
+    for path, rows in rows_by_file.items():
+        result = evaluate(model, tokenizer, rows, args.batch_size, args.max_new_tokens)
+        dest = out / f"{Path(path).stem}.json"
+        write_json(dest, {"file": path, "model": str(model_path), **result})
+        print(f"\n{path}\n{format_table({target.name: result})}\nwritten to {dest}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-tune", description="Instruction-tune pretrained MoE models.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune a model as a recipe says")
+    train.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_steps=3 output_dir=/tmp/x")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="loss and exact match of a run or model on held-out chat data")
+    ev.add_argument("model", help="a run folder (from moe-tune train) or a model folder")
+    ev.add_argument("--data", action="append", required=True, help="chat JSONL file; repeat for several")
+    ev.add_argument("--out", help="folder for the JSON results (default: RUN/eval or eval/MODEL_NAME)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows of each file")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MoeTuneError as e:
+        if args.debug:
+            raise
+        print(f"moe-tune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-tune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

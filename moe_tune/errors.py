@@ -1,0 +1,5 @@
+"""The one exception type for mistakes a user can fix; the CLI prints it as a single line."""
+
+
+class MoeTuneError(Exception):
+    """A problem with the user's input (recipe, data, model, command line), stated so they can fix it."""

@@ -1,0 +1,144 @@
+"""Held-out evaluation: loss on assistant tokens and greedy-generation exact match, per task.
+
+Router logits are turned off for inference: with ``output_router_logits=True``, batched
+generation on left-padded input crashes in several MoE families, and nothing here needs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moe_tune.data import split_prompt
+
+
+def normalize(text: str) -> str:
+    """Whitespace-collapsed, without a trailing full stop; case is kept (uppercasing is a task)."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(".").strip()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize(prediction) == normalize(reference)
+
+
+@contextlib.contextmanager
+def inference_mode(model):
+    """Eval mode, no grad, router logits off; restores the model's state afterwards."""
+    config = model.config.get_text_config()
+    saved = (model.training, getattr(config, "output_router_logits", None))
+    if saved[1] is not None:
+        config.output_router_logits = False
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(saved[0])
+        if saved[1] is not None:
+            config.output_router_logits = saved[1]
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _answer_losses(model, tokenizer, rows: list[dict], batch_size: int) -> list[tuple[float, int]]:
+    """Per row: (summed cross-entropy over the assistant tokens, number of those tokens)."""
+    out = []
+    for batch in _batches(rows, batch_size):
+        enc = [tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True,
+                                             return_assistant_tokens_mask=True) for r in batch]
+        width = max(len(e["input_ids"]) for e in enc)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in enc])
+        attn = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in enc])
+        mask = torch.tensor([e["assistant_masks"] + [0] * (width - len(e["input_ids"])) for e in enc])
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()  # (batch, seq, vocab)
+        # token t is predicted from position t-1
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        target = mask[:, 1:].bool()
+        out += [(float(nll[i][target[i]].sum()), int(target[i].sum())) for i in range(len(batch))]
+    return out
+
+
+def _generate(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int,
+              progress: bool) -> list[str]:
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outputs = []
+    try:
+        for batch in tqdm(list(_batches(rows, batch_size)), desc="generating", disable=not progress):
+            prompts = [tokenizer.apply_chat_template(split_prompt(r)[0], tokenize=False,
+                                                     add_generation_prompt=True) for r in batch]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = gen[:, enc["input_ids"].shape[1]:]
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def _summary(indices: list[int], losses, hits) -> dict:
+    nll = sum(losses[i][0] for i in indices)
+    n_tok = sum(losses[i][1] for i in indices)
+    loss = nll / n_tok if n_tok else float("nan")
+    return {"n": len(indices), "exact_match": sum(hits[i] for i in indices) / len(indices),
+            "loss": loss, "perplexity": math.exp(loss) if n_tok else float("nan")}
+
+
+def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 64, max_new_tokens: int = 16,
+             progress: bool = True) -> dict:
+    """Loss and exact match over ``rows``, overall, per ``task`` and per ``group`` field."""
+    with inference_mode(model):
+        losses = _answer_losses(model, tokenizer, rows, batch_size)
+        predictions = _generate(model, tokenizer, rows, batch_size, max_new_tokens, progress)
+    hits = [exact_match(p, split_prompt(r)[1]) for p, r in zip(predictions, rows)]
+    result = {"overall": _summary(list(range(len(rows))), losses, hits)}
+    for key in ("group", "task"):
+        groups = defaultdict(list)
+        for i, r in enumerate(rows):
+            if key in r:
+                groups[r[key]].append(i)
+        if groups:
+            result[f"per_{key}"] = {g: _summary(idx, losses, hits) for g, idx in sorted(groups.items())}
+    result["samples"] = [{"task": r.get("task"), "prompt": split_prompt(r)[0][-1]["content"],
+                          "reference": split_prompt(r)[1], "prediction": p, "correct": h}
+                         for r, p, h in list(zip(rows, predictions, hits))[:20]]
+    return result
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A Markdown table with one exact-match and one loss column per model (e.g. base, tuned)."""
+    names = list(results)
+    first = results[names[0]]
+    header = ["", "n"] + [f"{m} exact match" for m in names] + [f"{m} loss" for m in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def line(label: str, key: str | None, group: str | None) -> str:
+        stats = [results[m][key][group] if key else results[m]["overall"] for m in names]
+        cells = [label, str(stats[0]["n"])] + [f"{s['exact_match']:.1%}" for s in stats]
+        cells += [f"{s['loss']:.3f}" for s in stats]
+        return "| " + " | ".join(cells) + " |"
+
+    lines.append(line("**all**", None, None))
+    for key in ("per_group", "per_task"):
+        for group in first.get(key, {}):
+            lines.append(line(f"{key[4:]}: {group}", key, group))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write JSON next to its final name first, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)

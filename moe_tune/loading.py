@@ -1,0 +1,46 @@
+"""Loading a model and tokenizer: config and tokenizer are checked before any weights load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from moe_tune.arch import require_moe
+from moe_tune.errors import MoeTuneError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_config(path: str):
+    """The model config, or a clear error when ``path`` is neither a checkpoint nor reachable."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if Path(path).exists():
+            raise MoeTuneError(f"{path}: not a transformers checkpoint ({str(e).splitlines()[0]})") from None
+        raise MoeTuneError(f"{path}: no such model folder, and not reachable as a Hugging Face Hub "
+                           "id (offline?); point model.path at a local checkpoint") from None
+
+
+def load_tokenizer(path: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MoeTuneError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    if not tokenizer.chat_template:
+        raise MoeTuneError(f"{path}: the tokenizer has no chat template; instruction tuning on "
+                           "chat data needs one (tokenizer_config.json 'chat_template')")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: str = "float32"):
+    """(model, tokenizer), after checking that ``path`` holds an MoE with a usable tokenizer."""
+    config = load_config(path)
+    require_moe(config, path)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    return model, tokenizer

@@ -1,0 +1,201 @@
+"""Recipes: YAML files mapped onto typed config classes, plus dotted command-line overrides.
+
+A recipe reads in the order the run happens: ``model -> data -> sft -> eval``. Every section
+is a pydantic model that forbids unknown keys; ``sft`` passes through to TRL's ``SFTConfig``
+and is checked against its fields and their types before anything loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from moe_tune.errors import MoeTuneError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelSection(_Section):
+    path: str
+    """Local folder of a transformers MoE checkpoint (with its tokenizer), or a hub id when online."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Dtype the weights are loaded in. float32 is the fast and exact choice on CPU."""
+
+
+class DataSection(_Section):
+    train: str
+    """Training data: JSONL with a ``messages`` list (user/assistant turns) per row."""
+    valid: str | None = None
+    """Validation data in the same format, evaluated for loss during training (``sft.eval_strategy``)."""
+    max_train_rows: int | None = Field(default=None, gt=0)
+    """Use only the first N training rows (quick experiments)."""
+
+
+class EvalSection(_Section):
+    files: list[str] = []
+    """Held-out chat JSONL files evaluated at the end of training (loss and greedy exact match)."""
+    max_new_tokens: int = Field(default=16, gt=0)
+    """Greedy generation length; answers longer than this cannot match."""
+    batch_size: int = Field(default=64, gt=0)
+    """Prompts generated per batch (left-padded)."""
+    max_rows: int | None = Field(default=None, gt=0)
+    """Evaluate only the first N rows of each file."""
+    compare_base: bool = True
+    """Also evaluate the untuned base model on the same prompts, for a side-by-side table."""
+
+
+class Recipe(_Section):
+    output_dir: str
+    """Run folder: resolved recipe, weights, metrics.jsonl, eval/. Never overwritten without --overwrite."""
+    seed: int = 42
+    """Seed for data order, initialisation of new weights and dropout."""
+    model: ModelSection
+    data: DataSection
+    sft: dict[str, Any] = {}
+    """Passed through to TRL's SFTConfig (learning_rate, max_steps, per_device_train_batch_size, ...)."""
+    eval: EvalSection = EvalSection()
+
+
+# SFTConfig keys that have one home elsewhere in the recipe.
+_SFT_OWNED_ELSEWHERE = {"output_dir": "output_dir", "seed": "seed"}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; recipes mean a float, as in YAML 1.2."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def _nearest(name: str, choices: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """Valid key names at the location of an error (for 'did you mean')."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _explain(err: dict, source: str) -> str:
+    path = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{path}'{_nearest(str(err['loc'][-1]), _section_fields(err['loc']))}"
+    if err["type"] == "missing":
+        return f"{source}: missing required key '{path}'"
+    return f"{source}: {path}: {err['msg']} (got {err['input']!r})"
+
+
+def _sft_config_class():
+    from trl import SFTConfig  # noqa: PLC0415  (TRL is slow to import; only needed here)
+
+    return SFTConfig
+
+
+def check_sft(sft: dict[str, Any], source: str) -> None:
+    """Check ``sft`` keys and value types against TRL's SFTConfig before anything heavy runs."""
+    cls = _sft_config_class()
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key, value in sft.items():
+        if key in _SFT_OWNED_ELSEWHERE:
+            raise MoeTuneError(f"{source}: 'sft.{key}' is set by the top-level key "
+                               f"'{_SFT_OWNED_ELSEWHERE[key]}'; move it there")
+        if key not in fields:
+            raise MoeTuneError(f"{source}: unknown key 'sft.{key}' (not a TRL SFTConfig field)"
+                               f"{_nearest(key, fields)}")
+        try:
+            adapter = TypeAdapter(hints[key])
+        except Exception:  # an annotation pydantic cannot check; TRL checks it itself
+            continue
+        try:
+            adapter.validate_python(value)
+        except ValidationError as e:
+            raise MoeTuneError(f"{source}: sft.{key}: {e.errors()[0]['msg']} (got {value!r})") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["sft.max_steps=3", "output_dir=/tmp/x"]`` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise MoeTuneError(f"command line: override '{item}' is not of the form key.subkey=value")
+        try:
+            value = _yaml(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MoeTuneError(f"command line: override '{item}' conflicts with an earlier one")
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise MoeTuneError(f"{path}: recipe file not found")
+    try:
+        data = _yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MoeTuneError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise MoeTuneError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise MoeTuneError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, sft:, ...)")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, merge overrides into, and validate a recipe. Raises MoeTuneError with the dotted key."""
+    path = Path(path)
+    data = _merge(read_yaml(path), parse_overrides(overrides or []))
+    source = str(path) + (" (with command-line overrides)" if overrides else "")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        # an unknown key explains a "missing" one next to it (``pth`` for ``path``): report it first
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise MoeTuneError(_explain(errors[0], source)) from None
+    check_sft(recipe.sft, source)
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

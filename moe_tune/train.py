@@ -1,0 +1,138 @@
+"""``moe-tune train``: the run, as a short pipeline of plain steps.
+
+    prepare_run_dir -> load_model -> load_data -> build_trainer -> train -> save -> evaluate_run
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, set_seed
+
+from moe_tune.arch import require_moe
+from moe_tune.data import chat_dataset, read_chat_rows
+from moe_tune.errors import MoeTuneError
+from moe_tune.evaluate import evaluate, format_table, write_json
+from moe_tune.loading import load_config, load_model, load_tokenizer
+from moe_tune.recipe import Recipe, dump_recipe
+
+RECIPE_FILE = "recipe.yaml"
+MODEL_DIR = "model"
+
+# Where the recipe leaves them unset. TRL's own defaults (bf16 autocast, gradient checkpointing)
+# slow a CPU down; on a GPU we keep TRL's.
+CPU_DEFAULTS = {"bf16": False, "gradient_checkpointing": False}
+DEFAULTS = {"assistant_only_loss": True, "report_to": "none", "logging_steps": 10,
+            "save_strategy": "no"}
+
+
+def prepare_run_dir(output_dir: str, overwrite: bool) -> Path:
+    """An empty run folder. A finished or partial run is replaced only with ``overwrite``;
+    a non-empty folder that is not a moe_tune run is never touched."""
+    run = Path(output_dir)
+    if run.exists() and not run.is_dir():
+        raise MoeTuneError(f"output_dir: '{run}' is a file; choose a folder name")
+    if run.is_dir() and any(run.iterdir()):
+        if not (run / RECIPE_FILE).is_file():
+            raise MoeTuneError(f"output_dir: '{run}' is not empty and is not a moe-tune run; "
+                               "choose another output_dir")
+        if not overwrite:
+            raise MoeTuneError(f"output_dir: '{run}' already holds a run; pass --overwrite to "
+                               "replace it, or set output_dir=... to another folder")
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Everything that can be checked in seconds, before any weights load."""
+    require_moe(load_config(recipe.model.path), recipe.model.path)
+    load_tokenizer(recipe.model.path)
+    read_chat_rows(recipe.data.train, recipe.data.max_train_rows)
+    for path in ([recipe.data.valid] if recipe.data.valid else []) + recipe.eval.files:
+        read_chat_rows(path)
+
+
+def sft_config(recipe: Recipe, run: Path):
+    from trl import SFTConfig  # noqa: PLC0415
+
+    args = dict(DEFAULTS, **({} if torch.cuda.is_available() else CPU_DEFAULTS))
+    args.update(recipe.sft)
+    if recipe.data.valid is None and args.get("eval_strategy", "no") != "no":
+        raise MoeTuneError("sft.eval_strategy is set but data.valid is not; add a validation file")
+    try:
+        return SFTConfig(output_dir=str(run / "checkpoints"), seed=recipe.seed, **args)
+    except (ValueError, TypeError) as e:
+        raise MoeTuneError(f"sft: TRL rejected the settings: {e}") from None
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every logged dict (loss, learning_rate, aux_loss, eval_loss, ...) to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+def build_trainer(recipe: Recipe, run: Path, model, tokenizer):
+    from trl import SFTTrainer  # noqa: PLC0415
+
+    train = chat_dataset(recipe.data.train, recipe.data.max_train_rows)
+    valid = chat_dataset(recipe.data.valid) if recipe.data.valid else None
+    return SFTTrainer(model=model, args=sft_config(recipe, run), train_dataset=train,
+                      eval_dataset=valid, processing_class=tokenizer,
+                      callbacks=[MetricsLog(run / "metrics.jsonl")])
+
+
+def save_model(model, tokenizer, run: Path) -> Path:
+    """Weights and tokenizer into ``run/model``, via a temporary folder renamed into place."""
+    final, tmp = run / MODEL_DIR, run / (MODEL_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(final)
+    return final
+
+
+def evaluate_run(recipe: Recipe, run: Path, model, tokenizer) -> dict[str, dict]:
+    """Held-out evaluation of the tuned model (and the base, if asked) on each eval file."""
+    base = load_model(recipe.model.path, recipe.model.dtype)[0] if recipe.eval.compare_base else None
+    tables = {}
+    for path in recipe.eval.files:
+        rows = read_chat_rows(path, recipe.eval.max_rows)
+        results = {}
+        if base is not None:
+            results["base"] = evaluate(base, tokenizer, rows, recipe.eval.batch_size, recipe.eval.max_new_tokens)
+        results["tuned"] = evaluate(model, tokenizer, rows, recipe.eval.batch_size, recipe.eval.max_new_tokens)
+        write_json(run / "eval" / f"{Path(path).stem}.json", {"file": path, **results})
+        tables[path] = results
+    return tables
+
+
+def run_training(recipe: Recipe, overwrite: bool = False) -> Path:
+    check_inputs(recipe)
+    run = prepare_run_dir(recipe.output_dir, overwrite)
+    (run / RECIPE_FILE).write_text(dump_recipe(recipe))
+    set_seed(recipe.seed)
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype)
+    trainer = build_trainer(recipe, run, model, tokenizer)
+    start = time.time()
+    trainer.train()
+    model = trainer.model
+    save_model(model, tokenizer, run)
+    if (run / "checkpoints").is_dir() and not any((run / "checkpoints").iterdir()):
+        (run / "checkpoints").rmdir()
+    print(f"trained in {time.time() - start:.0f}s; model saved to {run / MODEL_DIR}")
+    for path, results in evaluate_run(recipe, run, model, tokenizer).items():
+        print(f"\nHeld-out evaluation of {path}:\n{format_table(results)}")
+    print(f"\nrun folder: {run}")
+    return run

@@ -1,0 +1,114 @@
+"""Recipes: every shipped file validates; mistakes name the file and dotted key."""
+
+from pathlib import Path
+
+import pytest
+
+from moe_tune.errors import MoeTuneError
+from moe_tune.recipe import Recipe, dump_recipe, load_recipe, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+MINIMAL = """
+output_dir: runs/x
+model:
+  path: data/tiny-moe
+data:
+  train: data/train.jsonl
+sft:
+  max_steps: 5
+"""
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_there_are_shipped_recipes():
+    assert any(p.name == "quickstart.yaml" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert isinstance(recipe, Recipe)
+    text = path.read_text()
+    assert text.startswith("#"), "a recipe starts with a comment saying what it is for"
+    assert "moe-tune train" in text.split("\n\n")[0], "the header gives the command that runs it"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_recipes_point_at_existing_files(path):
+    recipe = load_recipe(path)
+    for f in [recipe.data.train, recipe.data.valid, *recipe.eval.files]:
+        if f:
+            assert (ROOT / f).is_file(), f
+    assert (ROOT / recipe.model.path / "config.json").is_file()
+
+
+def test_minimal_recipe_defaults(tmp_path):
+    r = load_recipe(write(tmp_path, MINIMAL))
+    assert r.seed == 42 and r.model.dtype == "float32" and r.eval.files == []
+    assert r.sft == {"max_steps": 5}
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    r = load_recipe(write(tmp_path, MINIMAL), ["sft.max_steps=3", "output_dir=/tmp/y",
+                                               "sft.learning_rate=2e-4", "eval.compare_base=false"])
+    assert r.sft["max_steps"] == 3 and r.output_dir == "/tmp/y"
+    assert r.sft["learning_rate"] == pytest.approx(2e-4) and r.eval.compare_base is False
+
+
+def test_parse_overrides():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+    with pytest.raises(MoeTuneError, match="key.subkey=value"):
+        parse_overrides(["sft.max_steps"])
+    with pytest.raises(MoeTuneError, match="key.subkey=value"):
+        parse_overrides(["sft..x=1"])
+
+
+def test_dump_round_trips(tmp_path):
+    r = load_recipe(write(tmp_path, MINIMAL))
+    again = load_recipe(write(tmp_path, dump_recipe(r)))
+    assert again == r
+
+
+@pytest.mark.parametrize("text, expected", [
+    (MINIMAL.replace("path:", "pth:"), r"unknown key 'model.pth'; did you mean 'path'"),
+    (MINIMAL + "evall:\n  files: []\n", r"unknown key 'evall'; did you mean 'eval'"),
+    (MINIMAL.replace("max_steps", "max_stepz"), r"unknown key 'sft.max_stepz'.*did you mean 'max_steps'"),
+    (MINIMAL.replace("max_steps: 5", "max_steps: five"), r"sft.max_steps: .*integer.*'five'"),
+    (MINIMAL.replace("data:\n  train: data/train.jsonl\n", ""), r"missing required key 'data'"),
+    (MINIMAL + "eval:\n  batch_size: -1\n", r"eval.batch_size: .*greater than 0"),
+    (MINIMAL + "model:\n  path: x\n  dtype: float8\n", r"model.dtype"),
+    (MINIMAL.replace("max_steps: 5", "output_dir: x"), r"'sft.output_dir' is set by the top-level key"),
+    ("model: [1, 2\n", r"r.yaml:\d+: not valid YAML"),
+    ("- just\n- a list\n", r"a recipe is a YAML mapping"),
+])
+def test_recipe_errors_name_file_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(MoeTuneError, match=expected) as err:
+        load_recipe(path)
+    assert str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_override_errors_name_the_key(tmp_path):
+    with pytest.raises(MoeTuneError, match=r"command-line overrides.*unknown key 'sft.lerning_rate'"
+                                           r".*did you mean 'learning_rate'"):
+        load_recipe(write(tmp_path, MINIMAL), ["sft.lerning_rate=1e-3"])
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(MoeTuneError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_non_utf8_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(MINIMAL.encode("utf-16"))
+    with pytest.raises(MoeTuneError, match="not UTF-8"):
+        load_recipe(path)
