@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -10,15 +11,17 @@ from moe_tune.errors import MoeTuneError
 
 
 def cmd_train(args) -> None:
-    from moe_tune.recipe import load_recipe  # noqa: PLC0415  (keep `--help` fast)
+    from moe_tune.recipe import load_recipe  # noqa: PLC0415  (heavy imports only once the recipe is valid)
+
+    recipe = load_recipe(args.recipe, args.overrides)
     from moe_tune.train import run_training  # noqa: PLC0415
 
-    run_training(load_recipe(args.recipe, args.overrides), overwrite=args.overwrite)
+    run_training(recipe, overwrite=args.overwrite)
 
 
 def cmd_eval(args) -> None:
     from moe_tune.data import read_chat_rows  # noqa: PLC0415
-    from moe_tune.evaluate import evaluate, format_table, write_json  # noqa: PLC0415
+    from moe_tune.evaluate import evaluate, format_table, save_results  # noqa: PLC0415
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.train import MODEL_DIR, RECIPE_FILE  # noqa: PLC0415
 
@@ -30,11 +33,12 @@ def cmd_eval(args) -> None:
     out = Path(args.out) if args.out else (target / "eval" if is_run else Path("eval") / target.name)
     rows_by_file = {path: read_chat_rows(path, args.max_rows) for path in args.data}
     model, tokenizer = load_model(str(model_path), args.dtype)
+    label = "tuned" if is_run else target.name
     for path, rows in rows_by_file.items():
-        result = evaluate(model, tokenizer, rows, args.batch_size, args.max_new_tokens)
+        result = {label: evaluate(model, tokenizer, rows, args.batch_size, args.max_new_tokens)}
         dest = out / f"{Path(path).stem}.json"
-        write_json(dest, {"file": path, "model": str(model_path), **result})
-        print(f"\n{path}\n{format_table({target.name: result})}\nwritten to {dest}")
+        save_results(dest, path, result)
+        print(f"\n{path}\n{format_table(result)}\nwritten to {dest}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub-downloaded
+    kernel is missing; it falls back to its own code, and we never download, so say nothing."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -136,6 +136,12 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def save_results(path: Path, data_file: str, results: dict[str, dict]) -> None:
+    """``{"file": ..., "results": {label: metrics}}``; labels already in the file are kept."""
+    old = json.loads(path.read_text())["results"] if path.is_file() else {}
+    write_json(path, {"file": data_file, "results": {**old, **results}})
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Write JSON next to its final name first, so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)

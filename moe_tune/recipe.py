@@ -118,6 +118,9 @@ def _sft_config_class():
 
 def check_sft(sft: dict[str, Any], source: str) -> None:
     """Check ``sft`` keys and value types against TRL's SFTConfig before anything heavy runs."""
+    if {"activation_checkpointing", "gradient_checkpointing"} <= set(sft):
+        raise MoeTuneError(f"{source}: set only one of sft.activation_checkpointing and "
+                           "sft.gradient_checkpointing (its deprecated name)")
     cls = _sft_config_class()
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)

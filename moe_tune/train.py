@@ -16,7 +16,7 @@ from transformers import TrainerCallback, set_seed
 from moe_tune.arch import require_moe
 from moe_tune.data import chat_dataset, read_chat_rows
 from moe_tune.errors import MoeTuneError
-from moe_tune.evaluate import evaluate, format_table, write_json
+from moe_tune.evaluate import evaluate, format_table, save_results
 from moe_tune.loading import load_config, load_model, load_tokenizer
 from moe_tune.recipe import Recipe, dump_recipe
 
@@ -25,7 +25,9 @@ MODEL_DIR = "model"
 
 # Where the recipe leaves them unset. TRL's own defaults (bf16 autocast, gradient checkpointing)
 # slow a CPU down; on a GPU we keep TRL's.
-CPU_DEFAULTS = {"bf16": False, "gradient_checkpointing": False}
+CPU_DEFAULTS = {"use_cpu": True, "bf16": False, "activation_checkpointing": False,
+                "dataloader_pin_memory": False}
+_CHECKPOINTING_NAMES = {"activation_checkpointing", "gradient_checkpointing"}  # new and deprecated name
 DEFAULTS = {"assistant_only_loss": True, "report_to": "none", "logging_steps": 10,
             "save_strategy": "no"}
 
@@ -61,6 +63,8 @@ def sft_config(recipe: Recipe, run: Path):
     from trl import SFTConfig  # noqa: PLC0415
 
     args = dict(DEFAULTS, **({} if torch.cuda.is_available() else CPU_DEFAULTS))
+    if _CHECKPOINTING_NAMES & set(recipe.sft):  # the recipe's choice, under either name, wins
+        args.pop("activation_checkpointing", None)
     args.update(recipe.sft)
     if recipe.data.valid is None and args.get("eval_strategy", "no") != "no":
         raise MoeTuneError("sft.eval_strategy is set but data.valid is not; add a validation file")
@@ -113,7 +117,7 @@ def evaluate_run(recipe: Recipe, run: Path, model, tokenizer) -> dict[str, dict]
         if base is not None:
             results["base"] = evaluate(base, tokenizer, rows, recipe.eval.batch_size, recipe.eval.max_new_tokens)
         results["tuned"] = evaluate(model, tokenizer, rows, recipe.eval.batch_size, recipe.eval.max_new_tokens)
-        write_json(run / "eval" / f"{Path(path).stem}.json", {"file": path, **results})
+        save_results(run / "eval" / f"{Path(path).stem}.json", path, results)
         tables[path] = results
     return tables
 

@@ -1,0 +1,144 @@
+"""`moe-tune train` and `moe-tune eval` end to end on the shipped model, and their errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from transformers import LlamaConfig
+
+from moe_tune.cli import main
+
+from conftest import ROOT
+
+QUICK = ["sft.max_steps=4", "sft.logging_steps=1", "sft.eval_steps=2", "eval.max_rows=24",
+         "eval.batch_size=8", "eval.max_new_tokens=4"]
+
+
+@pytest.fixture(autouse=True)
+def at_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "quick"
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert main(["train", "recipes/quickstart.yaml", f"output_dir={run}", *QUICK]) == 0
+    finally:
+        os.chdir(cwd)
+    return run
+
+
+@pytest.mark.slow
+def test_train_writes_a_complete_run(trained_run):
+    run = trained_run
+    assert (run / "recipe.yaml").is_file() and "max_steps: 4" in (run / "recipe.yaml").read_text()
+    assert (run / "model" / "config.json").is_file()
+    assert (run / "model" / "model.safetensors").is_file()
+    assert (run / "model" / "tokenizer.json").is_file()
+    assert not (run / "model.tmp").exists()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_logs = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in train_logs] == [1, 2, 3, 4]
+    assert all({"learning_rate", "aux_loss"} <= set(m) for m in train_logs)
+    assert any("eval_loss" in m for m in metrics)
+    result = json.loads((run / "eval" / "heldout.json").read_text())
+    assert result["file"] == "data/heldout.jsonl"
+    assert set(result["results"]) == {"base", "tuned"}
+    assert result["results"]["tuned"]["overall"]["n"] == 24
+
+
+@pytest.mark.slow
+def test_train_changes_the_weights(trained_run):
+    from safetensors.torch import load_file
+
+    base = load_file(ROOT / "data" / "tiny-moe" / "model.safetensors")
+    tuned = load_file(trained_run / "model" / "model.safetensors")
+    assert base.keys() == tuned.keys()
+    assert any(not (base[k] == tuned[k]).all() for k in base)
+
+
+@pytest.mark.slow
+def test_existing_run_is_never_overwritten_silently(trained_run, capsys):
+    before = (trained_run / "metrics.jsonl").read_text()
+    code, _, err = run_cli(capsys, "train", "recipes/quickstart.yaml", f"output_dir={trained_run}", *QUICK)
+    assert code == 2 and "already holds a run; pass --overwrite" in err
+    assert (trained_run / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_eval_on_a_run_and_on_a_model(trained_run, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "eval", str(trained_run), "--data", "data/valid.jsonl",
+                           "--max-rows", "10", "--max-new-tokens", "4")
+    assert code == 0 and "| **all** | 10 |" in out
+    saved = json.loads((trained_run / "eval" / "valid.json").read_text())
+    assert set(saved["results"]) == {"tuned"}
+    assert saved["results"]["tuned"]["overall"]["n"] == 10
+    code, out, _ = run_cli(capsys, "eval", "data/tiny-moe", "--data", "data/heldout.jsonl",
+                           "--max-rows", "5", "--out", str(tmp_path))
+    assert code == 0
+    saved = json.loads((tmp_path / "heldout.json").read_text())
+    assert saved["results"]["tiny-moe"]["overall"]["n"] == 5
+
+
+def test_non_empty_foreign_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "train", "recipes/quickstart.yaml", f"output_dir={tmp_path}", "--overwrite")
+    assert code == 2 and "is not a moe-tune run" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_model_that_is_not_moe(tmp_path, capsys):
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64, vocab_size=100).save_pretrained(tmp_path / "dense")
+    code, _, err = run_cli(capsys, "train", "recipes/quickstart.yaml", f"model.path={tmp_path / 'dense'}",
+                           f"output_dir={tmp_path / 'run'}")
+    assert code == 2
+    assert "model type 'llama' is not a Mixture-of-Experts model" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.path=no/such/model", "no/such/model: no such model folder"),
+    ("data.train=data/missing.jsonl", "data/missing.jsonl: data file not found"),
+    ("sft.max_stepss=3", "unknown key 'sft.max_stepss'"),
+    ("eval.batch_size=big", "eval.batch_size"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, override, expected):
+    code, _, err = run_cli(capsys, "train", "recipes/quickstart.yaml", f"output_dir={tmp_path / 'r'}", override)
+    assert code == 2
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("moe-tune: error: ")
+    assert not (tmp_path / "r").exists()
+
+
+def test_malformed_data_row_names_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    good = (ROOT / "data" / "train.jsonl").read_text().splitlines()[:2]
+    bad.write_text("\n".join(good + ['{"messages": "oops"}']) + "\n")
+    code, _, err = run_cli(capsys, "train", "recipes/quickstart.yaml", f"data.train={bad}",
+                           f"output_dir={tmp_path / 'r'}")
+    assert code == 2 and f"{bad}:3: missing or empty 'messages'" in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "moe_tune.cli", "train", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"moe-tune: error: {tmp_path / 'missing.yaml'}: recipe file not found"
+
+
+def test_eval_of_a_run_without_model(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text("output_dir: x\n")
+    code, _, err = run_cli(capsys, "eval", str(tmp_path), "--data", "data/valid.jsonl")
+    assert code == 2 and "has no saved model yet" in err

@@ -1,0 +1,58 @@
+"""The run pipeline's own decisions: TRL settings, the run folder."""
+
+import pytest
+import torch
+
+from moe_tune.errors import MoeTuneError
+from moe_tune.recipe import load_recipe
+from moe_tune.train import prepare_run_dir, sft_config
+
+from conftest import ROOT
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def minimal(tmp_path, *overrides):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"output_dir: x\nmodel: {{path: {ROOT}/data/tiny-moe}}\n"
+                    f"data: {{train: {ROOT}/data/train.jsonl}}\nsft: {{max_steps: 2}}\n")
+    return load_recipe(path, list(overrides))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU defaults")
+def test_cpu_defaults_replace_trl_gpu_defaults(tmp_path):
+    recipe = minimal(tmp_path)
+    args = sft_config(recipe, tmp_path)
+    assert args.bf16 is False and args.activation_checkpointing is False
+    assert args.assistant_only_loss is True and args.max_steps == 2
+    assert args.output_dir == str(tmp_path / "checkpoints") and args.seed == recipe.seed
+
+
+@pytest.mark.parametrize("key", ["gradient_checkpointing", "activation_checkpointing"])
+def test_recipe_choice_wins_under_either_name(tmp_path, key):
+    recipe = minimal(tmp_path, f"sft.{key}=true", "sft.bf16=true")
+    args = sft_config(recipe, tmp_path)
+    assert args.activation_checkpointing is True and args.bf16 is True
+
+
+def test_both_checkpointing_names_is_an_error(tmp_path):
+    with pytest.raises(MoeTuneError, match="set only one of sft.activation_checkpointing"):
+        minimal(tmp_path, "sft.activation_checkpointing=false", "sft.gradient_checkpointing=true")
+
+
+def test_eval_strategy_needs_valid_data(tmp_path):
+    recipe = load_recipe(QUICKSTART, ["data.valid=null"])
+    with pytest.raises(MoeTuneError, match="data.valid is not"):
+        sft_config(recipe, tmp_path)
+
+
+def test_prepare_run_dir(tmp_path):
+    run = prepare_run_dir(str(tmp_path / "a" / "b"), overwrite=False)
+    assert run.is_dir()
+    (run / "recipe.yaml").write_text("x")
+    with pytest.raises(MoeTuneError, match="already holds a run"):
+        prepare_run_dir(str(run), overwrite=False)
+    assert prepare_run_dir(str(run), overwrite=True) == run and not any(run.iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MoeTuneError, match="is a file"):
+        prepare_run_dir(str(tmp_path / "file"), overwrite=True)
