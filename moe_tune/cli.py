@@ -41,6 +41,25 @@ def cmd_eval(args) -> None:
         print(f"\n{path}\n{format_table(result)}\nwritten to {dest}")
 
 
+def cmd_inspect(args) -> None:
+    import json  # noqa: PLC0415
+
+    from moe_tune.accounting import format_summary, summary  # noqa: PLC0415
+    from moe_tune.arch import describe, require_moe  # noqa: PLC0415
+    from moe_tune.loading import build_meta_model, load_config  # noqa: PLC0415
+
+    source = args.model
+    if Path(source).suffix in (".yaml", ".yml") and Path(source).is_file():
+        from moe_tune.recipe import load_recipe  # noqa: PLC0415
+
+        source = load_recipe(source).model.path
+    config = load_config(source)
+    require_moe(config, source)
+    model = build_meta_model(config)
+    result = summary(model, describe(model), args.dtype)
+    print(json.dumps(result, indent=2) if args.json else format_summary(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-tune", description="Instruction-tune pretrained MoE models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -61,13 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows of each file")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     ev.set_defaults(func=cmd_eval)
+
+    ins = sub.add_parser("inspect", help="experts, parameters per part, active parameters, memory estimates")
+    ins.add_argument("model", help="a checkpoint or config folder, a recipe, or a hub id (online only)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                     help="weight dtype assumed by the memory estimates")
+    ins.set_defaults(func=cmd_inspect)
     return parser
 
 
 def quiet_libraries() -> None:
-    """bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub-downloaded
+    """Library chatter that would bury our one-line errors.
+
+    bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional hub-downloaded
     kernel is missing; it falls back to its own code, and we never download, so say nothing."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Offline, huggingface_hub logs each of its retries; our error line says what happened.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,3 +44,13 @@ def load_model(path: str, dtype: str = "float32"):
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     return model, tokenizer
+
+
+def build_meta_model(config):
+    """The model's modules and parameter shapes, with no memory: a 671B config builds in seconds."""
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError) as e:
+            raise MoeTuneError(f"transformers cannot build a causal LM from this config "
+                               f"({str(e).splitlines()[0]})") from None

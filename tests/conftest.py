@@ -1,4 +1,5 @@
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -27,3 +28,6 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def make_data():
     return load_script("make_data")
+
+# Tests never reach the Hugging Face Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,142 @@
+"""Parameter accounting and training-memory estimates, from the architecture layer.
+
+Active parameters per token: everything except the routed experts a token does not visit,
+i.e. each MoE layer counts ``top_k / num_experts`` of its routed expert tensors. Two
+conventions exist: Mistral and Qwen count the input embedding (``active_params``); DeepSeek
+and gpt-oss leave it out (``active_params_no_embed``).
+
+Memory (GB = 1e9 bytes) counts weights, gradients and AdamW's two moment buffers; not
+activations, which depend on batch and sequence length. Full-weight training keeps gradients
+and moments in the weights' dtype, as torch's AdamW does. LoRA adapters are kept in fp32
+(PEFT's default ``autocast_adapter_dtype``), so each adapter parameter costs 16 bytes.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moe_tune.arch import PARTS, MoeArch, text_config
+
+STRATEGIES = ("full", "freeze_experts", "lora_experts", "qlora")
+LORA_RANK = 16  # the rank assumed by the LoRA strategies' estimates
+ADAPTER_BYTES = 4 * 4  # fp32 weight + gradient + 2 AdamW moments
+# bitsandbytes NF4 with double quantization: 4 bits + an 8-bit absmax per 64 weights + an fp32
+# scale per 256 of those blocks.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def _numel(model: nn.Module) -> dict[str, int]:
+    return {name: p.numel() for name, p in model.named_parameters()}
+
+
+def part_counts(model: nn.Module, arch: MoeArch) -> dict[str, int]:
+    sizes = _numel(model)
+    counts = dict.fromkeys(PARTS, 0)
+    for name, part in arch.parts.items():
+        counts[part] += sizes[name]
+    return {part: n for part, n in counts.items() if n}
+
+
+def _inactive_expert_params(model: nn.Module, arch: MoeArch) -> float:
+    sizes = _numel(model)
+    return sum(sum(sizes[n] for n in layer.expert_params) * (1 - layer.top_k / layer.num_experts)
+               for layer in arch.layers)
+
+
+def active_params(model: nn.Module, arch: MoeArch, with_input_embedding: bool = True) -> int:
+    total = sum(_numel(model).values())
+    active = total - _inactive_expert_params(model, arch)
+    if not with_input_embedding:
+        embed = model.get_input_embeddings().weight
+        head = model.get_output_embeddings()
+        if head is None or head.weight is not embed:  # tied: the matrix still serves as LM head
+            active -= embed.numel()
+    return round(active)
+
+
+def lora_params(shape: tuple[int, ...], rank: int = LORA_RANK) -> int:
+    """PEFT LoRA size for a weight: (out, in) -> r*(in+out); fused (E, a, b) -> r*E*(a+b)."""
+    experts = shape[0] if len(shape) == 3 else 1
+    return rank * experts * (shape[-1] + shape[-2])
+
+
+def _linear_weights(model: nn.Module) -> list[str]:
+    """Parameters bitsandbytes would quantize: nn.Linear weights, except the LM head."""
+    head = model.get_output_embeddings()
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+
+
+def memory_bytes(model: nn.Module, arch: MoeArch, dtype_bytes: int = 2) -> dict[str, float]:
+    sizes = _numel(model)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    total = sum(sizes.values())
+    experts = sum(sizes[n] for n in arch.params_in("routed_experts"))
+    expert_tensors = [n for layer in arch.layers for n in layer.expert_params]
+    expert_lora = sum(lora_params(shapes[n]) for n in expert_tensors)
+    attention_linears = [n for n in _linear_weights(model) if arch.parts.get(n) == "attention"]
+    attention_lora = sum(lora_params(shapes[n]) for n in attention_linears)
+    quantized = sum(sizes[n] for n in _linear_weights(model) if n in sizes)
+    per_trained = 4 * dtype_bytes  # weight + gradient + 2 moments
+    return {
+        "full": total * per_trained,
+        "freeze_experts": experts * dtype_bytes + (total - experts) * per_trained,
+        "lora_experts": total * dtype_bytes + expert_lora * ADAPTER_BYTES,
+        # 4-bit nn.Linear layers; fused experts, embeddings and norms stay in dtype
+        "qlora": quantized * NF4_BYTES + (total - quantized) * dtype_bytes
+        + (expert_lora + attention_lora) * ADAPTER_BYTES,
+    }
+
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def summary(model: nn.Module, arch: MoeArch, dtype: str = "bfloat16") -> dict:
+    """What ``moe-tune inspect --json`` prints."""
+    layers = arch.layers
+    n_layers = getattr(text_config(model.config), "num_hidden_layers", None)
+    return {
+        "architecture": type(model).__name__,
+        "family": arch.family,
+        "num_layers": n_layers,
+        "num_moe_layers": len(layers),
+        "num_experts": arch.num_experts,
+        "top_k": arch.top_k,
+        "scoring": layers[0].scoring,
+        "shared_experts": bool(layers[0].shared),
+        "total_params": sum(_numel(model).values()),
+        "active_params": active_params(model, arch),
+        "active_params_no_embed": active_params(model, arch, with_input_embedding=False),
+        "parts": part_counts(model, arch),
+        "memory_dtype": dtype,
+        "memory_gb": {k: round(v / 1e9, 3) for k, v in memory_bytes(model, arch, DTYPE_BYTES[dtype]).items()},
+    }
+
+
+def _human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def format_summary(s: dict) -> str:
+    shared = "with shared experts" if s["shared_experts"] else "no shared experts"
+    lines = [
+        f"{s['architecture']} ({s['family']})",
+        f"layers: {s['num_layers']}, of which MoE: {s['num_moe_layers']}",
+        f"experts: {s['num_experts']} routed per MoE layer, top-{s['top_k']}, {s['scoring']} router, {shared}",
+        "parameters by part:",
+    ]
+    for part, n in s["parts"].items():
+        lines.append(f"  {part:<15} {_human(n):>9}  {n / s['total_params']:6.1%}")
+    lines += [
+        f"total: {_human(s['total_params'])}",
+        f"active per token: {_human(s['active_params'])} "
+        f"({_human(s['active_params_no_embed'])} without the input embedding)",
+        f"training memory, {s['memory_dtype']} weights + gradients + AdamW states (activations not included):",
+    ]
+    names = {"full": "full fine-tune", "freeze_experts": "frozen experts",
+             "lora_experts": f"LoRA r={LORA_RANK} on experts", "qlora": "QLoRA (4-bit linears, LoRA on experts+attention)"}
+    for strategy, gb in s["memory_gb"].items():
+        lines.append(f"  {names[strategy]:<48} {gb:10.2f} GB")
+    return "\n".join(lines)

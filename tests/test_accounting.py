@@ -1,0 +1,97 @@
+"""Parameter accounting on published configs, built on the meta device (nothing downloaded)."""
+
+import json
+
+import pytest
+
+from moe_tune.accounting import active_params, lora_params, memory_bytes, summary
+from moe_tune.arch import describe
+from moe_tune.cli import main
+from moe_tune.loading import build_meta_model, load_config
+
+from conftest import ROOT, SHIPPED_MODEL
+
+CONFIGS = ROOT / "tests" / "model_configs"  # copies of the published config.json files
+# Published counts (model cards). Mistral and Qwen count the input embedding in "active";
+# DeepSeek leaves it out.
+PUBLISHED = {
+    "mixtral-8x7b": (46.7e9, 12.9e9, "active_params"),
+    "qwen3-235b-a22b": (235e9, 22e9, "active_params"),
+    "deepseek-v3": (671e9, 37e9, "active_params_no_embed"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(PUBLISHED))
+def published(request):
+    model = build_meta_model(load_config(str(CONFIGS / request.param)))
+    return request.param, model, describe(model)
+
+
+def test_reproduces_published_counts(published):
+    name, model, arch = published
+    total, active, convention = PUBLISHED[name]
+    s = summary(model, arch)
+    assert s["total_params"] == pytest.approx(total, rel=0.01)
+    assert s[convention] == pytest.approx(active, rel=0.03)
+    assert sum(s["parts"].values()) == s["total_params"]
+
+
+def test_inspect_json_has_the_documented_keys(capsys):
+    assert main(["inspect", str(CONFIGS / "deepseek-v3"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert {"architecture", "num_experts", "top_k", "num_moe_layers", "total_params", "active_params",
+            "active_params_no_embed", "parts", "memory_gb"} <= set(s)
+    assert (s["architecture"], s["num_experts"], s["top_k"], s["num_moe_layers"]) == \
+        ("DeepseekV3ForCausalLM", 256, 8, 58)
+    assert s["scoring"] == "sigmoid" and s["shared_experts"] is True
+    assert set(s["memory_gb"]) == {"full", "freeze_experts", "lora_experts", "qlora"}
+
+
+def test_inspect_reads_a_recipe_and_prints_a_table(capsys):
+    assert main(["inspect", str(ROOT / "recipes" / "quickstart.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "MixtralForCausalLM (mixtral)" in out and "top-2" in out and "routed_experts" in out
+
+
+def test_inspect_offline_hub_id_is_one_line(capsys):
+    assert main(["inspect", "no-such-org/no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "not reachable as a Hugging Face Hub id" in err and len(err.strip().splitlines()) == 1
+
+
+def test_active_params_by_hand_on_the_shipped_model():
+    model = build_meta_model(load_config(str(SHIPPED_MODEL)))
+    arch = describe(model)
+    # 4 layers x 8 experts x (gate_up 512x128 + down 128x256); top-2 of 8 are active
+    experts = 4 * 8 * (512 * 128 + 128 * 256)
+    total = sum(p.numel() for p in model.parameters())
+    assert active_params(model, arch) == total - experts * 6 // 8
+    # tied embeddings: the matrix is still needed as LM head, so nothing is left out
+    assert active_params(model, arch, with_input_embedding=False) == active_params(model, arch)
+
+
+def test_memory_estimates_by_hand():
+    model = build_meta_model(load_config(str(SHIPPED_MODEL)))
+    arch = describe(model)
+    total = sum(p.numel() for p in model.parameters())
+    experts = 4 * 8 * (512 * 128 + 128 * 256)
+    mem = memory_bytes(model, arch, dtype_bytes=2)
+    assert mem["full"] == total * 8
+    assert mem["freeze_experts"] == experts * 2 + (total - experts) * 8
+    assert mem["lora_experts"] == total * 2 + 4 * (lora_params((8, 512, 128)) + lora_params((8, 128, 256))) * 16
+    assert mem["full"] > mem["freeze_experts"] and mem["full"] > mem["lora_experts"]
+
+
+def test_lora_param_count_matches_peft():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL)
+    arch = describe(model)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    experts = [n for layer in arch.layers for n in layer.expert_params]
+    attention = [n.removesuffix(".weight") for n in arch.params_in("attention")]
+    expected = sum(lora_params(shapes[n], rank=4) for n in experts)
+    expected += sum(lora_params(shapes[n + ".weight"], rank=4) for n in attention)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=attention, target_parameters=experts))
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == expected
