@@ -19,20 +19,33 @@ def cmd_train(args) -> None:
     run_training(recipe, overwrite=args.overwrite)
 
 
+def _load_for_eval(target: Path, dtype: str):
+    """(model, tokenizer) of a run folder (full weights or base + adapter) or a model folder."""
+    from moe_tune.loading import load_adapter_model, load_model  # noqa: PLC0415
+    from moe_tune.recipe import load_recipe  # noqa: PLC0415
+    from moe_tune.train import MODEL_DIR, RECIPE_FILE  # noqa: PLC0415
+
+    if not (target / RECIPE_FILE).is_file():
+        return load_model(str(target), dtype)
+    saved = target / MODEL_DIR
+    if not saved.is_dir():
+        raise MoeTuneError(f"{target}: this run has no saved model yet (did training finish?)")
+    if (saved / "adapter_config.json").is_file():
+        recipe = load_recipe(target / RECIPE_FILE)
+        return load_adapter_model(recipe.model.path, saved, dtype)
+    return load_model(str(saved), dtype)
+
+
 def cmd_eval(args) -> None:
     from moe_tune.data import read_chat_rows  # noqa: PLC0415
     from moe_tune.evaluate import evaluate, format_table, save_results  # noqa: PLC0415
-    from moe_tune.loading import load_model  # noqa: PLC0415
-    from moe_tune.train import MODEL_DIR, RECIPE_FILE  # noqa: PLC0415
+    from moe_tune.train import RECIPE_FILE  # noqa: PLC0415
 
     target = Path(args.model)
     is_run = (target / RECIPE_FILE).is_file()
-    if is_run and not (target / MODEL_DIR).is_dir():
-        raise MoeTuneError(f"{target}: this run has no saved model yet (did training finish?)")
-    model_path = target / MODEL_DIR if is_run else target
     out = Path(args.out) if args.out else (target / "eval" if is_run else Path("eval") / target.name)
     rows_by_file = {path: read_chat_rows(path, args.max_rows) for path in args.data}
-    model, tokenizer = load_model(str(model_path), args.dtype)
+    model, tokenizer = _load_for_eval(target, args.dtype)
     label = "tuned" if is_run else target.name
     for path, rows in rows_by_file.items():
         result = {label: evaluate(model, tokenizer, rows, args.batch_size, args.max_new_tokens)}

@@ -54,3 +54,11 @@ def build_meta_model(config):
         except (ValueError, KeyError) as e:
             raise MoeTuneError(f"transformers cannot build a causal LM from this config "
                                f"({str(e).splitlines()[0]})") from None
+
+
+def load_adapter_model(base_path: str, adapter_dir: Path, dtype: str = "float32"):
+    """A base model with the PEFT adapter saved by a LoRA run (weights not merged)."""
+    from peft import PeftModel  # noqa: PLC0415
+
+    model, tokenizer = load_model(base_path, dtype)
+    return PeftModel.from_pretrained(model, adapter_dir), tokenizer

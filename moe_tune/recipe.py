@@ -1,6 +1,6 @@
 """Recipes: YAML files mapped onto typed config classes, plus dotted command-line overrides.
 
-A recipe reads in the order the run happens: ``model -> data -> sft -> eval``. Every section
+A recipe reads in the order the run happens: ``model -> data -> trainable -> lora -> sft -> eval``. Every section
 is a pydantic model that forbids unknown keys; ``sft`` passes through to TRL's ``SFTConfig``
 and is checked against its fields and their types before anything loads.
 """
@@ -53,6 +53,52 @@ class EvalSection(_Section):
     """Also evaluate the untuned base model on the same prompts, for a side-by-side table."""
 
 
+Mode = Literal["train", "freeze", "lora"]
+Part = Literal["embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp",
+               "norms", "lm_head", "other"]
+
+
+class TrainableSection(_Section):
+    """What trains. A preset gives every part a mode; a part named here overrides it."""
+
+    preset: Literal["full", "freeze_router", "freeze_experts", "experts_only", "attention_only",
+                    "lora_attention", "lora_experts", "lora_all"] = "full"
+    """Starting point: full, freeze_router, freeze_experts (all but the routed experts), experts_only,
+    attention_only, lora_attention, lora_experts, lora_all."""
+    embeddings: Mode | None = None
+    """Input token embeddings."""
+    attention: Mode | None = None
+    """Attention (and other sequence mixers: mamba, linear attention)."""
+    router: Mode | None = None
+    """Router weights of every MoE layer (and their biases)."""
+    routed_experts: Mode | None = None
+    """The routed experts' fused weight tensors."""
+    shared_experts: Mode | None = None
+    """Shared experts (Qwen-MoE, DeepSeek, Llama-4, ...) and their gates."""
+    dense_mlp: Mode | None = None
+    """Feed-forward blocks of dense (non-MoE) layers."""
+    norms: Mode | None = None
+    """RMSNorm / LayerNorm weights (train or freeze only)."""
+    lm_head: Mode | None = None
+    """Output projection (shared with the embeddings when tied)."""
+    other: Mode | None = None
+    """Anything the architecture layer could not place in a part."""
+
+    def overrides(self) -> dict[str, str | None]:
+        return {part: getattr(self, part) for part in typing.get_args(Part)}
+
+
+class LoraSection(_Section):
+    r: int = Field(default=16, gt=0)
+    """LoRA rank. On a fused expert tensor (E, out, in) each expert gets its own rank-r pair."""
+    alpha: float = Field(default=32, gt=0)
+    """Scaling numerator: updates are scaled by alpha / r."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the LoRA input. PEFT cannot do this on fused experts or routers: keep 0 there."""
+    rank_per_part: dict[Part, int] = {}
+    """Rank by part, e.g. {routed_experts: 4} for a smaller per-expert rank."""
+
+
 class Recipe(_Section):
     output_dir: str
     """Run folder: resolved recipe, weights, metrics.jsonl, eval/. Never overwritten without --overwrite."""
@@ -60,6 +106,8 @@ class Recipe(_Section):
     """Seed for data order, initialisation of new weights and dropout."""
     model: ModelSection
     data: DataSection
+    trainable: TrainableSection = TrainableSection()
+    lora: LoraSection = LoraSection()
     sft: dict[str, Any] = {}
     """Passed through to TRL's SFTConfig (learning_rate, max_steps, per_device_train_batch_size, ...)."""
     eval: EvalSection = EvalSection()
@@ -70,9 +118,16 @@ _SFT_OWNED_ELSEWHERE = {"output_dir": "output_dir", "seed": "seed"}
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-3`` as a string; recipes mean a float, as in YAML 1.2."""
+    """YAML 1.2 scalars: ``1e-3`` is a float and ``no``/``off`` stay strings (TRL's
+    ``eval_strategy: no``), where YAML 1.1 reads a string and a boolean."""
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, set_seed
 
-from moe_tune.arch import require_moe
+from moe_tune.arch import describe, require_moe
 from moe_tune.data import chat_dataset, read_chat_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.evaluate import evaluate, format_table, save_results
 from moe_tune.loading import load_config, load_model, load_tokenizer
 from moe_tune.recipe import Recipe, dump_recipe
+from moe_tune.trainable import apply_plan, format_plan, make_plan, part_rows, resolve_modes
 
 RECIPE_FILE = "recipe.yaml"
 MODEL_DIR = "model"
@@ -86,6 +87,14 @@ class MetricsLog(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
+def apply_trainable(recipe: Recipe, model):
+    """Freeze, train or LoRA-wrap each part as the recipe says; print what will train."""
+    arch = describe(model)
+    plan = make_plan(model, arch, resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()))
+    print(format_plan(part_rows(model, arch, plan, recipe.lora)))
+    return apply_plan(model, plan, arch, recipe.lora)
+
+
 def build_trainer(recipe: Recipe, run: Path, model, tokenizer):
     from trl import SFTTrainer  # noqa: PLC0415
 
@@ -128,6 +137,7 @@ def run_training(recipe: Recipe, overwrite: bool = False) -> Path:
     (run / RECIPE_FILE).write_text(dump_recipe(recipe))
     set_seed(recipe.seed)
     model, tokenizer = load_model(recipe.model.path, recipe.model.dtype)
+    model = apply_trainable(recipe, model)
     trainer = build_trainer(recipe, run, model, tokenizer)
     start = time.time()
     trainer.train()

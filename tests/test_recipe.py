@@ -112,3 +112,10 @@ def test_non_utf8_recipe(tmp_path):
     path.write_bytes(MINIMAL.encode("utf-16"))
     with pytest.raises(MoeTuneError, match="not UTF-8"):
         load_recipe(path)
+
+
+def test_yaml_12_scalars(tmp_path):
+    r = load_recipe(write(tmp_path, MINIMAL), ["sft.eval_strategy=no", "sft.learning_rate=1e-3",
+                                               "eval.compare_base=false", "sft.bf16=true"])
+    assert r.sft["eval_strategy"] == "no" and r.sft["learning_rate"] == 1e-3
+    assert r.eval.compare_base is False and r.sft["bf16"] is True

@@ -1,0 +1,190 @@
+"""What trains: a mode per part (train, freeze or LoRA), from a preset plus overrides.
+
+The parts come from the architecture layer, so LoRA targets are derived, never hand-written:
+``nn.Linear``/``nn.Embedding`` weights go to PEFT's ``target_modules``; fused expert tensors
+(E, out, in) and bare router weights go to ``target_parameters``. After wrapping, every tensor
+that should carry LoRA is checked to carry it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from moe_tune.arch import PARTS, MoeArch
+from moe_tune.errors import MoeTuneError
+
+_EVERYTHING = dict.fromkeys(PARTS, "train")
+# Unlisted parts are frozen.
+PRESETS: dict[str, dict[str, str]] = {
+    "full": _EVERYTHING,
+    "freeze_router": {**_EVERYTHING, "router": "freeze"},
+    "freeze_experts": {**_EVERYTHING, "routed_experts": "freeze"},  # ST-MoE: non-expert params only
+    "experts_only": {"routed_experts": "train", "shared_experts": "train"},
+    "attention_only": {"attention": "train"},
+    "lora_attention": {"attention": "lora"},
+    "lora_experts": {"routed_experts": "lora", "shared_experts": "lora"},
+    "lora_all": {"attention": "lora", "routed_experts": "lora", "shared_experts": "lora", "dense_mlp": "lora"},
+}
+
+
+@dataclass
+class Plan:
+    """Per parameter: trained in full, adapted by LoRA (and how), or frozen."""
+
+    modes: dict[str, str]                      # part -> mode
+    train: list[str] = field(default_factory=list)           # parameter names
+    lora_modules: list[str] = field(default_factory=list)    # nn.Linear / nn.Embedding module names
+    lora_parameters: list[str] = field(default_factory=list)  # fused expert / bare router tensors
+    not_adapted: list[str] = field(default_factory=list)     # in a LoRA part, but no LoRA form (biases)
+    frozen: list[str] = field(default_factory=list)
+
+    @property
+    def lora_targets(self) -> list[str]:
+        """Parameter names that must carry LoRA."""
+        return [f"{m}.weight" for m in self.lora_modules] + self.lora_parameters
+
+
+def resolve_modes(preset: str, overrides: dict[str, str | None]) -> dict[str, str]:
+    modes = {part: PRESETS[preset].get(part, "freeze") for part in PARTS}
+    modes.update({part: mode for part, mode in overrides.items() if mode is not None})
+    return modes
+
+
+def _owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
+    """Parameter name -> (module name, module, attribute name)."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        for attr, _ in module.named_parameters(recurse=False):
+            out[f"{mod_name}.{attr}" if mod_name else attr] = (mod_name, module, attr)
+    return out
+
+
+def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str]) -> Plan:
+    if modes.get("norms") == "lora":
+        raise MoeTuneError("trainable.norms: norms have no LoRA form; use train or freeze")
+    fused = {n for layer in arch.layers for n in (*layer.expert_params, layer.router_weight)}
+    owners = _owners(model)
+    plan = Plan(modes=modes)
+    for name, part in arch.parts.items():
+        mode = modes[part]
+        mod_name, module, attr = owners[name]
+        if mode == "train":
+            plan.train.append(name)
+        elif mode == "freeze":
+            plan.frozen.append(name)
+        elif isinstance(module, (nn.Linear, nn.Embedding)) and attr == "weight":
+            plan.lora_modules.append(mod_name)
+        elif name in fused:
+            plan.lora_parameters.append(name)
+        else:
+            plan.not_adapted.append(name)
+    return plan
+
+
+def _module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def _modules_to_save(plan: Plan) -> list[str]:
+    """Modules trained in full next to LoRA: PEFT keeps and saves a trainable copy of each."""
+    lora_owners = set(plan.lora_modules) | {_module_of(n) for n in plan.lora_parameters}
+    modules = sorted({_module_of(n) for n in plan.train})
+    for m in modules:
+        if any(o == m or o.startswith(m + ".") or m.startswith(o + ".") for o in lora_owners):
+            raise MoeTuneError(f"trainable: '{m}' would be both trained in full and LoRA-adapted; "
+                               "choose train or lora for the parts it holds")
+    return modules
+
+
+def _rank_pattern(plan: Plan, arch: MoeArch, rank_per_part: dict[str, int]) -> dict[str, int]:
+    """PEFT rank_pattern: regexes matched against module names (target_modules) and parameter
+    names (target_parameters), so exact names, escaped."""
+    keys = [(m, f"{m}.weight") for m in plan.lora_modules] + [(n, n) for n in plan.lora_parameters]
+    return {re.escape(key): rank_per_part[arch.parts[param]] for key, param in keys
+            if arch.parts[param] in rank_per_part}
+
+
+def adapted_tensors(model: nn.Module) -> set[str]:
+    """Base-model parameter names that carry a LoRA adapter in a PEFT model."""
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+
+    out = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            out.add(f"{base}.{getattr(module, 'parameter_name', None) or 'weight'}")
+    return out
+
+
+def verify_coverage(model: nn.Module, plan: Plan) -> None:
+    """Fail loudly unless LoRA sits exactly on the planned tensors."""
+    adapted, wanted = adapted_tensors(model), set(plan.lora_targets)
+    if wanted - adapted:
+        missing = sorted(wanted - adapted)
+        raise MoeTuneError(f"LoRA did not reach {len(missing)} planned tensors, e.g. {missing[0]}; "
+                           "this model family is not supported for LoRA on that part")
+    if adapted - wanted:
+        raise MoeTuneError(f"LoRA was added where the plan says not to: {sorted(adapted - wanted)[0]}")
+
+
+def apply_plan(model: nn.Module, plan: Plan, arch: MoeArch, lora) -> nn.Module:
+    """Freeze, unfreeze and LoRA-wrap as planned. ``lora`` is the recipe's LoraSection."""
+    if not plan.lora_targets:
+        train = set(plan.train)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in train)
+        return model
+    if lora.dropout and plan.lora_parameters:
+        raise MoeTuneError("lora.dropout: PEFT cannot apply dropout to fused expert or router tensors "
+                           "(target_parameters); set lora.dropout: 0, or LoRA-adapt only linear layers")
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=plan.lora_modules, target_parameters=plan.lora_parameters or None,
+        rank_pattern=_rank_pattern(plan, arch, lora.rank_per_part),
+        modules_to_save=_modules_to_save(plan) or None,
+    )
+    model = get_peft_model(model, config)
+    verify_coverage(model, plan)
+    return model
+
+
+def trainable_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of a (possibly PEFT-wrapped) model."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def part_rows(model: nn.Module, arch: MoeArch, plan: Plan, lora) -> list[dict]:
+    """Per part: parameters, mode and trainable parameters (LoRA counted as PEFT builds it)."""
+    from moe_tune.accounting import lora_params  # noqa: PLC0415
+
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    train, targets = set(plan.train), set(plan.lora_targets)
+    rows = []
+    for part in PARTS:
+        names = arch.params_in(part)
+        if not names:
+            continue
+        rank = lora.rank_per_part.get(part, lora.r)
+        trainable = sum(sizes[n] for n in names if n in train)
+        trainable += sum(lora_params(shapes[n], rank) for n in names if n in targets)
+        rows.append({"part": part, "params": sum(sizes[n] for n in names), "mode": plan.modes[part],
+                     "trainable": trainable, "lora_tensors": sum(n in targets for n in names)})
+    return rows
+
+
+def format_plan(rows: list[dict]) -> str:
+    total = sum(r["params"] for r in rows)
+    trainable = sum(r["trainable"] for r in rows)
+    lines = [f"{'part':<15} {'params':>12} {'mode':>7} {'trainable':>12}"]
+    for r in rows:
+        lora = f"  ({r['lora_tensors']} tensors with LoRA)" if r["mode"] == "lora" else ""
+        lines.append(f"{r['part']:<15} {r['params']:>12,} {r['mode']:>7} {r['trainable']:>12,}{lora}")
+    lines.append(f"trainable: {trainable:,} of {total:,} base parameters ({trainable / total:.2%})")
+    return "\n".join(lines)

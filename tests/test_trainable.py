@@ -1,0 +1,124 @@
+"""What trains: every preset on the shipped model, a few real TRL steps each.
+
+Frozen parameters must be bit-identical afterwards, trained ones must move, and LoRA must sit
+on exactly the planned tensors.
+"""
+
+import pytest
+import torch
+
+from moe_tune.arch import PARTS, describe
+from moe_tune.errors import MoeTuneError
+from moe_tune.loading import load_model
+from moe_tune.recipe import LoraSection, load_recipe
+from moe_tune.train import apply_trainable, build_trainer
+from moe_tune.trainable import PRESETS, adapted_tensors, make_plan, resolve_modes
+
+from conftest import ROOT, SHIPPED_MODEL
+
+STEPS = ["sft.max_steps=3", "sft.learning_rate=1e-2", "sft.eval_strategy=no", "data.max_train_rows=96",
+         "eval.files=[]", "sft.warmup_steps=0", "sft.logging_steps=1"]
+
+
+def base_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def unwrap_name(name: str) -> str:
+    """PEFT-wrapped parameter name -> base model name; None for LoRA weights and for the
+    untouched originals that PEFT keeps beside a fully trained copy (modules_to_save)."""
+    if "lora_" in name or ".original_module." in name:
+        return None
+    return (name.removeprefix("base_model.model.").replace(".base_layer", "")
+            .replace(".modules_to_save.default", ""))
+
+
+def train_preset(tmp_path, *overrides):
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"output_dir={tmp_path}", *STEPS, *overrides])
+    model, tokenizer = load_model(str(SHIPPED_MODEL))
+    arch = describe(model)
+    before = base_weights(model)
+    model = apply_trainable(recipe, model)
+    trainer = build_trainer(recipe, tmp_path, model, tokenizer)
+    trainer.train()
+    return recipe, arch, before, trainer.model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_trains_exactly_its_parts(tmp_path, preset):
+    recipe, arch, before, model = train_preset(tmp_path, f"trainable.preset={preset}")
+    modes = resolve_modes(preset, {})
+    after = {}
+    for name, p in model.named_parameters():
+        base = unwrap_name(name)
+        if base is not None:
+            after[base] = p.detach()
+    assert set(after) == set(before)
+    for name, weight in before.items():
+        mode = modes[arch.parts[name]]
+        if mode == "train":
+            assert not torch.equal(after[name], weight), f"{name} should have trained"
+        else:  # frozen, or frozen under its LoRA adapter
+            assert torch.equal(after[name], weight), f"{name} should be bit-identical"
+    if "lora" in modes.values():
+        plan = make_plan(load_model(str(SHIPPED_MODEL))[0], arch, modes)
+        assert adapted_tensors(model) == set(plan.lora_targets)
+        lora_weights = [p for n, p in model.named_parameters() if "lora_B" in n]
+        assert lora_weights and any(p.abs().sum() > 0 for p in lora_weights), "LoRA B should move from 0"
+
+
+@pytest.mark.slow
+def test_router_frozen_under_lora_experts_with_overrides(tmp_path):
+    _, arch, before, model = train_preset(tmp_path, "trainable.preset=lora_experts", "trainable.norms=train",
+                                          "lora.rank_per_part={routed_experts: 2}")
+    after = {unwrap_name(n): p for n, p in model.named_parameters() if unwrap_name(n)}
+    for name in arch.params_in("router"):
+        assert torch.equal(after[name], before[name])
+    for name in arch.params_in("norms"):
+        assert not torch.equal(after[name], before[name])
+    # per-expert rank 2 x 8 experts
+    a = [p for n, p in model.named_parameters() if "experts" in n and "lora_A" in n]
+    assert a and all(p.shape[0] == 2 * 8 for p in a)
+
+
+def test_every_part_has_a_mode_in_every_preset():
+    for preset in PRESETS:
+        assert set(resolve_modes(preset, {})) == set(PARTS)
+    assert resolve_modes("full", {"router": "freeze"})["router"] == "freeze"
+
+
+def test_lora_targets_come_from_the_architecture():
+    model, _ = load_model(str(SHIPPED_MODEL))
+    arch = describe(model)
+    plan = make_plan(model, arch, resolve_modes("lora_all", {"router": "lora"}))
+    experts = {n for layer in arch.layers for n in layer.expert_params}
+    routers = {layer.router_weight for layer in arch.layers}
+    assert experts | routers <= set(plan.lora_parameters)
+    assert all(m.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) for m in plan.lora_modules)
+
+
+def test_norms_cannot_take_lora():
+    model, _ = load_model(str(SHIPPED_MODEL))
+    with pytest.raises(MoeTuneError, match="trainable.norms: norms have no LoRA form"):
+        make_plan(model, describe(model), resolve_modes("full", {"norms": "lora"}))
+
+
+def test_dropout_on_fused_experts_is_refused():
+    from moe_tune.trainable import apply_plan
+
+    model, _ = load_model(str(SHIPPED_MODEL))
+    arch = describe(model)
+    plan = make_plan(model, arch, resolve_modes("lora_experts", {}))
+    with pytest.raises(MoeTuneError, match="lora.dropout: PEFT cannot apply dropout to fused expert"):
+        apply_plan(model, plan, arch, LoraSection(dropout=0.1))
+
+
+def test_train_and_lora_in_one_module_is_refused():
+    from moe_tune.trainable import apply_plan
+
+    model, _ = load_model(str(SHIPPED_MODEL))
+    arch = describe(model)
+    # the router weight lives in the MoE block next to the LoRA'd experts, but in its own module: fine
+    plan = make_plan(model, arch, resolve_modes("lora_experts", {"router": "train"}))
+    assert apply_plan(model, plan, arch, LoraSection()) is not None
