@@ -35,7 +35,8 @@ _ATTENTION_NAMES = ("self_attn", "attention", "self_attention", "attn", "mamba",
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "mlps")
 # Config attribute names, in the order families are tried.
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-_TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k")
+_TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "moe_topk", "top_k_experts",
+               "moe_k", "top_k")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ def text_config(config):
 def moe_shape(config) -> MoeShape | None:
     """Experts and top-k from a transformers config, or None when the model is not an MoE."""
     text = text_config(config)
+    if getattr(text, "is_moe", True) is False:  # e.g. Doge: experts declared but switched off
+        return None
     n = _first_int(text, _EXPERT_COUNT_KEYS)
     ffn = getattr(text, "ffn_config", None)  # dbrx nests its MoE settings
     if not n and ffn is not None:
@@ -118,6 +121,15 @@ def require_moe(config, where: str) -> MoeShape:
     return shape
 
 
+def trl_aux_loss_supported(config) -> bool:
+    """TRL's SFTTrainer computes the load-balancing loss from ``num_experts`` and
+    ``num_experts_per_tok`` on the config; families that name them otherwise (granitemoe,
+    phimoe, llama4, deepseek_v3, ...) crash there when router logits are on."""
+    text = text_config(config)
+    return hasattr(text, "output_router_logits") and all(
+        isinstance(getattr(text, k, None), int) for k in ("num_experts", "num_experts_per_tok"))
+
+
 def _children(module: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in module.named_children() if n in names]
 
@@ -129,20 +141,33 @@ def _tensors(module: nn.Module, prefix: str) -> list[tuple[str, object]]:
 
 
 def _scoring(config, router: nn.Module, block: nn.Module) -> str:
-    """How router logits become gate weights. The config says so in DeepSeek-style families;
-    otherwise the router or block code applies a sigmoid (Llama-4, GLM-4-MoE, ...) or not."""
+    """How router logits become gate weights. DeepSeek-style configs say so (``scoring_func``);
+    otherwise read the code that routes: the router's forward first, then the block's. A
+    function that uses only one of softmax and sigmoid decides (a block's forward may also
+    apply a sigmoid to a shared-expert gate, so one that uses both does not)."""
     declared = getattr(text_config(config), "scoring_func", None)
     if isinstance(declared, str):
         return declared
-    for cls in (type(router), type(block)):
-        for attr in ("forward", "route_tokens_to_experts"):
-            fn = getattr(cls, attr, None)
-            try:
-                if fn is not None and "sigmoid" in inspect.getsource(fn):
-                    return "sigmoid"
-            except (OSError, TypeError):
-                continue
+    for fn in (getattr(type(router), "forward", None), getattr(type(block), "route_tokens_to_experts", None),
+               getattr(type(block), "forward", None)):
+        try:
+            source = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            continue
+        uses = {name for name in ("softmax", "sigmoid") if name in source}
+        if len(uses) == 1:
+            return uses.pop()
     return "softmax"
+
+
+def _is_transposed(experts: nn.Module | None, tensor, hidden: int) -> bool:
+    """Expert tensors are (E, out, in) as in nn.Linear, or (E, in, out) ("transposed": gpt_oss,
+    llama4). transformers marks most experts classes; otherwise the input side is the one of
+    size hidden for the first tensor (gate_up_proj / up_proj)."""
+    flag = getattr(experts, "is_transposed", None)
+    if isinstance(flag, bool):
+        return flag
+    return tensor.dim() == 3 and tensor.shape[-1] != hidden and tensor.shape[-2] == hidden
 
 
 def _find_layer(name: str, block: nn.Module, model: nn.Module) -> MoeLayer | None:
@@ -152,8 +177,12 @@ def _find_layer(name: str, block: nn.Module, model: nn.Module) -> MoeLayer | Non
     router_name, router = routers[0]
     shared_names = [n for n, _ in _children(block, _SHARED_NAMES)]
     skip = {router_name, *shared_names}
-    routed = [(f"{name}.{n}", p) for n, p in block.named_parameters()
-              if n.split(".")[0] not in skip and n not in _CORRECTION_NAMES]
+    experts_module = dict(block.named_children()).get("experts")
+    if experts_module is not None:
+        routed = [(f"{name}.experts.{n}", p) for n, p in experts_module.named_parameters()]
+    else:  # jetmoe: expert tensors sit on the block itself
+        routed = [(f"{name}.{n}", p) for n, p in block.named_parameters()
+                  if n.split(".")[0] not in skip and n not in _CORRECTION_NAMES]
     cubes = [(n, p) for n, p in routed if p.dim() == 3]
     router_mats = [(f"{name}.{router_name}.{n}", p) for n, p in router.named_parameters() if p.dim() == 2]
     if cubes:
@@ -169,14 +198,14 @@ def _find_layer(name: str, block: nn.Module, model: nn.Module) -> MoeLayer | Non
             return None
     else:
         return None
-    weights = [n for n, p in router_mats if p.shape[0] == num_experts]
+    router_mats = [(n, p) for n, p in router_mats if p.shape[0] == num_experts]
+    weights = [n for n, _ in router_mats]
     if len(weights) != 1:
         return None
     expert_names = {n for n, _ in expert_params}
     extras = [n for n, t in _tensors(router, f"{name}.{router_name}") if n != weights[0]]
     extras += [f"{name}.{n}" for n, _ in list(block.named_parameters(recurse=False))
                + list(block.named_buffers(recurse=False)) if n in _CORRECTION_NAMES]
-    experts_module = next((m for n, m in block.named_children() if n == "experts"), None)
     return MoeLayer(
         block=name, router=f"{name}.{router_name}", router_weight=weights[0],
         router_extras=tuple(extras),
@@ -186,7 +215,7 @@ def _find_layer(name: str, block: nn.Module, model: nn.Module) -> MoeLayer | Non
         num_experts=num_experts,
         top_k=getattr(router, "top_k", None) or getattr(block, "top_k", None) or _config_top_k(model.config),
         scoring=_scoring(model.config, router, block),
-        transposed=bool(getattr(experts_module, "is_transposed", False)),
+        transposed=_is_transposed(experts_module, expert_params[0][1], router_mats[0][1].shape[1]),
         flat=not cubes,
     )
 
@@ -219,9 +248,11 @@ def _classify(model: nn.Module, layers: list[MoeLayer]) -> dict[str, str]:
             parts.setdefault(n, "router")
         for n in layer.expert_params + layer.expert_other:
             parts[n] = "routed_experts"
-        for shared in layer.shared:
-            for n, _ in model.get_submodule(shared).named_parameters():
-                parts[f"{shared}.{n}"] = "shared_experts"
+    # shared experts, also where a family keeps them beside the MoE block (granitemoeshared)
+    for mod_name, module in model.named_modules():
+        if mod_name.rsplit(".", 1)[-1] in _SHARED_NAMES:
+            for n, _ in module.named_parameters():
+                parts.setdefault(f"{mod_name}.{n}", "shared_experts")
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     by_module = {}

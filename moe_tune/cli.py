@@ -115,7 +115,13 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options too: `train r.yaml --overwrite sft.max_steps=3`
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         args.func(args)
     except MoeTuneError as e:

@@ -43,7 +43,16 @@ def load_model(path: str, dtype: str = "float32"):
     require_moe(config, path)
     tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    _point_base_model_at_backbone(model)
     return model, tokenizer
+
+
+def _point_base_model_at_backbone(model) -> None:
+    """Llama-4's causal LM names its backbone ``model`` but declares the prefix ``language_model``,
+    so ``model.base_model`` is the whole model and TRL's fused LM head calls the LM forward
+    instead of the backbone's. Point the prefix at the real backbone, for this instance only."""
+    if model.base_model is model and isinstance(getattr(model, "model", None), torch.nn.Module):
+        model.base_model_prefix = "model"
 
 
 def build_meta_model(config):

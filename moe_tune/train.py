@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, set_seed
 
-from moe_tune.arch import describe, require_moe
+from moe_tune.arch import describe, require_moe, trl_aux_loss_supported
 from moe_tune.data import chat_dataset, read_chat_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.evaluate import evaluate, format_table, save_results
-from moe_tune.loading import load_config, load_model, load_tokenizer
+from moe_tune.loading import build_meta_model, load_config, load_model, load_tokenizer
 from moe_tune.recipe import Recipe, dump_recipe
 from moe_tune.trainable import apply_plan, format_plan, make_plan, part_rows, resolve_modes
 
@@ -53,17 +53,32 @@ def prepare_run_dir(output_dir: str, overwrite: bool) -> Path:
 
 def check_inputs(recipe: Recipe) -> None:
     """Everything that can be checked in seconds, before any weights load."""
-    require_moe(load_config(recipe.model.path), recipe.model.path)
+    config = load_config(recipe.model.path)
+    require_moe(config, recipe.model.path)
+    meta = build_meta_model(config)
+    make_plan(meta, describe(meta), resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()))
     load_tokenizer(recipe.model.path)
     read_chat_rows(recipe.data.train, recipe.data.max_train_rows)
     for path in ([recipe.data.valid] if recipe.data.valid else []) + recipe.eval.files:
         read_chat_rows(path)
 
 
-def sft_config(recipe: Recipe, run: Path):
+def _aux_loss_setting(recipe: Recipe, model_config) -> dict:
+    """Turn TRL's load-balancing loss off where TRL cannot compute it for the family."""
+    if model_config is None or trl_aux_loss_supported(model_config):
+        return {}
+    if recipe.sft.get("router_aux_loss_coef"):
+        raise MoeTuneError(f"sft.router_aux_loss_coef: TRL cannot compute the load-balancing loss for "
+                           f"'{model_config.model_type}' models; set it to 0")
+    print(f"note: TRL's load-balancing loss is off: TRL cannot compute it for '{model_config.model_type}'")
+    return {"router_aux_loss_coef": 0.0}
+
+
+def sft_config(recipe: Recipe, run: Path, model_config=None):
     from trl import SFTConfig  # noqa: PLC0415
 
     args = dict(DEFAULTS, **({} if torch.cuda.is_available() else CPU_DEFAULTS))
+    args.update(_aux_loss_setting(recipe, model_config))
     if _CHECKPOINTING_NAMES & set(recipe.sft):  # the recipe's choice, under either name, wins
         args.pop("activation_checkpointing", None)
     args.update(recipe.sft)
@@ -100,7 +115,7 @@ def build_trainer(recipe: Recipe, run: Path, model, tokenizer):
 
     train = chat_dataset(recipe.data.train, recipe.data.max_train_rows)
     valid = chat_dataset(recipe.data.valid) if recipe.data.valid else None
-    return SFTTrainer(model=model, args=sft_config(recipe, run), train_dataset=train,
+    return SFTTrainer(model=model, args=sft_config(recipe, run, model.config), train_dataset=train,
                       eval_dataset=valid, processing_class=tokenizer,
                       callbacks=[MetricsLog(run / "metrics.jsonl")])
 

@@ -65,6 +65,10 @@ def _owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
 def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str]) -> Plan:
     if modes.get("norms") == "lora":
         raise MoeTuneError("trainable.norms: norms have no LoRA form; use train or freeze")
+    if modes.get("routed_experts") == "lora" and any(layer.flat for layer in arch.layers):
+        raise MoeTuneError(f"trainable.routed_experts: LoRA cannot reach {arch.family}'s experts (2-D stacks "
+                           "that the model reads outside their module, where PEFT's wrapper never sees "
+                           "them); use train or freeze")
     fused = {n for layer in arch.layers for n in (*layer.expert_params, layer.router_weight)}
     owners = _owners(model)
     plan = Plan(modes=modes)
@@ -130,6 +134,28 @@ def verify_coverage(model: nn.Module, plan: Plan) -> None:
         raise MoeTuneError(f"LoRA was added where the plan says not to: {sorted(adapted - wanted)[0]}")
 
 
+def _dodge_v4_renames(model: nn.Module, plan: Plan, lora) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters) that PEFT will apply as given.
+
+    For MoE families whose experts were fused in transformers 5, PEFT rewrites any target module
+    ending in an old per-expert name (``gate_proj``, ``w1``, ...) into the fused expert tensor:
+    a DeepSeek shared expert's ``down_proj`` silently becomes LoRA on the routed experts. Ask
+    PEFT's own converter which names it would rewrite, and target those linear weights as
+    parameters instead.
+    """
+    from peft import LoraConfig  # noqa: PLC0415
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers  # noqa: PLC0415
+
+    probe = LoraConfig(r=lora.r, target_modules=list(plan.lora_modules))
+    convert_peft_config_for_transformers(probe, model, conversions=None)
+    renamed = [m for m in plan.lora_modules if m not in set(probe.target_modules)]
+    if renamed and lora.dropout:
+        raise MoeTuneError(f"lora.dropout: '{renamed[0]}' can only be adapted as a parameter (PEFT would "
+                           "mistake it for a fused expert), where PEFT has no dropout; set lora.dropout: 0")
+    modules = [m for m in plan.lora_modules if m not in renamed]
+    return modules, plan.lora_parameters + [f"{m}.weight" for m in renamed]
+
+
 def apply_plan(model: nn.Module, plan: Plan, arch: MoeArch, lora) -> nn.Module:
     """Freeze, unfreeze and LoRA-wrap as planned. ``lora`` is the recipe's LoraSection."""
     if not plan.lora_targets:
@@ -142,9 +168,10 @@ def apply_plan(model: nn.Module, plan: Plan, arch: MoeArch, lora) -> nn.Module:
                            "(target_parameters); set lora.dropout: 0, or LoRA-adapt only linear layers")
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
+    modules, parameters = _dodge_v4_renames(model, plan, lora)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=plan.lora_modules, target_parameters=plan.lora_parameters or None,
+        target_modules=modules, target_parameters=parameters or None,
         rank_pattern=_rank_pattern(plan, arch, lora.rank_per_part),
         modules_to_save=_modules_to_save(plan) or None,
     )
