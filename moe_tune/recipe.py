@@ -58,13 +58,28 @@ Part = Literal["embeddings", "attention", "router", "routed_experts", "shared_ex
                "norms", "lm_head", "other"]
 
 
+class ExpertSelectionSection(_Section):
+    """ESFT: score each MoE layer's experts on the training data and train only the top ones."""
+
+    score: Literal["gate", "token"] = "gate"
+    """gate: average router probability per expert; token: share of top-k selections per expert."""
+    top_p: float = Field(default=0.2, gt=0, le=1)
+    """Per layer, keep the fewest experts whose shares add up to this."""
+    rows: int = Field(default=256, gt=0)
+    """Training rows scored."""
+    file: str | None = None
+    """Use a selection saved by `moe-tune select-experts` instead of scoring."""
+
+
 class TrainableSection(_Section):
     """What trains. A preset gives every part a mode; a part named here overrides it."""
 
     preset: Literal["full", "freeze_router", "freeze_experts", "experts_only", "attention_only",
-                    "lora_attention", "lora_experts", "lora_all"] = "full"
+                    "lora_attention", "lora_experts", "lora_all", "esft"] = "full"
     """Starting point: full, freeze_router, freeze_experts (all but the routed experts), experts_only,
-    attention_only, lora_attention, lora_experts, lora_all."""
+    attention_only, lora_attention, lora_experts, lora_all, esft (selected routed experts only)."""
+    expert_selection: ExpertSelectionSection | None = None
+    """Restrict the routed experts (train or lora) to the selected ones; the esft preset implies it."""
     embeddings: Mode | None = None
     """Input token embeddings."""
     attention: Mode | None = None
@@ -86,6 +101,11 @@ class TrainableSection(_Section):
 
     def overrides(self) -> dict[str, str | None]:
         return {part: getattr(self, part) for part in typing.get_args(Part)}
+
+    def selection(self) -> ExpertSelectionSection | None:
+        if self.expert_selection is None and self.preset == "esft":
+            return ExpertSelectionSection()
+        return self.expert_selection
 
 
 class LoraSection(_Section):

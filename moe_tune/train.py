@@ -16,12 +16,21 @@ from transformers import TrainerCallback, set_seed
 from moe_tune.arch import describe, require_moe, trl_aux_loss_supported
 from moe_tune.data import chat_dataset, read_chat_rows
 from moe_tune.errors import MoeTuneError
+from moe_tune.expert_selection import (
+    load_selection,
+    restrict_full,
+    restrict_lora,
+    save_selection,
+    score_experts,
+    select_top_p,
+)
 from moe_tune.evaluate import evaluate, format_table, save_results
 from moe_tune.loading import build_meta_model, load_config, load_model, load_tokenizer
 from moe_tune.recipe import Recipe, dump_recipe
 from moe_tune.trainable import apply_plan, format_plan, make_plan, part_rows, resolve_modes
 
 RECIPE_FILE = "recipe.yaml"
+SELECTION_FILE = "expert_selection.json"
 MODEL_DIR = "model"
 
 # Where the recipe leaves them unset. TRL's own defaults (bf16 autocast, gradient checkpointing)
@@ -56,7 +65,8 @@ def check_inputs(recipe: Recipe) -> None:
     config = load_config(recipe.model.path)
     require_moe(config, recipe.model.path)
     meta = build_meta_model(config)
-    make_plan(meta, describe(meta), resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()))
+    check_selection(recipe, make_plan(meta, describe(meta),
+                                      resolve_modes(recipe.trainable.preset, recipe.trainable.overrides())))
     load_tokenizer(recipe.model.path)
     read_chat_rows(recipe.data.train, recipe.data.max_train_rows)
     for path in ([recipe.data.valid] if recipe.data.valid else []) + recipe.eval.files:
@@ -102,12 +112,50 @@ class MetricsLog(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
-def apply_trainable(recipe: Recipe, model):
+def check_selection(recipe: Recipe, plan) -> None:
+    """Expert selection restricts the routed experts; say early when it cannot."""
+    if recipe.trainable.selection() is None:
+        return
+    mode = plan.modes["routed_experts"]
+    if mode == "freeze":
+        raise MoeTuneError("trainable.expert_selection: the routed experts are frozen; set "
+                           "trainable.routed_experts to train or lora")
+    if mode == "train" and plan.lora_targets:
+        raise MoeTuneError("trainable.expert_selection: selected experts trained in full cannot be combined "
+                           "with LoRA on other parts; use routed_experts: lora, or no LoRA")
+    if mode == "train" and recipe.sft.get("weight_decay"):
+        raise MoeTuneError("sft.weight_decay: weight decay would move the unselected experts too; "
+                           "set it to 0 with expert selection")
+
+
+def select_experts(recipe: Recipe, model, arch, tokenizer) -> tuple[dict, dict]:
+    """(shares, selection) from the recipe's saved file or by scoring its training data."""
+    cfg = recipe.trainable.selection()
+    if cfg.file:
+        return {}, load_selection(cfg.file, arch)
+    rows = read_chat_rows(recipe.data.train, cfg.rows)
+    shares = score_experts(model, arch, tokenizer, rows, cfg.score)
+    return shares, select_top_p(shares, cfg.top_p)
+
+
+def apply_trainable(recipe: Recipe, model, tokenizer, run: Path | None = None):
     """Freeze, train or LoRA-wrap each part as the recipe says; print what will train."""
     arch = describe(model)
     plan = make_plan(model, arch, resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()))
-    print(format_plan(part_rows(model, arch, plan, recipe.lora)))
-    return apply_plan(model, plan, arch, recipe.lora)
+    check_selection(recipe, plan)
+    selection = None
+    if recipe.trainable.selection() is not None:
+        shares, selection = select_experts(recipe, model, arch, tokenizer)
+        cfg = recipe.trainable.selection()
+        if run is not None:
+            save_selection(run / SELECTION_FILE, cfg.score, cfg.top_p, shares, selection)
+        print("selected experts: " + "; ".join(f"{b}: {e}" for b, e in selection.items()))
+    print(format_plan(part_rows(model, arch, plan, recipe.lora, selection)))
+    model = apply_plan(model, plan, arch, recipe.lora)
+    if selection is not None:
+        restrict = restrict_full if plan.modes["routed_experts"] == "train" else restrict_lora
+        restrict(model, arch, selection)
+    return model
 
 
 def build_trainer(recipe: Recipe, run: Path, model, tokenizer):
@@ -152,7 +200,7 @@ def run_training(recipe: Recipe, overwrite: bool = False) -> Path:
     (run / RECIPE_FILE).write_text(dump_recipe(recipe))
     set_seed(recipe.seed)
     model, tokenizer = load_model(recipe.model.path, recipe.model.dtype)
-    model = apply_trainable(recipe, model)
+    model = apply_trainable(recipe, model, tokenizer, run)
     trainer = build_trainer(recipe, run, model, tokenizer)
     start = time.time()
     trainer.train()

@@ -27,6 +27,7 @@ PRESETS: dict[str, dict[str, str]] = {
     "lora_attention": {"attention": "lora"},
     "lora_experts": {"routed_experts": "lora", "shared_experts": "lora"},
     "lora_all": {"attention": "lora", "routed_experts": "lora", "shared_experts": "lora", "dense_mlp": "lora"},
+    "esft": {"routed_experts": "train"},  # restricted to the selected experts (expert_selection.py)
 }
 
 
@@ -186,12 +187,18 @@ def trainable_counts(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def part_rows(model: nn.Module, arch: MoeArch, plan: Plan, lora) -> list[dict]:
-    """Per part: parameters, mode and trainable parameters (LoRA counted as PEFT builds it)."""
+def part_rows(model: nn.Module, arch: MoeArch, plan: Plan, lora,
+              selection: dict[str, list[int]] | None = None) -> list[dict]:
+    """Per part: parameters, mode and trainable parameters (LoRA counted as PEFT builds it;
+    with an expert selection, routed experts count only the selected experts' share)."""
     from moe_tune.accounting import lora_params  # noqa: PLC0415
 
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    share = dict.fromkeys(sizes, 1.0)
+    for layer in arch.layers if selection else ():
+        for n in layer.expert_params + layer.expert_other:
+            share[n] = len(selection[layer.block]) / layer.num_experts
     train, targets = set(plan.train), set(plan.lora_targets)
     rows = []
     for part in PARTS:
@@ -199,8 +206,8 @@ def part_rows(model: nn.Module, arch: MoeArch, plan: Plan, lora) -> list[dict]:
         if not names:
             continue
         rank = lora.rank_per_part.get(part, lora.r)
-        trainable = sum(sizes[n] for n in names if n in train)
-        trainable += sum(lora_params(shapes[n], rank) for n in names if n in targets)
+        trainable = round(sum(sizes[n] * share[n] for n in names if n in train))
+        trainable += round(sum(lora_params(shapes[n], rank) * share[n] for n in names if n in targets))
         rows.append({"part": part, "params": sum(sizes[n] for n in names), "mode": plan.modes[part],
                      "trainable": trainable, "lora_tensors": sum(n in targets for n in names)})
     return rows

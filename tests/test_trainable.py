@@ -38,7 +38,7 @@ def train_preset(tmp_path, *overrides):
     model, tokenizer = load_model(str(SHIPPED_MODEL))
     arch = describe(model)
     before = base_weights(model)
-    model = apply_trainable(recipe, model)
+    model = apply_trainable(recipe, model, tokenizer)
     trainer = build_trainer(recipe, tmp_path, model, tokenizer)
     trainer.train()
     return recipe, arch, before, trainer.model

@@ -1,0 +1,112 @@
+"""What the routers decide, for any family: router probabilities and the selected experts.
+
+Forward hooks on every router (found by the architecture layer) record its input. The router
+distribution is recomputed from that input and the router weight, which works the same for
+every family; the selected experts are taken from the router's own output when it returns
+them as a (tokens, top_k) index tensor (so group-limited routing is exact), and otherwise
+recomputed as the top-k of the selection scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_tune.arch import MoeArch, MoeLayer
+
+
+@dataclass
+class Routing:
+    probs: torch.Tensor  # (tokens, E) float32, each row sums to 1
+    topk: torch.Tensor   # (tokens, k) int64 expert ids
+
+
+def router_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """(tokens, E) logits -> (tokens, E) distribution, in fp32.
+
+    softmax routers: the softmax. sigmoid routers score each expert independently; their
+    scores are normalised over experts so that every family yields a distribution."""
+    logits = logits.float()
+    if scoring == "softmax":
+        return logits.softmax(-1)
+    if scoring == "sigmoid":
+        scores = logits.sigmoid()
+    elif scoring == "sqrtsoftplus":
+        scores = nn.functional.softplus(logits).sqrt()
+    else:
+        raise ValueError(f"unknown router scoring '{scoring}'")
+    return scores / scores.sum(-1, keepdim=True).clamp_min(1e-9)
+
+
+def _indices_from_output(output, tokens: int, top_k: int) -> torch.Tensor | None:
+    items = output if isinstance(output, tuple) else (output,)
+    for item in reversed(items):
+        if isinstance(item, torch.Tensor) and not item.is_floating_point() and item.dim() >= 1:
+            flat = item.reshape(-1, item.shape[-1])
+            if flat.shape == (tokens, top_k):
+                return flat.long()
+    return None
+
+
+class RouterTap:
+    """``with RouterTap(model, arch) as tap: model(**batch); routing = tap.take(attention_mask)``."""
+
+    def __init__(self, model: nn.Module, arch: MoeArch):
+        self.model, self.arch = model, arch
+        self.tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        self._seen: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._handles = []
+
+    def _hook(self, layer: MoeLayer):
+        def hook(module, args, output):
+            hidden = args[0].detach().reshape(-1, args[0].shape[-1])  # (tokens, H)
+            self._seen[layer.block] = (hidden, _indices_from_output(output, hidden.shape[0], layer.top_k))
+        return hook
+
+    def __enter__(self) -> RouterTap:
+        for layer in self.arch.layers:
+            module = self.model.get_submodule(layer.router)
+            self._handles.append(module.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _extra(self, layer: MoeLayer, correction: bool) -> torch.Tensor | None:
+        """The router's logit bias (gpt_oss), or its selection-only score correction (DeepSeek-V3)."""
+        for name in layer.router_extras:
+            leaf = name.rsplit(".", 1)[-1]
+            is_correction = "correction" in leaf or leaf == "expert_bias"
+            if is_correction == correction and (correction or leaf == "bias") \
+                    and self.tensors[name].numel() == layer.num_experts:
+                return self.tensors[name].detach().float().reshape(-1)  # (E,)
+        return None
+
+    def routing(self, layer: MoeLayer, hidden: torch.Tensor, indices: torch.Tensor | None) -> Routing:
+        weight = self.tensors[layer.router_weight].detach().float()  # (E, H)
+        logits = hidden.float() @ weight.T  # (tokens, E)
+        bias = self._extra(layer, correction=False)
+        probs = router_probs(logits if bias is None else logits + bias, layer.scoring)
+        if indices is None:
+            correction = self._extra(layer, correction=True)
+            select = probs if correction is None else probs + correction
+            indices = select.topk(layer.top_k, dim=-1).indices  # (tokens, k)
+        return Routing(probs=probs, topk=indices)
+
+    def take(self, attention_mask: torch.Tensor | None = None) -> dict[str, Routing]:
+        """Routing of every MoE layer for the last forward, padding tokens dropped."""
+        out = {}
+        for layer in self.arch.layers:
+            if layer.block not in self._seen:
+                continue
+            hidden, indices = self._seen[layer.block]
+            routing = self.routing(layer, hidden, indices)
+            if attention_mask is not None and attention_mask.numel() == hidden.shape[0]:
+                keep = attention_mask.reshape(-1).bool()
+                routing = Routing(routing.probs[keep], routing.topk[keep])
+            out[layer.block] = routing
+        self._seen.clear()
+        return out
