@@ -25,6 +25,15 @@ ADAPTER_BYTES = 4 * 4  # fp32 weight + gradient + 2 AdamW moments
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int) -> float:
+    """Weights of the whole model, plus gradient and two AdamW moments per trained weight (in
+    the weights' dtype) and 16 bytes per fp32 LoRA parameter."""
+    return total * dtype_bytes + trained_full * 3 * dtype_bytes + lora * ADAPTER_BYTES
+
+
 def _numel(model: nn.Module) -> dict[str, int]:
     return {name: p.numel() for name, p in model.named_parameters()}
 
@@ -76,18 +85,16 @@ def memory_bytes(model: nn.Module, arch: MoeArch, dtype_bytes: int = 2) -> dict[
     attention_linears = [n for n in _linear_weights(model) if arch.parts.get(n) == "attention"]
     attention_lora = sum(lora_params(shapes[n]) for n in attention_linears)
     quantized = sum(sizes[n] for n in _linear_weights(model) if n in sizes)
-    per_trained = 4 * dtype_bytes  # weight + gradient + 2 moments
     return {
-        "full": total * per_trained,
-        "freeze_experts": experts * dtype_bytes + (total - experts) * per_trained,
-        "lora_experts": total * dtype_bytes + expert_lora * ADAPTER_BYTES,
+        "full": plan_memory_bytes(total, total, 0, dtype_bytes),
+        "freeze_experts": plan_memory_bytes(total, total - experts, 0, dtype_bytes),
+        "lora_experts": plan_memory_bytes(total, 0, expert_lora, dtype_bytes),
         # 4-bit nn.Linear layers; fused experts, embeddings and norms stay in dtype
         "qlora": quantized * NF4_BYTES + (total - quantized) * dtype_bytes
         + (expert_lora + attention_lora) * ADAPTER_BYTES,
     }
 
 
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def summary(model: nn.Module, arch: MoeArch, dtype: str = "bfloat16") -> dict:

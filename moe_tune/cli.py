@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 import sys
 from pathlib import Path
 
@@ -17,6 +18,44 @@ def cmd_train(args) -> None:
     from moe_tune.train import run_training  # noqa: PLC0415
 
     run_training(recipe, overwrite=args.overwrite)
+
+
+def cmd_plan(args) -> None:
+    import json  # noqa: PLC0415
+
+    from moe_tune.recipe import load_recipe  # noqa: PLC0415
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from moe_tune.train import preview_plan  # noqa: PLC0415
+    from moe_tune.trainable import format_plan  # noqa: PLC0415
+
+    report = preview_plan(recipe)
+    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+
+
+def cmd_select_experts(args) -> None:
+    from moe_tune.recipe import load_recipe  # noqa: PLC0415
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from moe_tune.arch import describe  # noqa: PLC0415
+    from moe_tune.expert_selection import save_selection  # noqa: PLC0415
+    from moe_tune.loading import load_model  # noqa: PLC0415
+    from moe_tune.recipe import ExpertSelectionSection  # noqa: PLC0415
+    from moe_tune.train import select_experts  # noqa: PLC0415
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise MoeTuneError(f"{out}: already exists; pass --overwrite or --out another file")
+    cfg = recipe.trainable.selection() or ExpertSelectionSection()
+    recipe.trainable.expert_selection = cfg.model_copy(update={"file": None})
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype)
+    arch = describe(model)
+    shares, selection = select_experts(recipe, model, arch, tokenizer)
+    for block, experts in selection.items():
+        top = ", ".join(f"{e}:{shares[block][e]:.2f}" for e in experts)
+        print(f"{block}: {len(experts)}/{len(shares[block])} experts  {top}")
+    save_selection(out, cfg.score, cfg.top_p, shares, selection)
+    print(f"written to {out}; use it with trainable.expert_selection.file={out}")
 
 
 def _load_for_eval(target: Path, dtype: str):
@@ -94,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     ev.set_defaults(func=cmd_eval)
 
+    plan = sub.add_parser("plan", help="what a recipe will train, its LoRA coverage and memory, without training")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=cmd_plan)
+
+    sel = sub.add_parser("select-experts", help="score experts on the recipe's training data (ESFT)")
+    sel.add_argument("recipe")
+    sel.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainable.expert_selection.top_p=0.3")
+    sel.add_argument("--out", default="expert_selection.json", help="where to write the selection JSON")
+    sel.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    sel.set_defaults(func=cmd_select_experts)
+
     ins = sub.add_parser("inspect", help="experts, parameters per part, active parameters, memory estimates")
     ins.add_argument("model", help="a checkpoint or config folder, a recipe, or a hub id (online only)")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
@@ -111,6 +163,10 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Offline, huggingface_hub logs each of its retries; our error line says what happened.
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    # Deprecation notices between the libraries we drive (PEFT calling a renamed transformers
+    # method) are for their developers, not for someone running a recipe.
+    for module in ("transformers", "peft", "trl"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ from moe_tune.expert_selection import (
 from moe_tune.evaluate import evaluate, format_table, save_results
 from moe_tune.loading import build_meta_model, load_config, load_model, load_tokenizer
 from moe_tune.recipe import Recipe, dump_recipe
-from moe_tune.trainable import apply_plan, format_plan, make_plan, part_rows, resolve_modes
+from moe_tune.trainable import apply_plan, format_plan, make_plan, plan_report, resolve_modes
 
 RECIPE_FILE = "recipe.yaml"
 SELECTION_FILE = "expert_selection.json"
@@ -60,13 +60,27 @@ def prepare_run_dir(output_dir: str, overwrite: bool) -> Path:
     return run
 
 
-def check_inputs(recipe: Recipe) -> None:
-    """Everything that can be checked in seconds, before any weights load."""
+def preview_plan(recipe: Recipe) -> dict:
+    """The plan on a weightless (meta) copy of the model, LoRA coverage verified by wrapping it."""
     config = load_config(recipe.model.path)
     require_moe(config, recipe.model.path)
     meta = build_meta_model(config)
-    check_selection(recipe, make_plan(meta, describe(meta),
-                                      resolve_modes(recipe.trainable.preset, recipe.trainable.overrides())))
+    arch = describe(meta)
+    plan = make_plan(meta, arch, resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()))
+    check_selection(recipe, plan)
+    cfg = recipe.trainable.selection()
+    selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
+    report = plan_report(meta, arch, plan, recipe, selection)
+    if cfg and not cfg.file:
+        report["selection_note"] = (f"experts are selected (score {cfg.score}, top_p {cfg.top_p}) on "
+                                    f"{cfg.rows} training rows when training starts; counts above are before it")
+    apply_plan(meta, plan, arch, recipe.lora)
+    return report
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Everything that can be checked in seconds, before any weights load."""
+    preview_plan(recipe)
     load_tokenizer(recipe.model.path)
     read_chat_rows(recipe.data.train, recipe.data.max_train_rows)
     for path in ([recipe.data.valid] if recipe.data.valid else []) + recipe.eval.files:
@@ -150,7 +164,7 @@ def apply_trainable(recipe: Recipe, model, tokenizer, run: Path | None = None):
         if run is not None:
             save_selection(run / SELECTION_FILE, cfg.score, cfg.top_p, shares, selection)
         print("selected experts: " + "; ".join(f"{b}: {e}" for b, e in selection.items()))
-    print(format_plan(part_rows(model, arch, plan, recipe.lora, selection)))
+    print(format_plan(plan_report(model, arch, plan, recipe, selection)))
     model = apply_plan(model, plan, arch, recipe.lora)
     if selection is not None:
         restrict = restrict_full if plan.modes["routed_experts"] == "train" else restrict_lora

@@ -213,12 +213,61 @@ def part_rows(model: nn.Module, arch: MoeArch, plan: Plan, lora,
     return rows
 
 
-def format_plan(rows: list[dict]) -> str:
+def plan_warnings(arch: MoeArch, plan: Plan, preset: str, rows: list[dict],
+                  selection: dict[str, list[int]] | None = None) -> list[str]:
+    warnings = []
+    preset_router = PRESETS[preset].get("router", "freeze")
+    if plan.modes["router"] != preset_router:
+        warnings.append(f"the router is set to {plan.modes['router']} although preset '{preset}' has it "
+                        f"{preset_router}: routing will change")
+    expert_share = next((r["params"] for r in rows if r["part"] == "routed_experts"), 0) / sum(r["params"] for r in rows)
+    if "lora" in plan.modes.values() and plan.modes["routed_experts"] == "freeze":
+        warnings.append(f"LoRA leaves the routed experts untouched ({expert_share:.0%} of the parameters)")
+    if plan.not_adapted:
+        warnings.append(f"{len(plan.not_adapted)} tensors in LoRA parts have no LoRA form and stay frozen, "
+                        f"e.g. {plan.not_adapted[0]}")
+    for block, experts in (selection or {}).items():
+        if not experts:
+            warnings.append(f"expert selection is empty in {block}: none of its experts will train")
+    return warnings
+
+
+def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
+                selection: dict[str, list[int]] | None = None) -> dict:
+    """What ``moe-tune plan --json`` prints and ``moe-tune train`` shows before it starts."""
+    from moe_tune.accounting import DTYPE_BYTES, plan_memory_bytes  # noqa: PLC0415
+
+    rows = part_rows(model, arch, plan, recipe.lora, selection)
     total = sum(r["params"] for r in rows)
-    trainable = sum(r["trainable"] for r in rows)
+    full = sum(r["trainable"] for r in rows if r["mode"] == "train")
+    lora = sum(r["trainable"] for r in rows if r["mode"] == "lora")
+    dtype = recipe.model.dtype if recipe.model.dtype in DTYPE_BYTES else "bfloat16"
+    return {
+        "parts": rows,
+        "total_params": total,
+        "trainable_params": full + lora,
+        "trainable_pct": 100 * (full + lora) / total,
+        "lora_tensors": len(plan.lora_targets),
+        "expert_selection": selection,
+        "memory_gb": round(plan_memory_bytes(total, full, lora, DTYPE_BYTES[dtype]) / 1e9, 3),
+        "memory_dtype": dtype,
+        "warnings": plan_warnings(arch, plan, recipe.trainable.preset, rows, selection),
+    }
+
+
+def format_plan(report: dict) -> str:
+    rows = report["parts"]
     lines = [f"{'part':<15} {'params':>12} {'mode':>7} {'trainable':>12}"]
     for r in rows:
         lora = f"  ({r['lora_tensors']} tensors with LoRA)" if r["mode"] == "lora" else ""
         lines.append(f"{r['part']:<15} {r['params']:>12,} {r['mode']:>7} {r['trainable']:>12,}{lora}")
-    lines.append(f"trainable: {trainable:,} of {total:,} base parameters ({trainable / total:.2%})")
+    lines.append(f"trainable: {report['trainable_params']:,} of {report['total_params']:,} base parameters "
+                 f"({report['trainable_pct']:.2f}%)")
+    if report["lora_tensors"]:
+        lines.append(f"LoRA coverage: all {report['lora_tensors']} planned tensors carry an adapter")
+    lines.append(f"memory estimate: {report['memory_gb']:.3f} GB ({report['memory_dtype']} weights, gradients, "
+                 "AdamW states; activations not included)")
+    if report.get("selection_note"):
+        lines.append(report["selection_note"])
+    lines += [f"warning: {w}" for w in report["warnings"]]
     return "\n".join(lines)

@@ -122,3 +122,53 @@ def test_train_and_lora_in_one_module_is_refused():
     # the router weight lives in the MoE block next to the LoRA'd experts, but in its own module: fine
     plan = make_plan(model, arch, resolve_modes("lora_experts", {"router": "train"}))
     assert apply_plan(model, plan, arch, LoraSection()) is not None
+
+
+def plan_json(capsys, *overrides):
+    from moe_tune.cli import main
+
+    assert main(["plan", str(ROOT / "recipes" / "quickstart.yaml"), "--json", *overrides]) == 0
+    import json
+
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("preset", ["lora_experts", "lora_all", "freeze_experts"])
+def test_plan_counts_match_the_real_wrapped_model(capsys, preset):
+    from moe_tune.trainable import apply_plan, trainable_counts
+
+    report = plan_json(capsys, f"trainable.preset={preset}")
+    model, _ = load_model(str(SHIPPED_MODEL))
+    arch = describe(model)
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"trainable.preset={preset}"])
+    plan = make_plan(model, arch, resolve_modes(preset, {}))
+    wrapped = apply_plan(model, plan, arch, recipe.lora)
+    assert report["trainable_params"] == trainable_counts(wrapped)[0]
+    assert report["total_params"] == sum(p.numel() for p in load_model(str(SHIPPED_MODEL))[0].parameters())
+    assert report["lora_tensors"] == len(plan.lora_targets)
+    assert report["memory_gb"] > 0
+
+
+def test_plan_warnings(capsys):
+    report = plan_json(capsys, "trainable.preset=lora_experts", "trainable.router=lora")
+    assert any("router is set to lora although preset 'lora_experts' has it freeze" in w for w in report["warnings"])
+    report = plan_json(capsys, "trainable.preset=lora_attention")
+    assert any("LoRA leaves the routed experts untouched (89%" in w for w in report["warnings"])
+    assert plan_json(capsys, "trainable.preset=full")["warnings"] == []
+
+
+def test_select_experts_command(tmp_path, capsys):
+    import json
+
+    from moe_tune.cli import main
+
+    out = tmp_path / "sel.json"
+    args = ["select-experts", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(out),
+            "trainable.expert_selection={rows: 16, top_p: 0.5}"]
+    assert main(args) == 0
+    saved = json.loads(out.read_text())
+    assert saved["top_p"] == 0.5 and len(saved["selected"]) == 4
+    assert all(sum(s) == pytest.approx(1) for s in saved["shares"].values())
+    assert main(args) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
+    report = plan_json(capsys, "trainable.preset=esft", f"trainable.expert_selection.file={out}")
+    assert report["expert_selection"] == saved["selected"]
