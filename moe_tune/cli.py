@@ -93,6 +93,24 @@ def cmd_eval(args) -> None:
         print(f"\n{path}\n{format_table(result)}\nwritten to {dest}")
 
 
+def cmd_export(args) -> None:
+    from moe_tune.data import read_chat_rows  # noqa: PLC0415
+    from moe_tune.export import merge_and_check, write_checkpoint  # noqa: PLC0415
+    from moe_tune.recipe import load_recipe  # noqa: PLC0415
+    from moe_tune.train import RECIPE_FILE  # noqa: PLC0415
+
+    run = Path(args.run)
+    if not (run / RECIPE_FILE).is_file():
+        raise MoeTuneError(f"{run}: not a moe-tune run folder (no {RECIPE_FILE})")
+    recipe = load_recipe(run / RECIPE_FILE)
+    sample = (recipe.eval.files or [recipe.data.valid or recipe.data.train])[0]
+    rows = read_chat_rows(sample, args.check_rows)
+    model, tokenizer = _load_for_eval(run, recipe.model.dtype)
+    merged = merge_and_check(model, tokenizer, rows)
+    out = write_checkpoint(merged, tokenizer, Path(args.merged), args.overwrite)
+    print(f"merged and checked on {len(rows)} rows of {sample}: same logits and routing; written to {out}")
+
+
 def cmd_inspect(args) -> None:
     import json  # noqa: PLC0415
 
@@ -145,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--out", default="expert_selection.json", help="where to write the selection JSON")
     sel.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sel.set_defaults(func=cmd_select_experts)
+
+    exp = sub.add_parser("export", help="merge a run's LoRA into a standard checkpoint, after checking it")
+    exp.add_argument("run", help="a run folder from moe-tune train")
+    exp.add_argument("--merged", required=True, help="folder for the merged checkpoint")
+    exp.add_argument("--check-rows", type=int, default=8, help="sample rows for the logits/routing check")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --merged")
+    exp.set_defaults(func=cmd_export)
 
     ins = sub.add_parser("inspect", help="experts, parameters per part, active parameters, memory estimates")
     ins.add_argument("model", help="a checkpoint or config folder, a recipe, or a hub id (online only)")
