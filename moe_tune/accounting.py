@@ -28,10 +28,16 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int) -> float:
-    """Weights of the whole model, plus gradient and two AdamW moments per trained weight (in
-    the weights' dtype) and 16 bytes per fp32 LoRA parameter."""
-    return total * dtype_bytes + trained_full * 3 * dtype_bytes + lora * ADAPTER_BYTES
+INT8_BYTES = 1 + 4 / 4096  # LLM.int8: a byte per weight plus an fp32 scale per row (~4k wide)
+
+
+def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int,
+                      quantized: int = 0, bits: int | None = None) -> float:
+    """Weights of the whole model (``quantized`` of them at 4 or 8 bits), plus gradient and two
+    AdamW moments per trained weight (in the weights' dtype) and 16 bytes per fp32 LoRA parameter."""
+    per_quantized = {4: NF4_BYTES, 8: INT8_BYTES}.get(bits, dtype_bytes)
+    weights = (total - quantized) * dtype_bytes + quantized * per_quantized
+    return weights + trained_full * 3 * dtype_bytes + lora * ADAPTER_BYTES
 
 
 def _numel(model: nn.Module) -> dict[str, int]:
@@ -69,8 +75,9 @@ def lora_params(shape: tuple[int, ...], rank: int = LORA_RANK) -> int:
     return rank * experts * (shape[-1] + shape[-2])
 
 
-def _linear_weights(model: nn.Module) -> list[str]:
-    """Parameters bitsandbytes would quantize: nn.Linear weights, except the LM head."""
+def quantized_weights(model: nn.Module) -> list[str]:
+    """Weights bitsandbytes quantizes: nn.Linear layers except the LM head. Fused experts and
+    bare router weights are not nn.Linear, so they stay in the model's dtype."""
     head = model.get_output_embeddings()
     return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
 
@@ -82,16 +89,15 @@ def memory_bytes(model: nn.Module, arch: MoeArch, dtype_bytes: int = 2) -> dict[
     experts = sum(sizes[n] for n in arch.params_in("routed_experts"))
     expert_tensors = [n for layer in arch.layers for n in layer.expert_params]
     expert_lora = sum(lora_params(shapes[n]) for n in expert_tensors)
-    attention_linears = [n for n in _linear_weights(model) if arch.parts.get(n) == "attention"]
+    attention_linears = [n for n in quantized_weights(model) if arch.parts.get(n) == "attention"]
     attention_lora = sum(lora_params(shapes[n]) for n in attention_linears)
-    quantized = sum(sizes[n] for n in _linear_weights(model) if n in sizes)
+    quantized = sum(sizes[n] for n in quantized_weights(model) if n in sizes)
     return {
         "full": plan_memory_bytes(total, total, 0, dtype_bytes),
         "freeze_experts": plan_memory_bytes(total, total - experts, 0, dtype_bytes),
         "lora_experts": plan_memory_bytes(total, 0, expert_lora, dtype_bytes),
         # 4-bit nn.Linear layers; fused experts, embeddings and norms stay in dtype
-        "qlora": quantized * NF4_BYTES + (total - quantized) * dtype_bytes
-        + (expert_lora + attention_lora) * ADAPTER_BYTES,
+        "qlora": plan_memory_bytes(total, 0, expert_lora + attention_lora, dtype_bytes, quantized, bits=4),
     }
 
 

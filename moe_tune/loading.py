@@ -37,14 +37,41 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, dtype: str = "float32"):
-    """(model, tokenizer), after checking that ``path`` holds an MoE with a usable tokenizer."""
+def quantization_config(bits: int | None, dtype: str):
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.float32 if dtype == "float32" else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def load_model(path: str, dtype: str = "float32", bits: int | None = None):
+    """(model, tokenizer), after checking that ``path`` holds an MoE with a usable tokenizer.
+    ``bits`` 4 or 8 quantizes the nn.Linear layers with bitsandbytes."""
     config = load_config(path)
     require_moe(config, path)
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                 quantization_config=quantization_config(bits, dtype))
     _point_base_model_at_backbone(model)
+    if bits == 4:
+        keep_4bit_trainable_on_cpu(model)
     return model, tokenizer
+
+
+def keep_4bit_trainable_on_cpu(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster kernel on the
+    first eval-mode forward, and that kernel passes no gradient back: every LoRA adapter
+    upstream silently stops learning after the first evaluation. Keep the trainable path."""
+    import bitsandbytes as bnb  # noqa: PLC0415
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _point_base_model_at_backbone(model) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from moe_tune.errors import MoeTuneError
 
@@ -29,6 +29,21 @@ class ModelSection(_Section):
     """Local folder of a transformers MoE checkpoint (with its tokenizer), or a hub id when online."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     """Dtype the weights are loaded in. float32 is the fast and exact choice on CPU."""
+    load_in_4bit: bool = False
+    """QLoRA: bitsandbytes NF4 for nn.Linear layers (attention, shared experts, dense MLPs). Fused
+    routed experts, routers and embeddings are not nn.Linear and stay in ``dtype``."""
+    load_in_8bit: bool = False
+    """bitsandbytes LLM.int8 for nn.Linear layers (same reach as 4-bit)."""
+
+    @model_validator(mode="after")
+    def _one_quantization(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("set only one of load_in_4bit and load_in_8bit")
+        return self
+
+    @property
+    def bits(self) -> int | None:
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
 
 
 class DataSection(_Section):
@@ -182,6 +197,8 @@ def _explain(err: dict, source: str) -> str:
         return f"{source}: unknown key '{path}'{_nearest(str(err['loc'][-1]), _section_fields(err['loc']))}"
     if err["type"] == "missing":
         return f"{source}: missing required key '{path}'"
+    if err["type"] == "value_error":
+        return f"{source}: {path}: {err['msg'].removeprefix('Value error, ')}"
     return f"{source}: {path}: {err['msg']} (got {err['input']!r})"
 
 

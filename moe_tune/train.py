@@ -66,7 +66,8 @@ def preview_plan(recipe: Recipe) -> dict:
     require_moe(config, recipe.model.path)
     meta = build_meta_model(config)
     arch = describe(meta)
-    plan = make_plan(meta, arch, resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()))
+    plan = make_plan(meta, arch, resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()),
+                     quantized=recipe.model.bits is not None)
     check_selection(recipe, plan)
     cfg = recipe.trainable.selection()
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
@@ -114,6 +115,37 @@ def sft_config(recipe: Recipe, run: Path, model_config=None):
         raise MoeTuneError(f"sft: TRL rejected the settings: {e}") from None
 
 
+class GradientGuard(TrainerCallback):
+    """Stop, rather than train on silently, when trainable weights stop receiving gradients.
+
+    At the first step, the tensors that get a gradient are noted (none at all is an error);
+    at the first step after each evaluation, all of them must still get one. Quantized CPU
+    kernels have been seen to cut the graph right after an eval-mode forward."""
+
+    def __init__(self):
+        self.check, self.live = True, None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.check = True
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.check or model is None:
+            return
+        self.check = False
+        live = {n for n, p in model.named_parameters()
+                if p.requires_grad and p.grad is not None and bool(p.grad.abs().sum() > 0)}
+        if self.live is None:
+            if not live:
+                raise MoeTuneError(f"step {state.global_step + 1}: no trainable tensor received a gradient; "
+                                   "stopping instead of training on silently")
+            self.live = live
+        elif self.live - live:
+            dead = sorted(self.live - live)
+            raise MoeTuneError(f"step {state.global_step + 1}: {len(dead)} trainable tensors stopped receiving "
+                               f"gradients after evaluation (e.g. {dead[0]}); stopping instead of training on "
+                               "silently")
+
+
 class MetricsLog(TrainerCallback):
     """Appends every logged dict (loss, learning_rate, aux_loss, eval_loss, ...) to metrics.jsonl."""
 
@@ -155,7 +187,8 @@ def select_experts(recipe: Recipe, model, arch, tokenizer) -> tuple[dict, dict]:
 def apply_trainable(recipe: Recipe, model, tokenizer, run: Path | None = None):
     """Freeze, train or LoRA-wrap each part as the recipe says; print what will train."""
     arch = describe(model)
-    plan = make_plan(model, arch, resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()))
+    plan = make_plan(model, arch, resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()),
+                     quantized=recipe.model.bits is not None)
     check_selection(recipe, plan)
     selection = None
     if recipe.trainable.selection() is not None:
@@ -164,7 +197,9 @@ def apply_trainable(recipe: Recipe, model, tokenizer, run: Path | None = None):
         if run is not None:
             save_selection(run / SELECTION_FILE, cfg.score, cfg.top_p, shares, selection)
         print("selected experts: " + "; ".join(f"{b}: {e}" for b, e in selection.items()))
-    print(format_plan(plan_report(model, arch, plan, recipe, selection)))
+    # counted on a weightless copy: quantized layers store packed weights with fewer elements
+    meta = build_meta_model(model.config)
+    print(format_plan(plan_report(meta, describe(meta), plan, recipe, selection)))
     model = apply_plan(model, plan, arch, recipe.lora)
     if selection is not None:
         restrict = restrict_full if plan.modes["routed_experts"] == "train" else restrict_lora
@@ -179,7 +214,7 @@ def build_trainer(recipe: Recipe, run: Path, model, tokenizer):
     valid = chat_dataset(recipe.data.valid) if recipe.data.valid else None
     return SFTTrainer(model=model, args=sft_config(recipe, run, model.config), train_dataset=train,
                       eval_dataset=valid, processing_class=tokenizer,
-                      callbacks=[MetricsLog(run / "metrics.jsonl")])
+                      callbacks=[MetricsLog(run / "metrics.jsonl"), GradientGuard()])
 
 
 def save_model(model, tokenizer, run: Path) -> Path:
@@ -213,7 +248,7 @@ def run_training(recipe: Recipe, overwrite: bool = False) -> Path:
     run = prepare_run_dir(recipe.output_dir, overwrite)
     (run / RECIPE_FILE).write_text(dump_recipe(recipe))
     set_seed(recipe.seed)
-    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype)
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits)
     model = apply_trainable(recipe, model, tokenizer, run)
     trainer = build_trainer(recipe, run, model, tokenizer)
     start = time.time()

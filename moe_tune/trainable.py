@@ -63,7 +63,7 @@ def _owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
     return out
 
 
-def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str]) -> Plan:
+def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized: bool = False) -> Plan:
     if modes.get("norms") == "lora":
         raise MoeTuneError("trainable.norms: norms have no LoRA form; use train or freeze")
     if modes.get("routed_experts") == "lora" and any(layer.flat for layer in arch.layers):
@@ -73,6 +73,14 @@ def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str]) -> Plan:
     fused = {n for layer in arch.layers for n in (*layer.expert_params, layer.router_weight)}
     owners = _owners(model)
     plan = Plan(modes=modes)
+    if quantized:
+        from moe_tune.accounting import quantized_weights  # noqa: PLC0415
+
+        frozen_4bit = set(quantized_weights(model))
+        for name, part in arch.parts.items():
+            if modes[part] == "train" and name in frozen_4bit:
+                raise MoeTuneError(f"trainable.{part}: its linear layers are quantized (model.load_in_4bit/8bit) "
+                                   "and cannot train in full; use lora or freeze")
     for name, part in arch.parts.items():
         mode = modes[part]
         mod_name, module, attr = owners[name]
@@ -235,13 +243,15 @@ def plan_warnings(arch: MoeArch, plan: Plan, preset: str, rows: list[dict],
 def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
                 selection: dict[str, list[int]] | None = None) -> dict:
     """What ``moe-tune plan --json`` prints and ``moe-tune train`` shows before it starts."""
-    from moe_tune.accounting import DTYPE_BYTES, plan_memory_bytes  # noqa: PLC0415
+    from moe_tune.accounting import DTYPE_BYTES, plan_memory_bytes, quantized_weights  # noqa: PLC0415
 
     rows = part_rows(model, arch, plan, recipe.lora, selection)
     total = sum(r["params"] for r in rows)
     full = sum(r["trainable"] for r in rows if r["mode"] == "train")
     lora = sum(r["trainable"] for r in rows if r["mode"] == "lora")
     dtype = recipe.model.dtype if recipe.model.dtype in DTYPE_BYTES else "bfloat16"
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    quantized = sum(sizes.get(n, 0) for n in quantized_weights(model)) if recipe.model.bits else 0
     return {
         "parts": rows,
         "total_params": total,
@@ -249,7 +259,8 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
         "trainable_pct": 100 * (full + lora) / total,
         "lora_tensors": len(plan.lora_targets),
         "expert_selection": selection,
-        "memory_gb": round(plan_memory_bytes(total, full, lora, DTYPE_BYTES[dtype]) / 1e9, 3),
+        "memory_gb": round(plan_memory_bytes(total, full, lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits)
+                           / 1e9, 3),
         "memory_dtype": dtype,
         "warnings": plan_warnings(arch, plan, recipe.trainable.preset, rows, selection),
     }
