@@ -18,6 +18,8 @@ PUBLISHED = {
     "mixtral-8x7b": (46.7e9, 12.9e9, "active_params"),
     "qwen3-235b-a22b": (235e9, 22e9, "active_params"),
     "deepseek-v3": (671e9, 37e9, "active_params_no_embed"),
+    "qwen3-30b-a3b": (30.5e9, 3.3e9, "active_params"),
+    "olmoe-1b-7b": (6.9e9, 1.3e9, "active_params"),
 }
 
 

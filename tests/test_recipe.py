@@ -40,13 +40,44 @@ def test_every_shipped_recipe_validates(path):
     assert "moe-tune train" in text.split("\n\n")[0], "the header gives the command that runs it"
 
 
+HUB = ROOT / "recipes" / "hub"  # recipes for real checkpoints, on users' machines
+HUB_CONFIGS = {"mixtral-8x7b-qlora": "mixtral-8x7b", "qwen3-30b-a3b-lora-experts": "qwen3-30b-a3b",
+               "olmoe-1b-7b-freeze-experts": "olmoe-1b-7b"}
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_recipes_point_at_existing_files(path):
     recipe = load_recipe(path)
     for f in [recipe.data.train, recipe.data.valid, *recipe.eval.files]:
         if f:
             assert (ROOT / f).is_file(), f
-    assert (ROOT / recipe.model.path / "config.json").is_file()
+    if HUB in path.parents:
+        assert not (ROOT / recipe.model.path).exists() and "/" in recipe.model.path  # a hub id
+    else:
+        assert (ROOT / recipe.model.path / "config.json").is_file()
+
+
+def test_every_preset_has_a_recipe_for_the_shipped_model():
+    from moe_tune.trainable import PRESETS
+
+    for preset in PRESETS:
+        recipe = load_recipe(ROOT / "recipes" / "strategies" / f"{preset}.yaml")
+        assert recipe.trainable.preset == preset and recipe.model.path == "data/tiny-moe"
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_hub_recipe_headers_state_the_planned_memory(name, capsys):
+    """The GB in each header is what `moe-tune plan` computes from the published config."""
+    import json
+    import re
+
+    from moe_tune.cli import main
+
+    path = HUB / f"{name}.yaml"
+    stated = float(re.search(r"weights \+ optimizer: ([\d.]+) GB", path.read_text()).group(1))
+    config = ROOT / "tests" / "model_configs" / HUB_CONFIGS[name]
+    assert main(["plan", str(path), f"model.path={config}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["memory_gb"] == pytest.approx(stated, abs=0.05)
 
 
 def test_minimal_recipe_defaults(tmp_path):
