@@ -121,15 +121,6 @@ def require_moe(config, where: str) -> MoeShape:
     return shape
 
 
-def trl_aux_loss_supported(config) -> bool:
-    """TRL's SFTTrainer computes the load-balancing loss from ``num_experts`` and
-    ``num_experts_per_tok`` on the config; families that name them otherwise (granitemoe,
-    phimoe, llama4, deepseek_v3, ...) crash there when router logits are on."""
-    text = text_config(config)
-    return hasattr(text, "output_router_logits") and all(
-        isinstance(getattr(text, k, None), int) for k in ("num_experts", "num_experts_per_tok"))
-
-
 def _children(module: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in module.named_children() if n in names]
 

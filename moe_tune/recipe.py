@@ -1,6 +1,7 @@
 """Recipes: YAML files mapped onto typed config classes, plus dotted command-line overrides.
 
-A recipe reads in the order the run happens: ``model -> data -> trainable -> lora -> sft -> eval``. Every section
+A recipe reads in the order the run happens:
+``model -> data -> trainable -> router -> experts -> lora -> sft -> eval``. Every section
 is a pydantic model that forbids unknown keys; ``sft`` passes through to TRL's ``SFTConfig``
 and is checked against its fields and their types before anything loads.
 """
@@ -123,6 +124,28 @@ class TrainableSection(_Section):
         return self.expert_selection
 
 
+class RouterSection(_Section):
+    """Router regularizers, computed once by moe_tune (TRL's and the model's own aux loss stay off)."""
+
+    aux_loss_coef: float | None = Field(default=None, ge=0)
+    """Load-balancing loss weight. Unset: the model config's router_aux_loss_coef, as TRL does."""
+    z_loss_coef: float = Field(default=0.0, ge=0)
+    """ST-MoE router z-loss weight (1e-3 in the paper)."""
+    anchor_kl_coef: float = Field(default=0.0, ge=0)
+    """Weight of KL(base routing || current routing) on the same hidden states."""
+
+
+class ExpertsSection(_Section):
+    """Expert dropout, active in training only."""
+
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the routed experts' output (Switch Transformer: 0.4 at expert layers)."""
+    shared_dropout: bool = False
+    """Apply ``dropout`` to the shared experts' output too."""
+    drop_expert_prob: float = Field(default=0.0, ge=0, lt=1)
+    """Drop each selected expert of a token with this probability; the rest are reweighted."""
+
+
 class LoraSection(_Section):
     r: int = Field(default=16, gt=0)
     """LoRA rank. On a fused expert tensor (E, out, in) each expert gets its own rank-r pair."""
@@ -142,6 +165,8 @@ class Recipe(_Section):
     model: ModelSection
     data: DataSection
     trainable: TrainableSection = TrainableSection()
+    router: RouterSection = RouterSection()
+    experts: ExpertsSection = ExpertsSection()
     lora: LoraSection = LoraSection()
     sft: dict[str, Any] = {}
     """Passed through to TRL's SFTConfig (learning_rate, max_steps, per_device_train_batch_size, ...)."""
@@ -149,7 +174,7 @@ class Recipe(_Section):
 
 
 # SFTConfig keys that have one home elsewhere in the recipe.
-_SFT_OWNED_ELSEWHERE = {"output_dir": "output_dir", "seed": "seed"}
+_SFT_OWNED_ELSEWHERE = {"output_dir": "output_dir", "seed": "seed", "router_aux_loss_coef": "router.aux_loss_coef"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -218,7 +243,7 @@ def check_sft(sft: dict[str, Any], source: str) -> None:
     hints = typing.get_type_hints(cls)
     for key, value in sft.items():
         if key in _SFT_OWNED_ELSEWHERE:
-            raise MoeTuneError(f"{source}: 'sft.{key}' is set by the top-level key "
+            raise MoeTuneError(f"{source}: 'sft.{key}' is set by the recipe key "
                                f"'{_SFT_OWNED_ELSEWHERE[key]}'; move it there")
         if key not in fields:
             raise MoeTuneError(f"{source}: unknown key 'sft.{key}' (not a TRL SFTConfig field)"

@@ -40,6 +40,18 @@ def router_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return scores / scores.sum(-1, keepdim=True).clamp_min(1e-9)
 
 
+def router_bias(tensors: dict[str, torch.Tensor], layer: MoeLayer, correction: bool) -> torch.Tensor | None:
+    """(E,) the router's logit bias (gpt_oss), or with ``correction`` its selection-only score
+    correction (DeepSeek-V3's e_score_correction_bias); None when it has none."""
+    for name in layer.router_extras:
+        leaf = name.rsplit(".", 1)[-1]
+        is_correction = "correction" in leaf or leaf == "expert_bias"
+        if is_correction == correction and (correction or leaf == "bias") \
+                and tensors[name].numel() == layer.num_experts:
+            return tensors[name].reshape(-1)
+    return None
+
+
 def _indices_from_output(output, tokens: int, top_k: int) -> torch.Tensor | None:
     items = output if isinstance(output, tuple) else (output,)
     for item in reversed(items):
@@ -75,24 +87,14 @@ class RouterTap:
         for handle in self._handles:
             handle.remove()
 
-    def _extra(self, layer: MoeLayer, correction: bool) -> torch.Tensor | None:
-        """The router's logit bias (gpt_oss), or its selection-only score correction (DeepSeek-V3)."""
-        for name in layer.router_extras:
-            leaf = name.rsplit(".", 1)[-1]
-            is_correction = "correction" in leaf or leaf == "expert_bias"
-            if is_correction == correction and (correction or leaf == "bias") \
-                    and self.tensors[name].numel() == layer.num_experts:
-                return self.tensors[name].detach().float().reshape(-1)  # (E,)
-        return None
-
     def routing(self, layer: MoeLayer, hidden: torch.Tensor, indices: torch.Tensor | None) -> Routing:
         weight = self.tensors[layer.router_weight].detach().float()  # (E, H)
         logits = hidden.float() @ weight.T  # (tokens, E)
-        bias = self._extra(layer, correction=False)
-        probs = router_probs(logits if bias is None else logits + bias, layer.scoring)
+        bias = router_bias(self.tensors, layer, correction=False)
+        probs = router_probs(logits if bias is None else logits + bias.detach().float(), layer.scoring)
         if indices is None:
-            correction = self._extra(layer, correction=True)
-            select = probs if correction is None else probs + correction
+            correction = router_bias(self.tensors, layer, correction=True)
+            select = probs if correction is None else probs + correction.detach().float()
             indices = select.topk(layer.top_k, dim=-1).indices  # (tokens, k)
         return Routing(probs=probs, topk=indices)
 

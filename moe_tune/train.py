@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, set_seed
 
-from moe_tune.arch import describe, require_moe, trl_aux_loss_supported
+from trl import SFTTrainer
+
+from moe_tune.arch import describe, require_moe, text_config
 from moe_tune.data import chat_dataset, read_chat_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.expert_selection import (
@@ -26,7 +28,9 @@ from moe_tune.expert_selection import (
 )
 from moe_tune.evaluate import evaluate, format_table, save_results
 from moe_tune.loading import build_meta_model, load_config, load_model, load_tokenizer
+from moe_tune.expert_dropout import ExpertDropout
 from moe_tune.recipe import Recipe, dump_recipe
+from moe_tune.router_losses import RouterRegularizer
 from moe_tune.trainable import apply_plan, format_plan, make_plan, plan_report, resolve_modes
 
 RECIPE_FILE = "recipe.yaml"
@@ -38,8 +42,10 @@ MODEL_DIR = "model"
 CPU_DEFAULTS = {"use_cpu": True, "bf16": False, "activation_checkpointing": False,
                 "dataloader_pin_memory": False}
 _CHECKPOINTING_NAMES = {"activation_checkpointing", "gradient_checkpointing"}  # new and deprecated name
+# router_aux_loss_coef: moe_tune computes the load-balancing loss itself (router_losses.py), once,
+# for every family; TRL's (and with it the model's own) stays off.
 DEFAULTS = {"assistant_only_loss": True, "report_to": "none", "logging_steps": 10,
-            "save_strategy": "no"}
+            "save_strategy": "no", "router_aux_loss_coef": 0.0}
 
 
 def prepare_run_dir(output_dir: str, overwrite: bool) -> Path:
@@ -69,6 +75,7 @@ def preview_plan(recipe: Recipe) -> dict:
     plan = make_plan(meta, arch, resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()),
                      quantized=recipe.model.bits is not None)
     check_selection(recipe, plan)
+    check_router(recipe, plan.modes)
     cfg = recipe.trainable.selection()
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
     report = plan_report(meta, arch, plan, recipe, selection)
@@ -88,22 +95,10 @@ def check_inputs(recipe: Recipe) -> None:
         read_chat_rows(path)
 
 
-def _aux_loss_setting(recipe: Recipe, model_config) -> dict:
-    """Turn TRL's load-balancing loss off where TRL cannot compute it for the family."""
-    if model_config is None or trl_aux_loss_supported(model_config):
-        return {}
-    if recipe.sft.get("router_aux_loss_coef"):
-        raise MoeTuneError(f"sft.router_aux_loss_coef: TRL cannot compute the load-balancing loss for "
-                           f"'{model_config.model_type}' models; set it to 0")
-    print(f"note: TRL's load-balancing loss is off: TRL cannot compute it for '{model_config.model_type}'")
-    return {"router_aux_loss_coef": 0.0}
-
-
-def sft_config(recipe: Recipe, run: Path, model_config=None):
+def sft_config(recipe: Recipe, run: Path):
     from trl import SFTConfig  # noqa: PLC0415
 
     args = dict(DEFAULTS, **({} if torch.cuda.is_available() else CPU_DEFAULTS))
-    args.update(_aux_loss_setting(recipe, model_config))
     if _CHECKPOINTING_NAMES & set(recipe.sft):  # the recipe's choice, under either name, wins
         args.pop("activation_checkpointing", None)
     args.update(recipe.sft)
@@ -207,14 +202,62 @@ def apply_trainable(recipe: Recipe, model, tokenizer, run: Path | None = None):
     return model
 
 
-def build_trainer(recipe: Recipe, run: Path, model, tokenizer):
-    from trl import SFTTrainer  # noqa: PLC0415
+class MoeSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer plus moe_tune's router terms, each logged under its own name."""
 
+    def __init__(self, *args, regularizer: RouterRegularizer | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        reg = self.regularizer
+        if reg is None or not reg.active:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with reg:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        terms = reg.terms(inputs.get("attention_mask"))
+        if not terms:
+            return result
+        mode = "train" if self.model.training else "eval"
+        weighted = reg.weighted(terms)
+        for name, value in terms.items():
+            self._metrics[mode][name].append(value.item())
+        self._metrics[mode]["router_loss"].append(weighted.item())
+        # per-micro-batch means: with token-count normalisation, Trainer leaves gradient
+        # accumulation to the loss, so average them over the accumulation steps (as TRL does)
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and mode == "train" else 1
+        if return_outputs:
+            return result[0] + weighted / steps, result[1]
+        return result + weighted / steps
+
+
+def attach_regularizers(recipe: Recipe, model) -> RouterRegularizer:
+    """Router terms and expert dropout, hooked onto the model before any LoRA wrapping."""
+    arch = describe(model)
+    declared = getattr(text_config(model.config), "router_aux_loss_coef", 0.0) or 0.0
+    aux = recipe.router.aux_loss_coef if recipe.router.aux_loss_coef is not None else declared
+    modes = resolve_modes(recipe.trainable.preset, recipe.trainable.overrides())
+    if modes["router"] == "lora" and recipe.router.aux_loss_coef is None:
+        aux = 0.0  # the terms read the base router weight, which LoRA does not change (see check_router)
+    if recipe.experts.dropout or recipe.experts.drop_expert_prob:
+        ExpertDropout(model, arch, recipe.experts.dropout, recipe.experts.shared_dropout,
+                      recipe.experts.drop_expert_prob).attach()
+    return RouterRegularizer(model, arch, aux, recipe.router.z_loss_coef, recipe.router.anchor_kl_coef)
+
+
+def check_router(recipe: Recipe, modes: dict[str, str]) -> None:
+    explicit = recipe.router.z_loss_coef or recipe.router.anchor_kl_coef or recipe.router.aux_loss_coef
+    if modes["router"] == "lora" and explicit:
+        raise MoeTuneError("router: the router terms are computed from the router weight, which LoRA leaves "
+                           "unchanged; set trainable.router to train or freeze, or turn the terms off")
+
+
+def build_trainer(recipe: Recipe, run: Path, model, tokenizer, regularizer: RouterRegularizer | None = None):
     train = chat_dataset(recipe.data.train, recipe.data.max_train_rows)
     valid = chat_dataset(recipe.data.valid) if recipe.data.valid else None
-    return SFTTrainer(model=model, args=sft_config(recipe, run, model.config), train_dataset=train,
-                      eval_dataset=valid, processing_class=tokenizer,
-                      callbacks=[MetricsLog(run / "metrics.jsonl"), GradientGuard()])
+    return MoeSFTTrainer(model=model, args=sft_config(recipe, run), train_dataset=train,
+                         eval_dataset=valid, processing_class=tokenizer, regularizer=regularizer,
+                         callbacks=[MetricsLog(run / "metrics.jsonl"), GradientGuard()])
 
 
 def save_model(model, tokenizer, run: Path) -> Path:
@@ -249,8 +292,9 @@ def run_training(recipe: Recipe, overwrite: bool = False) -> Path:
     (run / RECIPE_FILE).write_text(dump_recipe(recipe))
     set_seed(recipe.seed)
     model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits)
+    regularizer = attach_regularizers(recipe, model)
     model = apply_trainable(recipe, model, tokenizer, run)
-    trainer = build_trainer(recipe, run, model, tokenizer)
+    trainer = build_trainer(recipe, run, model, tokenizer, regularizer)
     start = time.time()
     trainer.train()
     model = trainer.model

@@ -115,7 +115,8 @@ def test_dump_round_trips(tmp_path):
     (MINIMAL.replace("data:\n  train: data/train.jsonl\n", ""), r"missing required key 'data'"),
     (MINIMAL + "eval:\n  batch_size: -1\n", r"eval.batch_size: .*greater than 0"),
     (MINIMAL + "model:\n  path: x\n  dtype: float8\n", r"model.dtype"),
-    (MINIMAL.replace("max_steps: 5", "output_dir: x"), r"'sft.output_dir' is set by the top-level key"),
+    (MINIMAL.replace("max_steps: 5", "output_dir: x"), r"'sft.output_dir' is set by the recipe key 'output_dir'"),
+    (MINIMAL.replace("max_steps: 5", "router_aux_loss_coef: 0.01"), r"'sft.router_aux_loss_coef' is set by the recipe key 'router.aux_loss_coef'"),
     ("model: [1, 2\n", r"r.yaml:\d+: not valid YAML"),
     ("- just\n- a list\n", r"a recipe is a YAML mapping"),
 ])

@@ -1,0 +1,122 @@
+"""Router terms: each against a direct reference, gradients only where they belong, and the
+plain TRL loss when every term is off; on several families (softmax and sigmoid routers,
+shared experts, router bias)."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moe_tune.arch import describe
+from moe_tune.router_losses import RouterRegularizer, load_balancing_loss, router_kl, z_loss
+
+from families import tiny_config
+
+FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3", "olmoe", "gpt_oss", "granitemoe"]
+
+
+def test_load_balancing_loss_by_hand():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    topk = torch.tensor([[0, 1], [1, 0], [0, 1], [2, 0]])
+    # slot 1 picks experts 0,1,0,2 and slot 2 picks 1,0,1,0; P = column means of probs
+    f = [[2 / 4, 1 / 4, 1 / 4], [2 / 4, 2 / 4, 0]]
+    p = [sum(r[e] for r in probs.tolist()) / 4 for e in range(3)]
+    expected = 3 * sum(f[s][e] * p[e] for s in range(2) for e in range(3))
+    assert load_balancing_loss(probs, topk, 3).item() == pytest.approx(expected)
+
+
+def test_z_loss_by_hand():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    expected = (math.log(math.e + math.e ** 2 + math.e ** 3) ** 2 + math.log(3) ** 2) / 2
+    assert z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_router_kl_by_hand():
+    now, base = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])
+    p = [math.e / (1 + math.e), 1 / (1 + math.e)]
+    q = [1 / (1 + math.e), math.e / (1 + math.e)]
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    assert router_kl(now, base, "softmax").item() == pytest.approx(expected, rel=1e-5)
+    s, t = torch.sigmoid(base), torch.sigmoid(now)  # Bernoulli per expert, averaged over experts
+    bern = (s * (s / t).log() + (1 - s) * ((1 - s) / (1 - t)).log()).mean()
+    assert router_kl(now, base, "sigmoid").item() == pytest.approx(bern.item(), rel=1e-5)
+    assert router_kl(base, base, "softmax").item() == pytest.approx(0.0, abs=1e-7)
+
+
+def tiny(family):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(family))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_terms_match_the_routers_own_logits(family):
+    model = tiny(family).eval()
+    arch = describe(model)
+    reg = RouterRegularizer(model, arch, aux=1.0, z=1.0, kl=1.0)
+    seen = {}
+    hooks = [model.get_submodule(layer.router).register_forward_hook(
+        lambda m, a, out, b=layer.block: seen.__setitem__(b, out[0] if isinstance(out, tuple) else out))
+        for layer in arch.layers]
+    x = torch.randint(3, 100, (2, 10))
+    with reg, torch.no_grad():
+        model(input_ids=x)
+        terms = reg.terms()
+    for h in hooks:
+        h.remove()
+    z_ref = torch.stack([z_loss(seen[layer.block].reshape(-1, layer.num_experts)) for layer in arch.layers]).mean()
+    assert terms["z_loss"].item() == pytest.approx(z_ref.item(), rel=1e-5)
+    assert terms["router_kl"].item() == pytest.approx(0.0, abs=1e-6)  # nothing has moved yet
+    assert terms["aux_loss"].item() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_terms_send_gradients_to_the_router_and_what_feeds_it_only(family):
+    model = tiny(family).train()
+    arch = describe(model)
+    with torch.no_grad():  # move the routers so that the KL term has a gradient too
+        for layer in arch.layers:
+            model.get_parameter(layer.router_weight).mul_(1.5)
+    reg = RouterRegularizer(model, arch, aux=1.0, z=1.0, kl=1.0)
+    with torch.no_grad():
+        for layer in arch.layers:
+            reg.base[layer.block] /= 1.5
+    with reg:
+        model(input_ids=torch.randint(3, 100, (2, 10)))
+        reg.weighted(reg.terms()).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    moved = lambda n: grads[n] is not None and grads[n].abs().sum() > 0  # noqa: E731
+    assert all(moved(layer.router_weight) for layer in arch.layers)
+    assert any(moved(n) for n in arch.params_in("attention"))  # attention feeds the routers
+    # a layer's experts run after its router: the last layer's experts feed no router at all,
+    # and neither does anything after the last MoE block
+    last = arch.layers[-1]
+    assert not any(moved(n) for n in last.expert_params + last.expert_other)
+    assert not any(moved(n) for n in arch.params_in("lm_head"))
+
+
+@pytest.mark.slow
+def test_all_terms_off_gives_trls_plain_loss(tmp_path):
+    from trl import SFTTrainer
+
+    from moe_tune.loading import load_model
+    from moe_tune.recipe import load_recipe
+    from moe_tune.train import attach_regularizers, build_trainer, sft_config
+
+    from conftest import ROOT, SHIPPED_MODEL
+
+    overrides = [f"output_dir={tmp_path}", "sft.max_steps=3", "sft.logging_steps=1", "sft.eval_strategy=no",
+                 "data.max_train_rows=96", "eval.files=[]", "router.aux_loss_coef=0"]
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+    model, tokenizer = load_model(str(SHIPPED_MODEL))
+    reg = attach_regularizers(recipe, model)
+    ours = build_trainer(recipe, tmp_path / "a", model, tokenizer, reg)
+    ours.train()
+    model, tokenizer = load_model(str(SHIPPED_MODEL))
+    train = ours.train_dataset
+    plain = SFTTrainer(model=model, args=sft_config(recipe, tmp_path / "b"), train_dataset=train,
+                       processing_class=tokenizer)
+    plain.train()
+    losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
+    assert losses(ours) == pytest.approx(losses(plain), rel=1e-6)
+    assert "aux_loss" not in ours.state.log_history[0]
