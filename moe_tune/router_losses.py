@@ -30,29 +30,30 @@ TERMS = ("aux_loss", "z_loss", "router_kl")
 
 
 def load_balancing_loss(probs: torch.Tensor, topk: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """probs (tokens, E) fp32 distribution, topk (tokens, k) expert ids -> scalar."""
-    f = F.one_hot(topk, num_experts).float().mean(0)  # (k, E): share of each top-k slot per expert
-    p = probs.mean(0)  # (E,)
-    return num_experts * (f * p.unsqueeze(0)).sum()
+    """probs (..., tokens, E) fp32 distribution, topk (..., tokens, k) expert ids -> (...) loss."""
+    f = F.one_hot(topk, num_experts).float().mean(-3)  # (..., k, E): share of each top-k slot per expert
+    p = probs.mean(-2)  # (..., E)
+    return num_experts * (f * p.unsqueeze(-2)).sum((-2, -1))
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """logits (tokens, E) -> mean of logsumexp^2, in fp32."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+    """logits (..., tokens, E) -> (...) mean of logsumexp^2, in fp32."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean(-1)
 
 
 def router_kl(logits: torch.Tensor, base_logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    """KL(base || current) per token, averaged; the base side is a fixed target."""
+    """(..., tokens, E) -> (...): KL(base || current) per token, averaged; the base side is a
+    fixed target."""
     base_logits = base_logits.detach().float()
     logits = logits.float()
     if scoring == "sigmoid":  # independent Bernoulli per expert
         p, log_q, log_1mq = base_logits.sigmoid(), F.logsigmoid(logits), F.logsigmoid(-logits)
         log_p, log_1mp = F.logsigmoid(base_logits), F.logsigmoid(-base_logits)
-        kl = p * (log_p - log_q) + (1 - p) * (log_1mp - log_1mq)  # (tokens, E)
-        return kl.mean(-1).mean()
+        kl = p * (log_p - log_q) + (1 - p) * (log_1mp - log_1mq)  # (..., tokens, E)
+        return kl.mean(-1).mean(-1)
     base = router_probs(base_logits, scoring)
     log_now = router_probs(logits, scoring).clamp_min(1e-12).log()
-    return (base * (base.clamp_min(1e-12).log() - log_now)).sum(-1).mean()
+    return (base * (base.clamp_min(1e-12).log() - log_now)).sum(-1).mean(-1)
 
 
 class RouterRegularizer:
@@ -84,35 +85,56 @@ class RouterRegularizer:
             handle.remove()
         self._handles.clear()
 
-    def _layer_terms(self, layer: MoeLayer, hidden: torch.Tensor, keep: torch.Tensor | None) -> dict:
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, H)
-        if keep is not None and keep.numel() == hidden.shape[0]:
-            hidden = hidden[keep]
-        weight = self.tensors[layer.router_weight]  # (E, H)
-        bias = router_bias(self.tensors, layer, correction=False)
-        logits = F.linear(hidden.to(weight.dtype), weight, bias).float()  # (tokens, E)
+    def _stack(self, name_of, layers: list[MoeLayer]) -> torch.Tensor | None:
+        tensors = [name_of(layer) for layer in layers]
+        return None if any(t is None for t in tensors) else torch.stack(tensors)
+
+    def _group_terms(self, layers: list[MoeLayer], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Terms of MoE layers that share expert count, top-k and scoring, computed together:
+        hidden (L, tokens, H) -> per-term (L,) values. One batched matmul instead of L small ones."""
+        first = layers[0]
+        weight = torch.stack([self.tensors[layer.router_weight] for layer in layers])  # (L, E, H)
+        logits = torch.bmm(hidden.to(weight.dtype), weight.transpose(1, 2))  # (L, tokens, E)
+        bias = self._stack(lambda layer: router_bias(self.tensors, layer, correction=False), layers)
+        if bias is not None:
+            logits = logits + bias.unsqueeze(1)
+        logits = logits.float()
         out = {}
         if self.coef["aux_loss"]:
-            probs = router_probs(logits, layer.scoring)
-            correction = router_bias(self.tensors, layer, correction=True)
-            select = probs if correction is None else probs + correction.detach().float()
-            out["aux_loss"] = load_balancing_loss(probs, select.topk(layer.top_k, -1).indices, layer.num_experts)
+            probs = router_probs(logits, first.scoring)
+            correction = self._stack(lambda layer: router_bias(self.tensors, layer, correction=True), layers)
+            select = probs if correction is None else probs + correction.detach().float().unsqueeze(1)
+            out["aux_loss"] = load_balancing_loss(probs, select.topk(first.top_k, -1).indices, first.num_experts)
         if self.coef["z_loss"]:
             out["z_loss"] = z_loss(logits)
         if self.coef["router_kl"]:
-            base_logits = F.linear(hidden.detach().to(weight.dtype), self.base[layer.block], bias)
-            out["router_kl"] = router_kl(logits, base_logits, layer.scoring)
+            base = torch.stack([self.base[layer.block] for layer in layers])  # (L, E, H)
+            base_logits = torch.bmm(hidden.detach().to(base.dtype), base.transpose(1, 2))
+            if bias is not None:
+                base_logits = base_logits + bias.detach().unsqueeze(1)
+            out["router_kl"] = router_kl(logits, base_logits, first.scoring)
         return out
 
     def terms(self, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Unweighted terms, averaged over MoE layers, for the last forward."""
         keep = attention_mask.reshape(-1).bool() if attention_mask is not None else None
-        per_layer = [self._layer_terms(layer, self._inputs[layer.block], keep)
-                     for layer in self.arch.layers if layer.block in self._inputs]
+        groups: dict[tuple, list[tuple[MoeLayer, torch.Tensor]]] = {}
+        for layer in self.arch.layers:
+            if layer.block not in self._inputs:
+                continue
+            hidden = self._inputs[layer.block]
+            hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, H)
+            if keep is not None and keep.numel() == hidden.shape[0]:
+                hidden = hidden[keep]
+            key = (layer.num_experts, layer.top_k, layer.scoring, tuple(hidden.shape))
+            groups.setdefault(key, []).append((layer, hidden))
         self._inputs.clear()
-        if not per_layer:
-            return {}
-        return {name: torch.stack([t[name] for t in per_layer]).mean() for name in per_layer[0]}
+        values: dict[str, list[torch.Tensor]] = {}
+        for members in groups.values():
+            layers = [layer for layer, _ in members]
+            for name, v in self._group_terms(layers, torch.stack([h for _, h in members])).items():
+                values.setdefault(name, []).append(v)
+        return {name: torch.cat(v).mean() for name, v in values.items()}
 
     def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.coef[name] * value for name, value in terms.items())

@@ -120,3 +120,13 @@ def test_all_terms_off_gives_trls_plain_loss(tmp_path):
     losses = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h]  # noqa: E731
     assert losses(ours) == pytest.approx(losses(plain), rel=1e-6)
     assert "aux_loss" not in ours.state.log_history[0]
+
+
+def test_router_terms_with_router_lora_are_refused(capsys):
+    from moe_tune.cli import main
+
+    from conftest import ROOT
+
+    code = main(["plan", str(ROOT / "recipes" / "quickstart.yaml"), "trainable.preset=lora_experts",
+                 "trainable.router=lora", "router.z_loss_coef=0.001"])
+    assert code == 2 and "router: the router terms are computed from the router weight" in capsys.readouterr().err
