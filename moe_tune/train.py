@@ -1,6 +1,10 @@
 """``moe-tune train``: the run, as a short pipeline of plain steps.
 
-    prepare_run_dir -> load_model -> load_data -> build_trainer -> train -> save -> evaluate_run
+    check_inputs -> prepare_run_dir -> load_model -> attach_regularizers -> apply_trainable
+      -> build_trainer -> train -> save_model -> evaluate_run
+
+``check_inputs`` does everything that needs no weights first (recipe, data, model config, the
+plan on a meta-device copy), so mistakes surface in seconds.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, set_seed
-
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from moe_tune.arch import describe, require_moe, text_config
 from moe_tune.data import chat_dataset, read_chat_rows
 from moe_tune.errors import MoeTuneError
+from moe_tune.evaluate import evaluate, format_table, save_results
+from moe_tune.expert_dropout import ExpertDropout
 from moe_tune.expert_selection import (
     load_selection,
     restrict_full,
@@ -26,9 +31,7 @@ from moe_tune.expert_selection import (
     score_experts,
     select_top_p,
 )
-from moe_tune.evaluate import evaluate, format_table, save_results
 from moe_tune.loading import build_meta_model, load_config, load_model, load_tokenizer
-from moe_tune.expert_dropout import ExpertDropout
 from moe_tune.recipe import Recipe, dump_recipe
 from moe_tune.router_losses import RouterRegularizer
 from moe_tune.trainable import apply_plan, format_plan, make_plan, plan_report, resolve_modes
@@ -96,8 +99,6 @@ def check_inputs(recipe: Recipe) -> None:
 
 
 def sft_config(recipe: Recipe, run: Path):
-    from trl import SFTConfig  # noqa: PLC0415
-
     args = dict(DEFAULTS, **({} if torch.cuda.is_available() else CPU_DEFAULTS))
     if _CHECKPOINTING_NAMES & set(recipe.sft):  # the recipe's choice, under either name, wins
         args.pop("activation_checkpointing", None)
