@@ -20,17 +20,7 @@ from torch import nn
 
 from moe_tune.arch import MoeArch
 from moe_tune.errors import MoeTuneError
-from moe_tune.routing import RouterTap
-
-
-def _batches(tokenizer, rows: list[dict], batch_size: int):
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try:
-        for i in range(0, len(rows), batch_size):
-            texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows[i:i + batch_size]]
-            yield tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+from moe_tune.routing import RouterTap, chat_batches
 
 
 def score_experts(model: nn.Module, arch: MoeArch, tokenizer, rows: list[dict], method: str,
@@ -40,7 +30,7 @@ def score_experts(model: nn.Module, arch: MoeArch, tokenizer, rows: list[dict], 
 
     totals = {layer.block: torch.zeros(layer.num_experts) for layer in arch.layers}
     with inference_mode(model), RouterTap(model, arch) as tap:
-        for enc in _batches(tokenizer, rows, batch_size):
+        for _, enc in chat_batches(tokenizer, rows, batch_size):
             model(**enc)
             for block, routing in tap.take(enc["attention_mask"]).items():
                 if method == "gate":

@@ -112,3 +112,16 @@ class RouterTap:
             out[layer.block] = routing
         self._seen.clear()
         return out
+
+
+def chat_batches(tokenizer, rows: list[dict], batch_size: int):
+    """Yield (index of the batch's first row, tokenized batch) of whole chat rows, right-padded,
+    for teacher-forced passes over prompts and answers."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        for start in range(0, len(rows), batch_size):
+            texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False)
+                     for r in rows[start:start + batch_size]]
+            yield start, tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side

@@ -32,7 +32,9 @@ from moe_tune.expert_selection import (
     select_top_p,
 )
 from moe_tune.loading import build_meta_model, load_config, load_model, load_tokenizer
+from moe_tune import routing_stats
 from moe_tune.recipe import Recipe, dump_recipe
+from moe_tune.report import write_report
 from moe_tune.router_losses import RouterRegularizer
 from moe_tune.trainable import apply_plan, format_plan, make_plan, plan_report, resolve_modes
 
@@ -272,10 +274,28 @@ def save_model(model, tokenizer, run: Path) -> Path:
     return final
 
 
+def routing_summaries(rows: list[dict], tokenizer, tuned, base=None) -> dict[str, dict]:
+    """Routing analytics of the tuned model (and the base, with drift) on ``rows``; empty when
+    the tuned model's routers cannot be read (LoRA on the router wraps them)."""
+    inner = tuned.get_base_model() if hasattr(tuned, "get_base_model") else tuned
+    try:
+        tuned_arch = describe(inner)
+    except MoeTuneError:
+        print("note: routing analytics skipped: the routers carry LoRA (merge with moe-tune export first)")
+        return {}
+    tuned_profile = routing_stats.profile(inner, tuned_arch, tokenizer, rows)
+    if base is None:
+        return {"tuned": routing_stats.summarize(tuned_profile)}
+    base_profile = routing_stats.profile(base, describe(base), tokenizer, rows)
+    return {"base": routing_stats.summarize(base_profile),
+            "tuned": routing_stats.summarize(tuned_profile, base_profile)}
+
+
 def evaluate_run(recipe: Recipe, run: Path, model, tokenizer) -> dict[str, dict]:
-    """Held-out evaluation of the tuned model (and the base, if asked) on each eval file."""
+    """Held-out evaluation of the tuned model (and the base, if asked) on each eval file, with
+    routing analytics and the report (RUN/eval/report.md, PNG plots)."""
     base = load_model(recipe.model.path, recipe.model.dtype)[0] if recipe.eval.compare_base else None
-    tables = {}
+    tables, report = {}, {}
     for path in recipe.eval.files:
         rows = read_chat_rows(path, recipe.eval.max_rows)
         results = {}
@@ -284,6 +304,11 @@ def evaluate_run(recipe: Recipe, run: Path, model, tokenizer) -> dict[str, dict]
         results["tuned"] = evaluate(model, tokenizer, rows, recipe.eval.batch_size, recipe.eval.max_new_tokens)
         save_results(run / "eval" / f"{Path(path).stem}.json", path, results)
         tables[path] = results
+        routing = routing_summaries(rows, tokenizer, model, base)
+        if routing:
+            report[path] = {"results": results, "routing": routing}
+    if report:
+        print(f"report: {write_report(run / 'eval', report)}")
     return tables
 
 

@@ -56,6 +56,13 @@ def test_train_writes_a_complete_run(trained_run):
     assert result["file"] == "data/heldout.jsonl"
     assert set(result["results"]) == {"base", "tuned"}
     assert result["results"]["tuned"]["overall"]["n"] == 24
+    # the report with routing analytics and its plots
+    report = json.loads((run / "eval" / "report.json").read_text())["data/heldout.jsonl"]
+    assert set(report["routing"]) == {"base", "tuned"}
+    assert "js_from_base" in report["routing"]["tuned"]["mean_over_layers"]
+    for plot in ("expert_load", "metrics", "drift", "task_usage"):
+        assert (run / "eval" / f"heldout_{plot}.png").stat().st_size > 0
+    assert "### Routing" in (run / "eval" / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -1,0 +1,127 @@
+"""The evaluation report of a run: report.json, report.md and PNG plots in RUN/eval/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moe_tune.evaluate import format_table  # noqa: E402
+
+
+def _short(block: str) -> str:
+    """'model.layers.3.mlp' -> 'L3'."""
+    parts = block.split(".")
+    index = next((p for p in parts if p.isdigit()), block)
+    return f"L{index}"
+
+
+def plot_expert_load(routing: dict[str, dict], path: Path) -> None:
+    """Heatmap, layers x experts, one panel per model (base, tuned)."""
+    fig, axes = plt.subplots(1, len(routing), figsize=(4.5 * len(routing), 3.2), squeeze=False)
+    for ax, (label, summary) in zip(axes[0], routing.items()):
+        layers = list(summary["layers"])
+        load = np.array([summary["layers"][b]["load"] for b in layers])
+        im = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0)
+        ax.set_title(f"{label}: share of top-k slots")
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(layers)), [_short(b) for b in layers])
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_drift(summary: dict, path: Path) -> None:
+    layers = list(summary["layers"])
+    x = np.arange(len(layers))
+    js = [summary["layers"][b]["js_from_base"] for b in layers]
+    changed = [summary["layers"][b]["top1_changed"] for b in layers]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.bar(x - 0.2, js, 0.4, label="JS divergence of expert load (nats)")
+    ax.bar(x + 0.2, changed, 0.4, label="share of tokens whose top-1 expert changed")
+    ax.set_xticks(x, [_short(b) for b in layers])
+    ax.set_title("routing drift from the base model")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_task_usage(summary: dict, path: Path) -> None:
+    """Heatmap, tasks x (layer, expert)."""
+    tasks = list(summary["task_load"])
+    if not tasks:
+        return
+    layers = list(summary["layers"])
+    usage = np.array([np.concatenate([summary["task_load"][t][b] for b in layers]) for t in tasks])
+    n_experts = len(summary["layers"][layers[0]]["load"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.22 * usage.shape[1], 0.9 + 0.28 * len(tasks)))
+    im = ax.imshow(usage, aspect="auto", cmap="magma", vmin=0)
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
+    ax.set_xticks([i * n_experts + n_experts / 2 - 0.5 for i in range(len(layers))], [_short(b) for b in layers])
+    for i in range(1, len(layers)):
+        ax.axvline(i * n_experts - 0.5, color="white", lw=0.8)
+    ax.set_title("expert usage per task (experts of each layer)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_metrics(results: dict[str, dict], path: Path) -> None:
+    """Exact match per group (or overall), base next to tuned."""
+    first = next(iter(results.values()))
+    groups = list(first.get("per_group", {})) or ["all"]
+    x = np.arange(len(groups))
+    width = 0.8 / len(results)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(groups), 3.2))
+    for i, (label, r) in enumerate(results.items()):
+        values = [r["per_group"][g]["exact_match"] if "per_group" in r else r["overall"]["exact_match"]
+                  for g in groups]
+        ax.bar(x + (i - (len(results) - 1) / 2) * width, values, width, label=label)
+    ax.set_xticks(x, groups)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("exact match")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(eval_dir: Path, per_file: dict[str, dict]) -> Path:
+    """``per_file``: data file -> {"results": {label: metrics}, "routing": {label: summary}}."""
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# Evaluation report", ""]
+    for data_file, entry in per_file.items():
+        stem = Path(data_file).stem
+        routing = entry["routing"]
+        plots = {"expert_load": f"{stem}_expert_load.png", "metrics": f"{stem}_metrics.png"}
+        plot_expert_load(routing, eval_dir / plots["expert_load"])
+        plot_metrics(entry["results"], eval_dir / plots["metrics"])
+        tuned = routing.get("tuned") or next(iter(routing.values()))
+        if "js_from_base" in tuned["mean_over_layers"]:
+            plots["drift"] = f"{stem}_drift.png"
+            plot_drift(tuned, eval_dir / plots["drift"])
+        if tuned["task_load"]:
+            plots["task_usage"] = f"{stem}_task_usage.png"
+            plot_task_usage(tuned, eval_dir / plots["task_usage"])
+        entry["plots"] = plots
+        lines += [f"## {data_file}", "", format_table(entry["results"]), "", "### Routing", "",
+                  "| model | CV of load | max/mean | entropy | JS from base | top-1 changed |",
+                  "|---|---|---|---|---|---|"]
+        for label, summary in routing.items():
+            m = summary["mean_over_layers"]
+            js = f"{m['js_from_base']:.4f}" if "js_from_base" in m else "-"
+            changed = f"{m['top1_changed']:.1%}" if "top1_changed" in m else "-"
+            lines.append(f"| {label} | {m['cv']:.3f} | {m['max_over_mean']:.2f} | {m['entropy']:.3f} | "
+                         f"{js} | {changed} |")
+        lines += [""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
+    (eval_dir / "report.json").write_text(json.dumps(per_file, indent=2) + "\n")
+    (eval_dir / "report.md").write_text("\n".join(lines))
+    return eval_dir / "report.md"
