@@ -87,12 +87,40 @@ def _generate(model, tokenizer, rows: list[dict], batch_size: int, max_new_token
     return outputs
 
 
-def _summary(indices: list[int], losses, hits) -> dict:
+def rouge_l(predictions: list[str], references: list[str]) -> list[float]:
+    """ROUGE-L F-measure per pair, from Google's rouge-score package."""
+    from rouge_score import rouge_scorer  # noqa: PLC0415
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+def _summary(indices: list[int], losses, hits, rouge) -> dict:
     nll = sum(losses[i][0] for i in indices)
     n_tok = sum(losses[i][1] for i in indices)
     loss = nll / n_tok if n_tok else float("nan")
     return {"n": len(indices), "exact_match": sum(hits[i] for i in indices) / len(indices),
+            "rouge_l": sum(rouge[i] for i in indices) / len(indices),
             "loss": loss, "perplexity": math.exp(loss) if n_tok else float("nan")}
+
+
+@torch.no_grad()
+def text_loss(model, tokenizer, texts: list[str], batch_size: int = 16) -> dict:
+    """Mean next-token loss on plain text (each passage after a BOS, as in pretraining): the
+    retention check, to show what fine-tuning forgot."""
+    nll, count = 0.0, 0
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    with inference_mode(model):
+        for batch in _batches(texts, batch_size):
+            ids = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in batch]
+            width = max(map(len, ids))
+            x = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids])
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+            logits = model(input_ids=x, attention_mask=mask).logits.float()
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+            nll += float((losses * mask[:, 1:]).sum())
+            count += int(mask[:, 1:].sum())
+    return {"n": len(texts), "loss": nll / count, "perplexity": math.exp(nll / count)}
 
 
 def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 64, max_new_tokens: int = 16,
@@ -101,15 +129,17 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 64, max_new_t
     with inference_mode(model):
         losses = _answer_losses(model, tokenizer, rows, batch_size)
         predictions = _generate(model, tokenizer, rows, batch_size, max_new_tokens, progress)
-    hits = [exact_match(p, split_prompt(r)[1]) for p, r in zip(predictions, rows)]
-    result = {"overall": _summary(list(range(len(rows))), losses, hits)}
+    references = [split_prompt(r)[1] for r in rows]
+    hits = [exact_match(p, ref) for p, ref in zip(predictions, references)]
+    rouge = rouge_l(predictions, references)
+    result = {"overall": _summary(list(range(len(rows))), losses, hits, rouge)}
     for key in ("group", "task"):
         groups = defaultdict(list)
         for i, r in enumerate(rows):
             if key in r:
                 groups[r[key]].append(i)
         if groups:
-            result[f"per_{key}"] = {g: _summary(idx, losses, hits) for g, idx in sorted(groups.items())}
+            result[f"per_{key}"] = {g: _summary(idx, losses, hits, rouge) for g, idx in sorted(groups.items())}
     result["samples"] = [{"task": r.get("task"), "prompt": split_prompt(r)[0][-1]["content"],
                           "reference": split_prompt(r)[1], "prediction": p, "correct": h}
                          for r, p, h in list(zip(rows, predictions, hits))[:20]]
@@ -120,13 +150,14 @@ def format_table(results: dict[str, dict]) -> str:
     """A Markdown table with one exact-match and one loss column per model (e.g. base, tuned)."""
     names = list(results)
     first = results[names[0]]
-    header = ["", "n"] + [f"{m} exact match" for m in names] + [f"{m} loss" for m in names]
+    header = (["", "n"] + [f"{m} exact match" for m in names] + [f"{m} ROUGE-L" for m in names]
+              + [f"{m} loss" for m in names])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def line(label: str, key: str | None, group: str | None) -> str:
         stats = [results[m][key][group] if key else results[m]["overall"] for m in names]
         cells = [label, str(stats[0]["n"])] + [f"{s['exact_match']:.1%}" for s in stats]
-        cells += [f"{s['loss']:.3f}" for s in stats]
+        cells += [f"{s['rouge_l']:.3f}" for s in stats] + [f"{s['loss']:.3f}" for s in stats]
         return "| " + " | ".join(cells) + " |"
 
     lines.append(line("**all**", None, None))

@@ -67,6 +67,8 @@ class EvalSection(_Section):
     """Evaluate only the first N rows of each file."""
     compare_base: bool = True
     """Also evaluate the untuned base model on the same prompts, for a side-by-side table."""
+    retention_file: str | None = None
+    """Plain text of the pretraining domain, one passage per line: loss on it shows forgetting."""
 
 
 Mode = Literal["train", "freeze", "lora"]

@@ -121,6 +121,9 @@ def write_report(eval_dir: Path, per_file: dict[str, dict]) -> Path:
             changed = f"{m['top1_changed']:.1%}" if "top1_changed" in m else "-"
             lines.append(f"| {label} | {m['cv']:.3f} | {m['max_over_mean']:.2f} | {m['entropy']:.3f} | "
                          f"{js} | {changed} |")
+        if "retention" in entry:
+            lines += ["", "Retention, loss on pretraining-domain text (lower is better): "
+                      + ", ".join(f"{k} {v['loss']:.3f}" for k, v in entry["retention"].items())]
         lines += [""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
     (eval_dir / "report.json").write_text(json.dumps(per_file, indent=2) + "\n")
     (eval_dir / "report.md").write_text("\n".join(lines))

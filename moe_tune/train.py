@@ -21,7 +21,7 @@ from trl import SFTConfig, SFTTrainer
 from moe_tune.arch import describe, require_moe, text_config
 from moe_tune.data import chat_dataset, read_chat_rows
 from moe_tune.errors import MoeTuneError
-from moe_tune.evaluate import evaluate, format_table, save_results
+from moe_tune.evaluate import evaluate, format_table, save_results, text_loss, write_json
 from moe_tune.expert_dropout import ExpertDropout
 from moe_tune.expert_selection import (
     load_selection,
@@ -98,6 +98,8 @@ def check_inputs(recipe: Recipe) -> None:
     read_chat_rows(recipe.data.train, recipe.data.max_train_rows)
     for path in ([recipe.data.valid] if recipe.data.valid else []) + recipe.eval.files:
         read_chat_rows(path)
+    if recipe.eval.retention_file and not Path(recipe.eval.retention_file).is_file():
+        raise MoeTuneError(f"{recipe.eval.retention_file}: eval.retention_file not found")
 
 
 def sft_config(recipe: Recipe, run: Path):
@@ -307,6 +309,16 @@ def evaluate_run(recipe: Recipe, run: Path, model, tokenizer) -> dict[str, dict]
         routing = routing_summaries(rows, tokenizer, model, base)
         if routing:
             report[path] = {"results": results, "routing": routing}
+    if recipe.eval.retention_file:
+        texts = [t for t in Path(recipe.eval.retention_file).read_text().splitlines() if t.strip()]
+        retention = {"tuned": text_loss(model, tokenizer, texts)}
+        if base is not None:
+            retention = {"base": text_loss(base, tokenizer, texts), **retention}
+        write_json(run / "eval" / "retention.json", {"file": recipe.eval.retention_file, "results": retention})
+        print("retention (loss on pretraining-domain text): "
+              + ", ".join(f"{k} {v['loss']:.3f}" for k, v in retention.items()))
+        for entry in report.values():
+            entry["retention"] = retention
     if report:
         print(f"report: {write_report(run / 'eval', report)}")
     return tables

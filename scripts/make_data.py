@@ -1,6 +1,6 @@
 """Generate the shipped instruction data and the pretraining corpus, deterministically.
 
-    python scripts/make_data.py            # writes data/{train,valid,heldout}.jsonl, data/corpus.txt
+    python scripts/make_data.py    # writes data/{train,valid,heldout}.jsonl, corpus.txt, retention.txt
 
 Everything comes from one seeded random generator over an invented world (countries with
 capitals, languages and currencies) plus plain facts about words, letters and numbers.
@@ -279,6 +279,11 @@ def make_corpus(rng: random.Random, world: World) -> str:
     return "\n".join(paragraphs) + "\n"
 
 
+def retention_sample(corpus: str, every: int = 10, size: int = 100) -> str:
+    """Pretraining-domain passages for the retention check: what instruction tuning forgets."""
+    return "\n".join(corpus.splitlines()[::every][:size]) + "\n"
+
+
 def generate(seed: int = SEED) -> tuple[dict[str, list[dict]], str]:
     rng = random.Random(seed)
     world = World(rng)
@@ -293,6 +298,7 @@ def write(out_dir: Path, seed: int = SEED) -> None:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     (out_dir / "corpus.txt").write_text(corpus)
+    (out_dir / "retention.txt").write_text(retention_sample(corpus))
 
 
 def main() -> None:

@@ -63,6 +63,8 @@ def test_train_writes_a_complete_run(trained_run):
     for plot in ("expert_load", "metrics", "drift", "task_usage"):
         assert (run / "eval" / f"heldout_{plot}.png").stat().st_size > 0
     assert "### Routing" in (run / "eval" / "report.md").read_text()
+    retention = json.loads((run / "eval" / "retention.json").read_text())["results"]
+    assert set(retention) == {"base", "tuned"} and retention["base"]["n"] == 100
 
 
 @pytest.mark.slow

@@ -75,3 +75,27 @@ def test_write_json_is_atomic(tmp_path):
     write_json(dest, {"a": 1})
     assert json.loads(dest.read_text()) == {"a": 1}
     assert [p.name for p in dest.parent.iterdir()] == ["x.json"]
+
+
+def test_rouge_l_uses_the_maintained_scorer():
+    from moe_tune.evaluate import rouge_l
+
+    # LCS "the cat sat" = 3 tokens; precision 3/3, recall 3/4 -> F = 6/7
+    assert rouge_l(["the cat sat"], ["the cat sat down"]) == pytest.approx([6 / 7])
+    assert rouge_l(["CAT"], ["cat"]) == [1.0]  # rouge-score lowercases; exact match does not
+
+
+def test_text_loss_by_hand(model_and_tokenizer):
+    from moe_tune.evaluate import text_loss
+
+    model, tok = model_and_tokenizer
+    texts = ["The capital of Falfenia is Zorbro.", "After 17 comes 18."]
+    nll, count = 0.0, 0
+    for t in texts:
+        ids = torch.tensor([[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits.float().log_softmax(-1)[0]
+        nll -= sum(logp[i, ids[0, i + 1]].item() for i in range(ids.shape[1] - 1))
+        count += ids.shape[1] - 1
+    result = text_loss(model, tok, texts, batch_size=2)
+    assert result["loss"] == pytest.approx(nll / count, rel=1e-4) and result["n"] == 2

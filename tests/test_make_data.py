@@ -22,11 +22,12 @@ def test_generator_is_deterministic(make_data, generated):
     assert make_data.generate(seed=7)[0]["train"] != generated[0]["train"]
 
 
-def test_shipped_files_match_the_generator(root, generated):
+def test_shipped_files_match_the_generator(root, generated, make_data):
     splits, corpus = generated
     for name, rows in splits.items():
         assert read_jsonl(root / "data" / f"{name}.jsonl") == rows, f"data/{name}.jsonl is stale"
     assert (root / "data" / "corpus.txt").read_text() == corpus
+    assert (root / "data" / "retention.txt").read_text() == make_data.retention_sample(corpus)
 
 
 def test_at_least_twelve_trained_families_and_three_unseen(make_data, generated):
@@ -88,6 +89,6 @@ def test_plural_rules(make_data):
 
 def test_write_creates_all_files(make_data, tmp_path):
     make_data.write(tmp_path, seed=3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "heldout.jsonl", "train.jsonl",
-                                                          "valid.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "heldout.jsonl", "retention.txt",
+                                                          "train.jsonl", "valid.jsonl"]
     assert len(read_jsonl(tmp_path / "train.jsonl")) == make_data.N_TRAIN
