@@ -10,6 +10,7 @@ plan on a meta-device copy), so mistakes surface in seconds.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -49,7 +50,8 @@ CPU_DEFAULTS = {"use_cpu": True, "bf16": False, "activation_checkpointing": Fals
 _CHECKPOINTING_NAMES = {"activation_checkpointing", "gradient_checkpointing"}  # new and deprecated name
 # router_aux_loss_coef: moe_tune computes the load-balancing loss itself (router_losses.py), once,
 # for every family; TRL's (and with it the model's own) stays off.
-DEFAULTS = {"assistant_only_loss": True, "report_to": "none", "logging_steps": 10,
+# TensorBoard (offline, into RUN/tensorboard) gets every logged value, as metrics.jsonl does.
+DEFAULTS = {"assistant_only_loss": True, "report_to": "tensorboard", "logging_steps": 10,
             "save_strategy": "no", "router_aux_loss_coef": 0.0}
 
 
@@ -207,12 +209,38 @@ def apply_trainable(recipe: Recipe, model, tokenizer, run: Path | None = None):
     return model
 
 
-class MoeSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer plus moe_tune's router terms, each logged under its own name."""
+class RoutingProbe:
+    """Routing summary of the model on a fixed sample of validation rows, with drift from the
+    routing the model had when the probe was made (before training)."""
 
-    def __init__(self, *args, regularizer: RouterRegularizer | None = None, **kwargs):
+    SAMPLE = 64  # rows: enough for a stable load estimate, a fraction of a second on the tiny model
+
+    def __init__(self, model, tokenizer, rows: list[dict]):
+        self.model, self.tokenizer, self.rows = model, tokenizer, rows[:self.SAMPLE]
+        self.arch = describe(model)
+        self.base = routing_stats.profile(model, self.arch, tokenizer, self.rows)
+
+    def __call__(self) -> dict[str, float]:
+        now = routing_stats.profile(self.model, self.arch, self.tokenizer, self.rows)
+        summary = routing_stats.summarize(now, self.base)["mean_over_layers"]
+        return {f"routing/{key}": value for key, value in summary.items()}
+
+
+class MoeSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer plus moe_tune's router terms, each logged under its own name, and a
+    routing summary after each evaluation."""
+
+    def __init__(self, *args, regularizer: RouterRegularizer | None = None,
+                 routing_probe: RoutingProbe | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer
+        self.routing_probe = routing_probe
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        if self.routing_probe is not None:
+            self.log(self.routing_probe())
+        return metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         reg = self.regularizer
@@ -257,11 +285,25 @@ def check_router(recipe: Recipe, modes: dict[str, str]) -> None:
                            "unchanged; set trainable.router to train or freeze, or turn the terms off")
 
 
+def _routing_probe(recipe: Recipe, model, tokenizer) -> RoutingProbe | None:
+    if recipe.data.valid is None:
+        return None
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return RoutingProbe(inner, tokenizer, read_chat_rows(recipe.data.valid, RoutingProbe.SAMPLE))
+    except MoeTuneError:  # routers wrapped by LoRA: their weights are not the ones that route
+        return None
+
+
 def build_trainer(recipe: Recipe, run: Path, model, tokenizer, regularizer: RouterRegularizer | None = None):
     train = chat_dataset(recipe.data.train, recipe.data.max_train_rows)
     valid = chat_dataset(recipe.data.valid) if recipe.data.valid else None
-    return MoeSFTTrainer(model=model, args=sft_config(recipe, run), train_dataset=train,
+    args = sft_config(recipe, run)
+    if "tensorboard" in (args.report_to or []):
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")  # read by transformers' TB callback
+    return MoeSFTTrainer(model=model, args=args, train_dataset=train,
                          eval_dataset=valid, processing_class=tokenizer, regularizer=regularizer,
+                         routing_probe=_routing_probe(recipe, model, tokenizer),
                          callbacks=[MetricsLog(run / "metrics.jsonl"), GradientGuard()])
 
 

@@ -52,6 +52,10 @@ def test_train_writes_a_complete_run(trained_run):
     assert [m["step"] for m in train_logs] == [1, 2, 3, 4]
     assert all({"learning_rate", "aux_loss"} <= set(m) for m in train_logs)
     assert any("eval_loss" in m for m in metrics)
+    # after each evaluation: a routing summary with drift from the routing before training
+    routing = [m for m in metrics if "routing/js_from_base" in m]
+    assert [m["step"] for m in routing] == [2, 4] and all(m["routing/entropy"] > 0 for m in routing)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard, offline
     result = json.loads((run / "eval" / "heldout.json").read_text())
     assert result["file"] == "data/heldout.jsonl"
     assert set(result["results"]) == {"base", "tuned"}
