@@ -49,9 +49,14 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     train: str
-    """Training data: JSONL with a ``messages`` list (user/assistant turns) per row."""
+    """Training data: chat ``messages`` JSONL/JSON, Alpaca, ShareGPT, prompt/completion JSONL, a
+    ``datasets`` save_to_disk folder, or a hub dataset name (online only)."""
     valid: str | None = None
-    """Validation data in the same format, evaluated for loss during training (``sft.eval_strategy``)."""
+    """Validation data, evaluated for loss during training (``sft.eval_strategy``)."""
+    format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion"] = "auto"
+    """Row format of the files; auto detects it from the first row."""
+    skip_bad_rows: bool = False
+    """Skip rows that cannot be read (counted in the run's data_report.json) instead of stopping."""
     max_train_rows: int | None = Field(default=None, gt=0)
     """Use only the first N training rows (quick experiments)."""
 

@@ -20,7 +20,7 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from moe_tune.arch import describe, require_moe, text_config
-from moe_tune.data import chat_dataset, read_chat_rows
+from moe_tune.data import messages_dataset, read_chat_rows, read_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.evaluate import evaluate, format_table, save_results, text_loss, write_json
 from moe_tune.expert_dropout import ExpertDropout
@@ -97,8 +97,11 @@ def check_inputs(recipe: Recipe) -> None:
     """Everything that can be checked in seconds, before any weights load."""
     preview_plan(recipe)
     load_tokenizer(recipe.model.path)
-    read_chat_rows(recipe.data.train, recipe.data.max_train_rows)
-    for path in ([recipe.data.valid] if recipe.data.valid else []) + recipe.eval.files:
+    data = recipe.data
+    read_chat_rows(data.train, data.max_train_rows, data.format, data.skip_bad_rows)
+    if data.valid:
+        read_chat_rows(data.valid, None, data.format, data.skip_bad_rows)
+    for path in recipe.eval.files:
         read_chat_rows(path)
     if recipe.eval.retention_file and not Path(recipe.eval.retention_file).is_file():
         raise MoeTuneError(f"{recipe.eval.retention_file}: eval.retention_file not found")
@@ -181,7 +184,7 @@ def select_experts(recipe: Recipe, model, arch, tokenizer) -> tuple[dict, dict]:
     cfg = recipe.trainable.selection()
     if cfg.file:
         return {}, load_selection(cfg.file, arch)
-    rows = read_chat_rows(recipe.data.train, cfg.rows)
+    rows = read_chat_rows(recipe.data.train, cfg.rows, recipe.data.format, recipe.data.skip_bad_rows)
     shares = score_experts(model, arch, tokenizer, rows, cfg.score)
     return shares, select_top_p(shares, cfg.top_p)
 
@@ -290,14 +293,32 @@ def _routing_probe(recipe: Recipe, model, tokenizer) -> RoutingProbe | None:
         return None
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return RoutingProbe(inner, tokenizer, read_chat_rows(recipe.data.valid, RoutingProbe.SAMPLE))
+        rows = read_chat_rows(recipe.data.valid, RoutingProbe.SAMPLE, recipe.data.format, recipe.data.skip_bad_rows)
+        return RoutingProbe(inner, tokenizer, rows)
     except MoeTuneError:  # routers wrapped by LoRA: their weights are not the ones that route
         return None
 
 
+def load_data(recipe: Recipe, run: Path):
+    """(train, valid) datasets; rows skipped under data.skip_bad_rows are reported in the run."""
+    data, skipped, sets = recipe.data, {}, []
+    for path, limit in ((data.train, data.max_train_rows), (data.valid, None)):
+        if path is None:
+            sets.append(None)
+            continue
+        rows, bad = read_rows(path, limit, data.format, data.skip_bad_rows)
+        sets.append(messages_dataset(rows))
+        if bad:
+            skipped[path] = bad
+            print(f"note: skipped {len(bad)} bad rows of {path} (see data_report.json), e.g. {bad[0]}")
+    if skipped:
+        write_json(run / "data_report.json", {"skipped_rows": {p: len(b) for p, b in skipped.items()},
+                                                "messages": skipped})
+    return sets[0], sets[1]
+
+
 def build_trainer(recipe: Recipe, run: Path, model, tokenizer, regularizer: RouterRegularizer | None = None):
-    train = chat_dataset(recipe.data.train, recipe.data.max_train_rows)
-    valid = chat_dataset(recipe.data.valid) if recipe.data.valid else None
+    train, valid = load_data(recipe, run)
     args = sft_config(recipe, run)
     if "tensorboard" in (args.report_to or []):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / "tensorboard")  # read by transformers' TB callback

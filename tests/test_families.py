@@ -105,7 +105,7 @@ def train_tiny(family, tmp_path, capsys, *overrides):
                  f"output_dir={run}", "trainable.router=freeze", *overrides,
                  "sft.max_steps=2", "sft.logging_steps=1", "sft.per_device_train_batch_size=4",
                  f"data.train={ROOT / 'data' / 'train.jsonl'}", "data.max_train_rows=8", "data.valid=null",
-                 "sft.eval_strategy=no", "eval.files=[]"])
+                 "sft.eval_strategy=no", "eval.files=[]", "eval.retention_file=null"])
     captured = capsys.readouterr()
     return code, run, captured.err
 

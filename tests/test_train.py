@@ -56,3 +56,24 @@ def test_prepare_run_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(MoeTuneError, match="is a file"):
         prepare_run_dir(str(tmp_path / "file"), overwrite=True)
+
+
+def test_data_formats_and_skipped_rows_reach_the_run(tmp_path):
+    import json
+
+    from moe_tune.train import load_data
+
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Name the capital of Falfenia.", "output": "Zorbro"},
+                                  {"instruction": "broken"},
+                                  {"instruction": "What comes after 17?", "input": "", "output": "18"}]))
+    recipe = minimal(tmp_path, f"data.train={alpaca}", "data.skip_bad_rows=true", "data.format=alpaca")
+    train, valid = load_data(recipe, tmp_path)
+    assert valid is None and train.column_names == ["messages"]
+    assert [m["content"] for m in train[1]["messages"]] == ["What comes after 17?", "18"]
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert report["skipped_rows"] == {str(alpaca): 1}
+    assert "row 2" in report["messages"][str(alpaca)][0] and "'output'" in report["messages"][str(alpaca)][0]
+    strict = minimal(tmp_path, f"data.train={alpaca}")
+    with pytest.raises(MoeTuneError, match=r"alpaca.json: row 2: field 'output' missing"):
+        load_data(strict, tmp_path / "strict")
