@@ -58,39 +58,50 @@ def cmd_select_experts(args) -> None:
     print(f"written to {out}; use it with trainable.expert_selection.file={out}")
 
 
-def _load_for_eval(target: Path, dtype: str):
-    """(model, tokenizer) of a run folder (full weights or base + adapter) or a model folder."""
+def _load_for_eval(target: Path, dtype: str, adapter: str | None = None):
+    """(model, tokenizer, base path or None) of a run folder (full weights, or base + adapter),
+    a model folder with ``adapter``, or a plain model folder."""
     from moe_tune.loading import load_adapter_model, load_model  # noqa: PLC0415
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
     from moe_tune.train import MODEL_DIR, RECIPE_FILE  # noqa: PLC0415
 
+    if adapter:
+        return (*load_adapter_model(str(target), Path(adapter), dtype), str(target))
     if not (target / RECIPE_FILE).is_file():
-        return load_model(str(target), dtype)
+        return (*load_model(str(target), dtype), None)
     saved = target / MODEL_DIR
     if not saved.is_dir():
         raise MoeTuneError(f"{target}: this run has no saved model yet (did training finish?)")
+    base_path = load_recipe(target / RECIPE_FILE).model.path
     if (saved / "adapter_config.json").is_file():
-        recipe = load_recipe(target / RECIPE_FILE)
-        return load_adapter_model(recipe.model.path, saved, dtype)
-    return load_model(str(saved), dtype)
+        return (*load_adapter_model(base_path, saved, dtype), base_path)
+    return (*load_model(str(saved), dtype), base_path)
 
 
 def cmd_eval(args) -> None:
     from moe_tune.data import read_chat_rows  # noqa: PLC0415
-    from moe_tune.evaluate import evaluate, format_table, save_results  # noqa: PLC0415
+    from moe_tune.loading import load_model  # noqa: PLC0415
+    from moe_tune.recipe import EvalSection  # noqa: PLC0415
+    from moe_tune.report import evaluate_and_report  # noqa: PLC0415
     from moe_tune.train import RECIPE_FILE  # noqa: PLC0415
 
     target = Path(args.model)
     is_run = (target / RECIPE_FILE).is_file()
-    out = Path(args.out) if args.out else (target / "eval" if is_run else Path("eval") / target.name)
-    rows_by_file = {path: read_chat_rows(path, args.max_rows) for path in args.data}
-    model, tokenizer = _load_for_eval(target, args.dtype)
-    label = "tuned" if is_run else target.name
-    for path, rows in rows_by_file.items():
-        result = {label: evaluate(model, tokenizer, rows, args.batch_size, args.max_new_tokens)}
-        dest = out / f"{Path(path).stem}.json"
-        save_results(dest, path, result)
-        print(f"\n{path}\n{format_table(result)}\nwritten to {dest}")
+    for path in args.data:  # bad data is reported before any model loads
+        read_chat_rows(path, args.max_rows)
+    if args.retention and not Path(args.retention).is_file():
+        raise MoeTuneError(f"{args.retention}: --retention file not found")
+    if args.adapter and is_run:
+        raise MoeTuneError(f"{target}: a run folder already knows its adapter; drop --adapter")
+    model, tokenizer, base_path = _load_for_eval(target, args.dtype, args.adapter)
+    base = load_model(base_path, args.dtype)[0] if base_path and not args.no_base else None
+    default_out = target / "eval" if is_run else Path("eval") / (Path(args.adapter).name if args.adapter else target.name)
+    cfg = EvalSection(files=args.data, max_rows=args.max_rows, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, retention_file=args.retention)
+    label = "tuned" if base_path else target.name
+    out = Path(args.out) if args.out else default_out
+    evaluate_and_report(model, tokenizer, cfg, out, base=base, label=label)
+    print(f"written to {out}")
 
 
 def cmd_export(args) -> None:
@@ -105,7 +116,7 @@ def cmd_export(args) -> None:
     recipe = load_recipe(run / RECIPE_FILE)
     sample = (recipe.eval.files or [recipe.data.valid or recipe.data.train])[0]
     rows = read_chat_rows(sample, args.check_rows)
-    model, tokenizer = _load_for_eval(run, recipe.model.dtype)
+    model, tokenizer, _ = _load_for_eval(run, recipe.model.dtype)
     merged = merge_and_check(model, tokenizer, rows)
     out = write_checkpoint(merged, tokenizer, Path(args.merged), args.overwrite)
     print(f"merged and checked on {len(rows)} rows of {sample}: same logits and routing; written to {out}")
@@ -141,10 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="loss and exact match of a run or model on held-out chat data")
-    ev.add_argument("model", help="a run folder (from moe-tune train) or a model folder")
-    ev.add_argument("--data", action="append", required=True, help="chat JSONL file; repeat for several")
-    ev.add_argument("--out", help="folder for the JSON results (default: RUN/eval or eval/MODEL_NAME)")
+    ev = sub.add_parser("eval", help="held-out scores and routing analytics of a run, a model, or a model + adapter")
+    ev.add_argument("model", help="a run folder (from moe-tune train), a model folder, or the base of --adapter")
+    ev.add_argument("--data", action="append", required=True,
+                    help="held-out data (chat, Alpaca, ShareGPT, prompt/completion, ...); repeat for several")
+    ev.add_argument("--adapter", help="a PEFT adapter folder to apply to MODEL (compared with MODEL alone)")
+    ev.add_argument("--retention", help="plain text, one passage per line: loss on it shows forgetting")
+    ev.add_argument("--no-base", action="store_true", help="do not evaluate the base model side by side")
+    ev.add_argument("--out", help="folder for results, report and plots (default: RUN/eval or eval/NAME)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-new-tokens", type=int, default=16)
     ev.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows of each file")

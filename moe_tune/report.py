@@ -11,7 +11,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moe_tune.evaluate import format_table  # noqa: E402
+from moe_tune import routing_stats  # noqa: E402
+from moe_tune.arch import describe  # noqa: E402
+from moe_tune.data import read_chat_rows  # noqa: E402
+from moe_tune.errors import MoeTuneError  # noqa: E402
+from moe_tune.evaluate import evaluate, format_table, save_results, text_loss, write_json  # noqa: E402
 
 
 def _short(block: str) -> str:
@@ -24,10 +28,12 @@ def _short(block: str) -> str:
 def plot_expert_load(routing: dict[str, dict], path: Path) -> None:
     """Heatmap, layers x experts, one panel per model (base, tuned)."""
     fig, axes = plt.subplots(1, len(routing), figsize=(4.5 * len(routing), 3.2), squeeze=False)
+    loads = {label: np.array([s["layers"][b]["load"] for b in s["layers"]]) for label, s in routing.items()}
+    vmax = max(load.max() for load in loads.values())  # one colour scale, so panels compare
     for ax, (label, summary) in zip(axes[0], routing.items()):
         layers = list(summary["layers"])
-        load = np.array([summary["layers"][b]["load"] for b in layers])
-        im = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0)
+        load = loads[label]
+        im = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         ax.set_title(f"{label}: share of top-k slots")
         ax.set_xlabel("expert")
         ax.set_yticks(range(len(layers)), [_short(b) for b in layers])
@@ -128,3 +134,46 @@ def write_report(eval_dir: Path, per_file: dict[str, dict]) -> Path:
     (eval_dir / "report.json").write_text(json.dumps(per_file, indent=2) + "\n")
     (eval_dir / "report.md").write_text("\n".join(lines))
     return eval_dir / "report.md"
+
+
+def routing_summaries(rows: list[dict], tokenizer, models: dict[str, object], base_label: str | None) -> dict:
+    """Routing analytics per model on ``rows``, with drift from ``base_label``'s model; a model
+    whose routers carry LoRA (wrapped, so not readable) is left out with a note."""
+    profiles = {}
+    for label, model in models.items():
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        try:
+            profiles[label] = routing_stats.profile(inner, describe(inner), tokenizer, rows)
+        except MoeTuneError:
+            print(f"note: routing analytics of '{label}' skipped: its routers carry LoRA "
+                  "(merge them with moe-tune export first)")
+    base = profiles.get(base_label) if base_label else None
+    return {label: routing_stats.summarize(p, None if label == base_label else base) for label, p in profiles.items()}
+
+
+def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned") -> dict[str, dict]:
+    """Score ``tuned`` (and ``base`` on the same prompts) on every ``cfg.files`` file and on
+    ``cfg.retention_file``, analyse routing, write JSON results, report.md/.json and plots.
+    ``cfg`` is an EvalSection (files, max_rows, batch_size, max_new_tokens, retention_file)."""
+    models = {"base": base, label: tuned} if base is not None else {label: tuned}
+    tables, report = {}, {}
+    for path in cfg.files:
+        rows = read_chat_rows(path, cfg.max_rows)
+        results = {name: evaluate(m, tokenizer, rows, cfg.batch_size, cfg.max_new_tokens) for name, m in models.items()}
+        save_results(out_dir / f"{Path(path).stem}.json", path, results)
+        tables[path] = results
+        print(f"\nHeld-out evaluation of {path}:\n{format_table(results)}")
+        routing = routing_summaries(rows, tokenizer, models, "base" if base is not None else None)
+        if routing:
+            report[path] = {"results": results, "routing": routing}
+    if cfg.retention_file:
+        texts = [t for t in Path(cfg.retention_file).read_text(encoding="utf-8").splitlines() if t.strip()]
+        retention = {name: text_loss(m, tokenizer, texts) for name, m in models.items()}
+        write_json(out_dir / "retention.json", {"file": cfg.retention_file, "results": retention})
+        print("retention, loss on pretraining-domain text: "
+              + ", ".join(f"{k} {v['loss']:.3f}" for k, v in retention.items()))
+        for entry in report.values():
+            entry["retention"] = retention
+    if report:
+        print(f"report: {write_report(out_dir, report)}")
+    return tables

@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 from moe_tune.arch import describe, require_moe, text_config
 from moe_tune.data import messages_dataset, read_chat_rows, read_rows
 from moe_tune.errors import MoeTuneError
-from moe_tune.evaluate import evaluate, format_table, save_results, text_loss, write_json
+from moe_tune.evaluate import write_json
 from moe_tune.expert_dropout import ExpertDropout
 from moe_tune.expert_selection import (
     load_selection,
@@ -35,7 +35,7 @@ from moe_tune.expert_selection import (
 from moe_tune.loading import build_meta_model, load_config, load_model, load_tokenizer
 from moe_tune import routing_stats
 from moe_tune.recipe import Recipe, dump_recipe
-from moe_tune.report import write_report
+from moe_tune.report import evaluate_and_report
 from moe_tune.router_losses import RouterRegularizer
 from moe_tune.trainable import apply_plan, format_plan, make_plan, plan_report, resolve_modes
 
@@ -339,52 +339,11 @@ def save_model(model, tokenizer, run: Path) -> Path:
     return final
 
 
-def routing_summaries(rows: list[dict], tokenizer, tuned, base=None) -> dict[str, dict]:
-    """Routing analytics of the tuned model (and the base, with drift) on ``rows``; empty when
-    the tuned model's routers cannot be read (LoRA on the router wraps them)."""
-    inner = tuned.get_base_model() if hasattr(tuned, "get_base_model") else tuned
-    try:
-        tuned_arch = describe(inner)
-    except MoeTuneError:
-        print("note: routing analytics skipped: the routers carry LoRA (merge with moe-tune export first)")
-        return {}
-    tuned_profile = routing_stats.profile(inner, tuned_arch, tokenizer, rows)
-    if base is None:
-        return {"tuned": routing_stats.summarize(tuned_profile)}
-    base_profile = routing_stats.profile(base, describe(base), tokenizer, rows)
-    return {"base": routing_stats.summarize(base_profile),
-            "tuned": routing_stats.summarize(tuned_profile, base_profile)}
-
-
 def evaluate_run(recipe: Recipe, run: Path, model, tokenizer) -> dict[str, dict]:
-    """Held-out evaluation of the tuned model (and the base, if asked) on each eval file, with
-    routing analytics and the report (RUN/eval/report.md, PNG plots)."""
+    """Held-out evaluation of the tuned model (and the base, if asked), with routing analytics
+    and the report in RUN/eval/."""
     base = load_model(recipe.model.path, recipe.model.dtype)[0] if recipe.eval.compare_base else None
-    tables, report = {}, {}
-    for path in recipe.eval.files:
-        rows = read_chat_rows(path, recipe.eval.max_rows)
-        results = {}
-        if base is not None:
-            results["base"] = evaluate(base, tokenizer, rows, recipe.eval.batch_size, recipe.eval.max_new_tokens)
-        results["tuned"] = evaluate(model, tokenizer, rows, recipe.eval.batch_size, recipe.eval.max_new_tokens)
-        save_results(run / "eval" / f"{Path(path).stem}.json", path, results)
-        tables[path] = results
-        routing = routing_summaries(rows, tokenizer, model, base)
-        if routing:
-            report[path] = {"results": results, "routing": routing}
-    if recipe.eval.retention_file:
-        texts = [t for t in Path(recipe.eval.retention_file).read_text().splitlines() if t.strip()]
-        retention = {"tuned": text_loss(model, tokenizer, texts)}
-        if base is not None:
-            retention = {"base": text_loss(base, tokenizer, texts), **retention}
-        write_json(run / "eval" / "retention.json", {"file": recipe.eval.retention_file, "results": retention})
-        print("retention (loss on pretraining-domain text): "
-              + ", ".join(f"{k} {v['loss']:.3f}" for k, v in retention.items()))
-        for entry in report.values():
-            entry["retention"] = retention
-    if report:
-        print(f"report: {write_report(run / 'eval', report)}")
-    return tables
+    return evaluate_and_report(model, tokenizer, recipe.eval, run / "eval", base=base)
 
 
 def run_training(recipe: Recipe, overwrite: bool = False) -> Path:
@@ -403,7 +362,6 @@ def run_training(recipe: Recipe, overwrite: bool = False) -> Path:
     if (run / "checkpoints").is_dir() and not any((run / "checkpoints").iterdir()):
         (run / "checkpoints").rmdir()
     print(f"trained in {time.time() - start:.0f}s; model saved to {run / MODEL_DIR}")
-    for path, results in evaluate_run(recipe, run, model, tokenizer).items():
-        print(f"\nHeld-out evaluation of {path}:\n{format_table(results)}")
+    evaluate_run(recipe, run, model, tokenizer)
     print(f"\nrun folder: {run}")
     return run

@@ -95,8 +95,12 @@ def test_eval_on_a_run_and_on_a_model(trained_run, tmp_path, capsys):
                            "--max-rows", "10", "--max-new-tokens", "4")
     assert code == 0 and "| **all** | 10 |" in out
     saved = json.loads((trained_run / "eval" / "valid.json").read_text())
-    assert set(saved["results"]) == {"tuned"}
+    assert set(saved["results"]) == {"base", "tuned"}  # the run knows its base: side by side
     assert saved["results"]["tuned"]["overall"]["n"] == 10
+    code, _, _ = run_cli(capsys, "eval", str(trained_run), "--data", "data/valid.jsonl", "--max-rows", "4",
+                         "--no-base", "--out", str(tmp_path / "nobase"))
+    assert code == 0
+    assert set(json.loads((tmp_path / "nobase" / "valid.json").read_text())["results"]) == {"tuned"}
     code, out, _ = run_cli(capsys, "eval", "data/tiny-moe", "--data", "data/heldout.jsonl",
                            "--max-rows", "5", "--out", str(tmp_path))
     assert code == 0

@@ -74,3 +74,20 @@ def test_check_merge_reports_a_different_model():
 def test_export_of_a_non_run(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--merged", str(tmp_path / "out")]) == 2
     assert "not a moe-tune run folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_of_a_base_model_plus_adapter(lora_run, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "eval"
+    code = main(["eval", str(SHIPPED_MODEL), "--adapter", str(lora_run / "model"), "--data",
+                 str(ROOT / "data" / "heldout.jsonl"), "--max-rows", "12", "--max-new-tokens", "4",
+                 "--retention", str(ROOT / "data" / "retention.txt"), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "heldout.json").read_text())["results"]
+    assert set(results) == {"base", "tuned"}
+    assert results["base"]["overall"]["loss"] != results["tuned"]["overall"]["loss"]
+    assert set(json.loads((out / "retention.json").read_text())["results"]) == {"base", "tuned"}
+    # the routers carry LoRA in this run: their analytics are left out, with a note, not wrong
+    assert "routing analytics of 'tuned' skipped" in capsys.readouterr().out
