@@ -142,16 +142,23 @@ def _optional_text(row: dict, key: str, where: str) -> str | None:
     return value
 
 
+def _turns(row: dict, where: str, key: str, role_key: str, text_key: str, roles: dict[str, str],
+           missing: str) -> list[dict]:
+    """A list of turns (chat ``messages`` or ShareGPT ``conversations``) as role/content messages."""
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise _BadRow(f"{where}: {missing}")
+    for i, t in enumerate(turns):
+        if not (isinstance(t, dict) and t.get(role_key) in roles and isinstance(t.get(text_key), str)):
+            raise _BadRow(f"{where}: {key}[{i}] needs '{role_key}' (one of {sorted(roles)}) "
+                          f"and a string '{text_key}'")
+    return [{"role": roles[t[role_key]], "content": t[text_key]} for t in turns]
+
+
 def _from_chat(row: dict, where: str) -> list[dict]:
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _BadRow(f"{where}: missing or empty 'messages'; each row needs "
-                      '"messages": [{"role": "user", ...}, {"role": "assistant", ...}]')
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise _BadRow(f"{where}: messages[{i}] needs 'role' (one of {sorted(ROLES)}) "
-                          "and a string 'content'")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return _turns(row, where, "messages", "role", "content", {r: r for r in ROLES},
+                  "missing or empty 'messages'; each row needs "
+                  '"messages": [{"role": "user", ...}, {"role": "assistant", ...}]')
 
 
 def _from_alpaca(row: dict, where: str) -> list[dict]:
@@ -165,15 +172,9 @@ def _from_alpaca(row: dict, where: str) -> list[dict]:
 
 
 def _from_sharegpt(row: dict, where: str) -> list[dict]:
-    turns = row.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise _BadRow(f"{where}: field 'conversations' missing or empty; ShareGPT rows need "
-                      '"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]')
-    for i, t in enumerate(turns):
-        if not (isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES and isinstance(t.get("value"), str)):
-            raise _BadRow(f"{where}: conversations[{i}] needs 'from' (one of {sorted(SHAREGPT_ROLES)}) "
-                          "and a string 'value'")
-    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    return _turns(row, where, "conversations", "from", "value", SHAREGPT_ROLES,
+                  "field 'conversations' missing or empty; ShareGPT rows need "
+                  '"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]')
 
 
 def _from_prompt_completion(row: dict, where: str) -> list[dict]:
