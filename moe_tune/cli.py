@@ -20,6 +20,12 @@ def cmd_train(args) -> None:
     run_training(recipe, overwrite=args.overwrite)
 
 
+def cmd_compare(args) -> None:
+    from moe_tune.compare import load_spec, run_comparison  # noqa: PLC0415
+
+    run_comparison(load_spec(args.spec, args.overrides))
+
+
 def cmd_plan(args) -> None:
     import json  # noqa: PLC0415
 
@@ -165,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows of each file")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     ev.set_defaults(func=cmd_eval)
+
+    cmp = sub.add_parser("compare", help="variants of a recipe over seeds, side by side (resumable)")
+    cmp.add_argument("spec", help="comparison spec YAML, e.g. recipes/compare/freezing.yaml")
+    cmp.add_argument("overrides", nargs="*", help="dotted recipe overrides for every run, e.g. sft.max_steps=50")
+    cmp.set_defaults(func=cmd_compare)
 
     plan = sub.add_parser("plan", help="what a recipe will train, its LoRA coverage and memory, without training")
     plan.add_argument("recipe")

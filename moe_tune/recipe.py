@@ -21,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from moe_tune.errors import MoeTuneError
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     path: str
     """Local folder of a transformers MoE checkpoint (with its tokenizer), or a hub id when online."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
@@ -47,7 +47,7 @@ class ModelSection(_Section):
         return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
 
 
-class DataSection(_Section):
+class DataSection(Section):
     train: str
     """Training data: chat ``messages`` JSONL/JSON, Alpaca, ShareGPT, prompt/completion JSONL, a
     ``datasets`` save_to_disk folder, or a hub dataset name (online only)."""
@@ -61,7 +61,7 @@ class DataSection(_Section):
     """Use only the first N training rows (quick experiments)."""
 
 
-class EvalSection(_Section):
+class EvalSection(Section):
     files: list[str] = []
     """Held-out chat JSONL files evaluated at the end of training (loss and greedy exact match)."""
     max_new_tokens: int = Field(default=16, gt=0)
@@ -81,7 +81,7 @@ Part = Literal["embeddings", "attention", "router", "routed_experts", "shared_ex
                "norms", "lm_head", "other"]
 
 
-class ExpertSelectionSection(_Section):
+class ExpertSelectionSection(Section):
     """ESFT: score each MoE layer's experts on the training data and train only the top ones."""
 
     score: Literal["gate", "token"] = "gate"
@@ -94,7 +94,7 @@ class ExpertSelectionSection(_Section):
     """Use a selection saved by `moe-tune select-experts` instead of scoring."""
 
 
-class TrainableSection(_Section):
+class TrainableSection(Section):
     """What trains. A preset gives every part a mode; a part named here overrides it."""
 
     preset: Literal["full", "freeze_router", "freeze_experts", "experts_only", "attention_only",
@@ -131,7 +131,7 @@ class TrainableSection(_Section):
         return self.expert_selection
 
 
-class RouterSection(_Section):
+class RouterSection(Section):
     """Router regularizers, computed once by moe_tune (TRL's and the model's own aux loss stay off)."""
 
     aux_loss_coef: float | None = Field(default=None, ge=0)
@@ -142,7 +142,7 @@ class RouterSection(_Section):
     """Weight of KL(base routing || current routing) on the same hidden states."""
 
 
-class ExpertsSection(_Section):
+class ExpertsSection(Section):
     """Expert dropout, active in training only."""
 
     dropout: float = Field(default=0.0, ge=0, lt=1)
@@ -153,7 +153,7 @@ class ExpertsSection(_Section):
     """Drop each selected expert of a token with this probability; the rest are reweighted."""
 
 
-class LoraSection(_Section):
+class LoraSection(Section):
     r: int = Field(default=16, gt=0)
     """LoRA rank. On a fused expert tensor (E, out, in) each expert gets its own rank-r pair."""
     alpha: float = Field(default=32, gt=0)
@@ -164,7 +164,7 @@ class LoraSection(_Section):
     """Rank by part, e.g. {routed_experts: 4} for a smaller per-expert rank."""
 
 
-class Recipe(_Section):
+class Recipe(Section):
     output_dir: str
     """Run folder: resolved recipe, weights, metrics.jsonl, eval/. Never overwritten without --overwrite."""
     seed: int = 42
@@ -211,9 +211,8 @@ def _nearest(name: str, choices: typing.Iterable[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
-def _section_fields(loc: tuple) -> list[str]:
+def _section_fields(loc: tuple, model: type[BaseModel]) -> list[str]:
     """Valid key names at the location of an error (for 'did you mean')."""
-    model: type[BaseModel] = Recipe
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = field.annotation if field else None
@@ -223,10 +222,12 @@ def _section_fields(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(err: dict, source: str) -> str:
+def explain_error(err: dict, source: str, schema: type[BaseModel] | None = None) -> str:
+    """One line for a pydantic error; ``schema`` (default: Recipe) supplies the 'did you mean'."""
     path = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{path}'{_nearest(str(err['loc'][-1]), _section_fields(err['loc']))}"
+        fields = _section_fields(err["loc"], schema or Recipe)
+        return f"{source}: unknown key '{path}'{_nearest(str(err['loc'][-1]), fields)}"
     if err["type"] == "missing":
         return f"{source}: missing required key '{path}'"
     if err["type"] == "value_error":
@@ -319,7 +320,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except ValidationError as e:
         # an unknown key explains a "missing" one next to it (``pth`` for ``path``): report it first
         errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
-        raise MoeTuneError(_explain(errors[0], source)) from None
+        raise MoeTuneError(explain_error(errors[0], source)) from None
     check_sft(recipe.sft, source)
     return recipe
 

@@ -1,0 +1,226 @@
+"""``moe-tune compare SPEC.yaml``: variants of one recipe, over seeds, side by side.
+
+A spec names a base recipe, overrides shared by every run, named variants (each a set of
+recipe overrides) and seeds. Every variant x seed runs as its own ``moe-tune train`` process
+(its peak memory is that process's), one after another, into OUTPUT_DIR/VARIANT/seed-N; a run
+that already finished is skipped, so an interrupted comparison resumes where it stopped.
+Results are aggregated as mean and standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, PrivateAttr, ValidationError
+
+from moe_tune.errors import MoeTuneError
+from moe_tune.recipe import explain_error, Section, load_recipe, read_yaml
+
+DONE_FILE = "compare_run.json"  # written last, when a run has finished and been measured
+
+
+class CompareSpec(Section):
+    _cli: list[str] = PrivateAttr(default_factory=list)  # command-line overrides, for every run
+
+    base: str
+    """The recipe every run starts from."""
+    output_dir: str
+    """Where the runs and the comparison go: OUTPUT_DIR/VARIANT/seed-N, comparison.md/.csv."""
+    seeds: list[int] = Field(min_length=1)
+    """Each variant runs once per seed."""
+    overrides: dict[str, Any] = {}
+    """Dotted recipe overrides for every run (e.g. sft.max_steps: 300)."""
+    variants: dict[str, dict[str, Any]] = Field(min_length=1)
+    """Name -> dotted recipe overrides, e.g. freeze_router: {trainable.preset: freeze_router}."""
+
+
+def _as_overrides(values: dict[str, Any]) -> list[str]:
+    """{"sft.max_steps": 3} -> ["sft.max_steps=3"]; JSON is valid YAML, so values keep their type."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def load_spec(path: str | Path, cli_overrides: list[str] | None = None) -> CompareSpec:
+    """The spec; command-line ``key=value`` overrides apply to every run, after the spec's own."""
+    path = Path(path)
+    try:
+        spec = CompareSpec.model_validate(read_yaml(path))
+    except ValidationError as e:
+        errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise MoeTuneError(explain_error(errors[0], str(path), CompareSpec)) from None
+    spec._cli = list(cli_overrides or [])
+    return spec
+
+
+def run_overrides(spec: CompareSpec, variant: str, seed: int) -> list[str]:
+    run_dir = Path(spec.output_dir) / variant / f"seed-{seed}"
+    return (_as_overrides(spec.overrides) + _as_overrides(spec.variants[variant]) + spec._cli
+            + [f"output_dir={run_dir}", f"seed={seed}"])
+
+
+def check_spec(spec: CompareSpec) -> None:
+    """Every variant's recipe validates before the first run starts."""
+    for variant in spec.variants:
+        try:
+            load_recipe(spec.base, run_overrides(spec, variant, spec.seeds[0]))
+        except MoeTuneError as e:
+            raise MoeTuneError(f"variant '{variant}': {e}") from None
+
+
+def _train(overrides: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident memory in GB) of one ``moe-tune train`` process."""
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "moe_tune.cli", "train", *overrides, "--overwrite"])
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise MoeTuneError(f"a run failed (exit {proc.returncode}): moe-tune train {' '.join(overrides)}")
+    return time.time() - start, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+def _last(metrics: list[dict], key: str) -> float | None:
+    values = [m[key] for m in metrics if key in m]
+    return values[-1] if values else None
+
+
+def measure(run_dir: Path, wall_s: float, peak_gb: float, trainable: int) -> dict:
+    """One finished run's numbers, from its files."""
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    out = {"wall_s": wall_s, "peak_mem_gb": peak_gb, "trainable_params": trainable,
+           # the last logged training loss, or the run's mean when no step was logged
+           "train_loss": _last(metrics, "loss") or _last(metrics, "train_loss"),
+           "valid_loss": _last(metrics, "eval_loss")}
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    data_file, entry = next(iter(report.items()))
+    tuned = entry["results"]["tuned"]
+    groups = tuned.get("per_group", {})
+    scored = groups.get("new_phrasing", tuned["overall"])
+    out.update(heldout_exact_match=scored["exact_match"], heldout_loss=scored["loss"])
+    out["gap"] = out["heldout_loss"] - out["train_loss"] if out["train_loss"] is not None else None
+    routing = entry["routing"].get("tuned", {}).get("mean_over_layers", {})
+    out.update(routing_drift=routing.get("js_from_base"), imbalance_cv=routing.get("cv"))
+    if "retention" in entry:
+        out["retention_loss"] = entry["retention"]["tuned"]["loss"]
+    out["curve"] = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    out["eval_curve"] = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    return out
+
+
+COLUMNS = ("heldout_exact_match", "heldout_loss", "train_loss", "gap", "retention_loss", "trainable_params",
+           "wall_s", "peak_mem_gb", "routing_drift", "imbalance_cv")
+
+
+def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """variant -> column -> (mean, std over seeds); std is 0 for a single seed."""
+    table = {}
+    for variant, measured in runs.items():
+        row = {}
+        for col in COLUMNS:
+            values = [m[col] for m in measured if m.get(col) is not None]
+            if values:
+                row[col] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        table[variant] = row
+    return table
+
+
+def write_outputs(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
+    with open(out / "comparison.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "seeds"] + [f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")])
+        for variant, row in table.items():
+            writer.writerow([variant, len(runs[variant])]
+                            + [v for c in COLUMNS for v in row.get(c, ("", ""))])
+    fmt = {"heldout_exact_match": "{:.1%}", "trainable_params": "{:,.0f}", "wall_s": "{:.0f}"}
+    lines = ["| variant | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    for variant, row in table.items():
+        cells = []
+        for col in COLUMNS:
+            if col not in row:
+                cells.append("-")
+                continue
+            mean, std = row[col]
+            f = fmt.get(col, "{:.3f}")
+            cells.append(f"{f.format(mean)} ± {f.format(std)}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    _plots(out, table, runs)
+
+
+def _plots(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for variant, row in table.items():
+        if "trainable_params" in row and "heldout_exact_match" in row:
+            (x, _), (y, err) = row["trainable_params"], row["heldout_exact_match"]
+            ax.errorbar(max(x, 1), y, yerr=err, fmt="o", capsize=3, label=variant)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("held-out exact match")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "score_vs_trainable.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (variant, measured) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        first = measured[0]
+        ax.plot(*zip(*first["curve"]), color=color, label=f"{variant} train") if first["curve"] else None
+        if first["eval_curve"]:
+            ax.plot(*zip(*first["eval_curve"]), color=color, linestyle="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (train solid, validation dashed; first seed)")
+    ax.set_yscale("log")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
+    drift = {v: row["routing_drift"] for v, row in table.items() if "routing_drift" in row}
+    if drift:
+        fig, ax = plt.subplots(figsize=(5.5, 3.2))
+        ax.bar(list(drift), [m for m, _ in drift.values()], yerr=[s for _, s in drift.values()], capsize=3)
+        ax.set_ylabel("routing drift (JS of expert load)")
+        ax.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        fig.savefig(out / "routing_drift.png", dpi=110)
+        plt.close(fig)
+
+
+def run_comparison(spec: CompareSpec) -> Path:
+    from moe_tune.train import preview_plan  # noqa: PLC0415
+
+    check_spec(spec)
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {}
+    for variant in spec.variants:
+        trainable = preview_plan(load_recipe(spec.base, run_overrides(spec, variant, spec.seeds[0])))[
+            "trainable_params"]
+        for seed in spec.seeds:
+            run_dir = out / variant / f"seed-{seed}"
+            done = run_dir / DONE_FILE
+            if done.is_file():
+                print(f"{variant} seed {seed}: finished before, skipped")
+                runs.setdefault(variant, []).append(json.loads(done.read_text()))
+                continue
+            print(f"{variant} seed {seed}: training")
+            wall, peak = _train([spec.base, *run_overrides(spec, variant, seed)])
+            measured = measure(run_dir, wall, peak, trainable)
+            done.write_text(json.dumps(measured))
+            runs.setdefault(variant, []).append(measured)
+    write_outputs(out, aggregate(runs), runs)
+    print((out / "comparison.md").read_text())
+    return out
