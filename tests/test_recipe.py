@@ -8,7 +8,8 @@ from moe_tune.errors import MoeTuneError
 from moe_tune.recipe import Recipe, dump_recipe, load_recipe, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
+SPECS = sorted((ROOT / "recipes" / "compare").glob("*.yaml"))  # comparison specs, not recipes
+SHIPPED = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p not in SPECS)
 
 MINIMAL = """
 output_dir: runs/x
@@ -151,3 +152,12 @@ def test_yaml_12_scalars(tmp_path):
                                                "eval.compare_base=false", "sft.bf16=true"])
     assert r.sft["eval_strategy"] == "no" and r.sft["learning_rate"] == 1e-3
     assert r.eval.compare_base is False and r.sft["bf16"] is True
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_comparison_spec_validates(path):
+    from moe_tune.compare import check_spec, load_spec
+
+    spec = load_spec(path)
+    check_spec(spec)  # every variant's recipe
+    assert len(spec.seeds) == 3 and "moe-tune compare" in path.read_text().split("\n\n")[0]
