@@ -230,6 +230,15 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
     return layers
 
 
+def param_owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
+    """Parameter name -> (name of the module holding it, that module, attribute name)."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        for attr, _ in module.named_parameters(recurse=False):
+            out[f"{mod_name}.{attr}" if mod_name else attr] = (mod_name, module, attr)
+    return out
+
+
 def _classify(model: nn.Module, layers: list[MoeLayer]) -> dict[str, str]:
     parts: dict[str, str] = {}
     for layer in layers:
@@ -246,14 +255,11 @@ def _classify(model: nn.Module, layers: list[MoeLayer]) -> dict[str, str]:
                 parts.setdefault(f"{mod_name}.{n}", "shared_experts")
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    by_module = {}
-    for mod_name, module in model.named_modules():
-        for n, _ in module.named_parameters(recurse=False):
-            by_module[f"{mod_name}.{n}" if mod_name else n] = (mod_name, module)
+    owners = param_owners(model)
     for name, _ in model.named_parameters():
         if name in parts:
             continue
-        mod_name, module = by_module[name]
+        mod_name, module, _ = owners[name]
         if module is embed:
             parts[name] = "embeddings"
         elif module is head:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from moe_tune.arch import PARTS, MoeArch
+from moe_tune.arch import PARTS, MoeArch, param_owners
 from moe_tune.errors import MoeTuneError
 
 _EVERYTHING = dict.fromkeys(PARTS, "train")
@@ -54,15 +54,6 @@ def resolve_modes(preset: str, overrides: dict[str, str | None]) -> dict[str, st
     return modes
 
 
-def _owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
-    """Parameter name -> (module name, module, attribute name)."""
-    out = {}
-    for mod_name, module in model.named_modules():
-        for attr, _ in module.named_parameters(recurse=False):
-            out[f"{mod_name}.{attr}" if mod_name else attr] = (mod_name, module, attr)
-    return out
-
-
 def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized: bool = False) -> Plan:
     if modes.get("norms") == "lora":
         raise MoeTuneError("trainable.norms: norms have no LoRA form; use train or freeze")
@@ -71,7 +62,7 @@ def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized:
                            "that the model reads outside their module, where PEFT's wrapper never sees "
                            "them); use train or freeze")
     fused = {n for layer in arch.layers for n in (*layer.expert_params, layer.router_weight)}
-    owners = _owners(model)
+    owners = param_owners(model)
     plan = Plan(modes=modes)
     if quantized:
         from moe_tune.accounting import quantized_weights  # noqa: PLC0415
