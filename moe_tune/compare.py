@@ -90,9 +90,13 @@ def _last(metrics: list[dict], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def measure(run_dir: Path, wall_s: float, peak_gb: float, trainable: int) -> dict:
+def measure(run_dir: Path, wall_s: float, peak_gb: float) -> dict:
     """One finished run's numbers, from its files."""
+    from moe_tune.train import PLAN_FILE  # noqa: PLC0415
+
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # counted by the run itself, after any expert selection
+    trainable = json.loads((run_dir / PLAN_FILE).read_text())["trainable_params"]
     out = {"wall_s": wall_s, "peak_mem_gb": peak_gb, "trainable_params": trainable,
            # the last logged training loss, or the run's mean when no step was logged
            "train_loss": _last(metrics, "loss") or _last(metrics, "train_loss"),
@@ -200,15 +204,11 @@ def _plots(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
 
 
 def run_comparison(spec: CompareSpec) -> Path:
-    from moe_tune.train import preview_plan  # noqa: PLC0415
-
     check_spec(spec)
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}
     for variant in spec.variants:
-        trainable = preview_plan(load_recipe(spec.base, run_overrides(spec, variant, spec.seeds[0])))[
-            "trainable_params"]
         for seed in spec.seeds:
             run_dir = out / variant / f"seed-{seed}"
             done = run_dir / DONE_FILE
@@ -218,7 +218,7 @@ def run_comparison(spec: CompareSpec) -> Path:
                 continue
             print(f"{variant} seed {seed}: training")
             wall, peak = _train([spec.base, *run_overrides(spec, variant, seed)])
-            measured = measure(run_dir, wall, peak, trainable)
+            measured = measure(run_dir, wall, peak)
             done.write_text(json.dumps(measured))
             runs.setdefault(variant, []).append(measured)
     write_outputs(out, aggregate(runs), runs)

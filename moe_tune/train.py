@@ -41,6 +41,7 @@ from moe_tune.trainable import apply_plan, format_plan, make_plan, plan_report, 
 
 RECIPE_FILE = "recipe.yaml"
 SELECTION_FILE = "expert_selection.json"
+PLAN_FILE = "plan.json"  # what trained, counted after expert selection: compare reads it
 MODEL_DIR = "model"
 
 # Where the recipe leaves them unset. TRL's own defaults (bf16 autocast, gradient checkpointing)
@@ -204,7 +205,10 @@ def apply_trainable(recipe: Recipe, model, tokenizer, run: Path | None = None):
         print("selected experts: " + "; ".join(f"{b}: {e}" for b, e in selection.items()))
     # counted on a weightless copy: quantized layers store packed weights with fewer elements
     meta = build_meta_model(model.config)
-    print(format_plan(plan_report(meta, describe(meta), plan, recipe, selection)))
+    report = plan_report(meta, describe(meta), plan, recipe, selection)
+    print(format_plan(report))
+    if run is not None:
+        write_json(run / PLAN_FILE, report)
     model = apply_plan(model, plan, arch, recipe.lora)
     if selection is not None:
         restrict = restrict_full if plan.modes["routed_experts"] == "train" else restrict_lora

@@ -93,6 +93,14 @@ def test_esft_leaves_unselected_experts_bit_identical(tmp_path, mode):
     model = apply_trainable(recipe, model, tokenizer, tmp_path)
     build_trainer(recipe, tmp_path, model, tokenizer).train()
     selection = json.loads((tmp_path / "expert_selection.json").read_text())["selected"]
+    # the run's plan.json (what compare reports) counts only the selected experts' share
+    counted = json.loads((tmp_path / "plan.json").read_text())["parts"]
+    experts = next(r for r in counted if r["part"] == "routed_experts")
+    if mode == "train":
+        sizes = {n: p[0].numel() for n, p in before.items()}  # one expert's slice
+        assert experts["trainable"] == sum(sizes[n] for n, _, chosen in unselected_slices(arch, selection)
+                                           if chosen)
+    assert 0 < experts["trainable"] < experts["params"]
     if mode == "lora":
         model = model.merge_and_unload()  # effective weights: base + each expert's LoRA update
     after = dict(model.named_parameters())
