@@ -40,6 +40,57 @@ def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int
     return weights + trained_full * 3 * dtype_bytes + lora * ADAPTER_BYTES
 
 
+def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
+                           checkpointing: bool) -> float:
+    """Bytes autograd keeps for the backward of one micro-batch of ``tokens`` tokens.
+
+    Fitted to torch's saved-tensor hooks on Mixtral-style models (sdpa attention, moe_tune's
+    experts kernel; fp32 and bf16 autocast; hidden 256-512, intermediate 768-1536, top-1 to 4,
+    vocabulary 1.5k-8k; within 3%): per decoder layer and token, ``H (26 + 2a)`` for attention,
+    norms and residuals, plus ``3a H + 4a I`` per expert the token visits (k routed, plus shared
+    experts and dense MLPs), where ``a`` is the activations' byte size and ``I`` an expert's
+    intermediate size (its parameters / 3H); then ``10 H + 4 V`` for the final norm and fp32
+    logits. Autocast adds a bf16 copy of every matmul weight. With activation checkpointing
+    each layer keeps only its fp32 input and one layer is recomputed at a time.
+    """
+    per_token, per_layer_copies, layers, head = _activation_terms(model, arch, tokens, act_bytes, autocast)
+    if checkpointing:
+        return tokens * (layers * 4 * model.config.get_text_config().hidden_size + per_token / layers) \
+            + per_layer_copies + head
+    return tokens * per_token + per_layer_copies * layers + head
+
+
+def activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
+                     checkpointing: bool) -> float:
+    """The activation part of the peak: what is saved for backward, plus the gradients of one
+    layer's activations, which backward holds while it works through that layer."""
+    per_token, _, layers, _ = _activation_terms(model, arch, tokens, act_bytes, autocast)
+    return saved_activation_bytes(model, arch, tokens, act_bytes, autocast, checkpointing) \
+        + tokens * per_token / layers
+
+
+def _activation_terms(model, arch, tokens, act_bytes, autocast):
+    """(bytes per token over all layers, autocast weight copies per layer, layers, head bytes)."""
+    config = text_config(model.config)
+    sizes = _numel(model)
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    a = act_bytes
+    # sum over layers of (experts a token visits) and of (their intermediate sizes)
+    visits = sum(layer.top_k for layer in arch.layers)
+    width = sum(sum(sizes[n] for n in layer.expert_params) / layer.num_experts * layer.top_k
+                for layer in arch.layers) / (3 * hidden)
+    for part in ("shared_experts", "dense_mlp"):
+        params = sum(sizes[n] for n in arch.params_in(part) if len(model.get_parameter(n).shape) > 1)
+        width += params / (3 * hidden)
+        visits += layers - len(arch.layers) if part == "dense_mlp" else len(arch.layers) if params else 0
+    per_token = layers * hidden * (26 + 2 * a) + visits * 3 * a * hidden + 4 * a * width
+    matmul = sum(sizes[n] for n, part in arch.parts.items()
+                 if part in ("attention", "routed_experts", "shared_experts", "dense_mlp")
+                 and len(model.get_parameter(n).shape) > 1)
+    copies = 2 * matmul / layers if autocast else 0
+    return per_token, copies, layers, tokens * (10 * hidden + 4 * vocab)
+
+
 def _numel(model: nn.Module) -> dict[str, int]:
     return {name: p.numel() for name, p in model.named_parameters()}
 

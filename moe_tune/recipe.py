@@ -35,6 +35,11 @@ class ModelSection(Section):
     routed experts, routers and embeddings are not nn.Linear and stay in ``dtype``."""
     load_in_8bit: bool = False
     """bitsandbytes LLM.int8 for nn.Linear layers (same reach as 4-bit)."""
+    experts_implementation: Literal["moe_tune", "grouped_mm", "batched_mm", "eager"] = "moe_tune"
+    """How fused routed experts compute in training. moe_tune: per-expert matmuls that bf16
+    autocast reaches on a CPU (transformers' grouped kernel on CUDA) and LoRA applied to the
+    grouped inputs instead of rebuilding each expert's weight (moe_tune/fast_experts.py); the
+    others are transformers' own kernels."""
 
     @model_validator(mode="after")
     def _one_quantization(self):

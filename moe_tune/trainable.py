@@ -232,9 +232,11 @@ def plan_warnings(arch: MoeArch, plan: Plan, preset: str, rows: list[dict],
 
 
 def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
-                selection: dict[str, list[int]] | None = None) -> dict:
-    """What ``moe-tune plan --json`` prints and ``moe-tune train`` shows before it starts."""
-    from moe_tune.accounting import DTYPE_BYTES, plan_memory_bytes, quantized_weights  # noqa: PLC0415
+                selection: dict[str, list[int]] | None = None, sft_args=None) -> dict:
+    """What ``moe-tune plan --json`` prints and ``moe-tune train`` shows before it starts.
+    With the run's SFTConfig, activations for one micro-batch are estimated too."""
+    from moe_tune.accounting import (DTYPE_BYTES, activation_bytes, plan_memory_bytes,  # noqa: PLC0415
+                                     quantized_weights)
 
     rows = part_rows(model, arch, plan, recipe.lora, selection)
     total = sum(r["params"] for r in rows)
@@ -243,18 +245,28 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
     dtype = recipe.model.dtype if recipe.model.dtype in DTYPE_BYTES else "bfloat16"
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     quantized = sum(sizes.get(n, 0) for n in quantized_weights(model)) if recipe.model.bits else 0
-    return {
+    state = plan_memory_bytes(total, full, lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits)
+    report = {
         "parts": rows,
         "total_params": total,
         "trainable_params": full + lora,
         "trainable_pct": 100 * (full + lora) / total,
         "lora_tensors": len(plan.lora_targets),
         "expert_selection": selection,
-        "memory_gb": round(plan_memory_bytes(total, full, lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits)
-                           / 1e9, 3),
+        "memory_gb": round(state / 1e9, 3),
         "memory_dtype": dtype,
         "warnings": plan_warnings(arch, plan, recipe.trainable.preset, rows, selection),
     }
+    if sft_args is not None:
+        autocast = bool(sft_args.bf16 or sft_args.fp16) and DTYPE_BYTES[dtype] == 4
+        tokens = sft_args.per_device_train_batch_size * (sft_args.max_length or 1024)
+        acts = activation_bytes(model, arch, tokens, 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4, autocast,
+                                bool(sft_args.gradient_checkpointing))
+        report.update(activation_gb=round(acts / 1e9, 3), peak_gb=round((state + acts) / 1e9, 3),
+                      activation_basis=f"{tokens} tokens per micro-batch, "
+                                       f"{'bf16 autocast' if autocast else dtype}, "
+                                       f"checkpointing {'on' if sft_args.gradient_checkpointing else 'off'}")
+    return report
 
 
 def format_plan(report: dict) -> str:
@@ -268,7 +280,10 @@ def format_plan(report: dict) -> str:
     if report["lora_tensors"]:
         lines.append(f"LoRA coverage: all {report['lora_tensors']} planned tensors carry an adapter")
     lines.append(f"memory estimate: {report['memory_gb']:.3f} GB ({report['memory_dtype']} weights, gradients, "
-                 "AdamW states; activations not included)")
+                 "AdamW states)")
+    if "peak_gb" in report:
+        lines.append(f"  + activations {report['activation_gb']:.3f} GB ({report['activation_basis']}) "
+                     f"= peak {report['peak_gb']:.3f} GB")
     if report.get("selection_note"):
         lines.append(report["selection_note"])
     lines += [f"warning: {w}" for w in report["warnings"]]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from moe_tune.accounting import active_params, lora_params, memory_bytes, summary
 from moe_tune.arch import describe
@@ -97,3 +98,31 @@ def test_lora_param_count_matches_peft():
     expected += sum(lora_params(shapes[n + ".weight"], rank=4) for n in attention)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=attention, target_parameters=experts))
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == expected
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_saved_activation_estimate_matches_autograd(autocast):
+    """The activation term of `plan` against what autograd actually saves for backward."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from moe_tune import fast_experts
+    from moe_tune.accounting import saved_activation_bytes
+
+    config = MixtralConfig(vocab_size=1536, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+                           num_attention_heads=8, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(config)
+    fast_experts.use_fast_experts(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 1536, (2, 512))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(input_ids=ids, labels=ids)
+    saved = sum(n for ptr, n in storages.items() if ptr not in params)
+    estimate = saved_activation_bytes(model, describe(model), 1024, 2 if autocast else 4, autocast, False)
+    assert estimate == pytest.approx(saved, rel=0.05)

@@ -1,0 +1,181 @@
+"""A faster routed-experts forward for training, plugged into transformers' experts interface.
+
+transformers 5 runs fused experts (``gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I)) through
+``F.grouped_mm``. For fine-tuning with LoRA on the experts that is slow: PEFT's LoRA on a fused
+expert parameter rebuilds ``W + s * B @ A`` for every expert on every forward, and the backward
+then computes the full (E, out, in) weight gradient only to project it onto the LoRA factors.
+
+``experts_forward`` sorts the (token, expert) pairs by expert and applies LoRA to the grouped
+inputs, ``y += s * B_e (A_e x)``: no weight delta is built, and a frozen base weight gets no
+gradient. On a CPU each expert's MLP runs as plain matmuls on its slice of tokens (which
+autocast also reaches, unlike ``grouped_mm``); on CUDA it uses transformers' grouped kernel.
+PEFT keeps owning the LoRA factors (saving, loading and merging for export are PEFT's); see
+``route_lora_through``. Numerics equal transformers' and PEFT's (tests/test_fast_experts.py).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+NAME = "moe_tune"  # the name registered in transformers' ExpertsInterface
+LORA_ATTR = "_moe_tune_lora"  # on an experts module: {parameter name: PEFT ParamWrapper}
+
+
+def register() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: PLC0415
+
+    if NAME not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(NAME, experts_forward)
+
+
+def use_fast_experts(model: nn.Module) -> bool:
+    """Switch every fused-experts module of ``model`` to ``experts_forward``; False when the
+    model's experts do not go through transformers' experts interface (nothing changes)."""
+    if not getattr(model, "_can_set_experts_implementation", lambda: False)():
+        return False
+    register()
+    model.set_experts_implementation(NAME)
+    return True
+
+
+def _lora_factors(wrapper) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(A (E, r, in), B (E, out, r), scaling) of a PEFT ParamWrapper's one active adapter, or
+    None when it contributes nothing here (adapters disabled, merged into the weight, or not
+    exactly one active adapter: then PEFT's own forward handles it)."""
+    active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+    if wrapper.disable_adapters or wrapper.merged or len(active) != 1:
+        return None
+    name, experts = active[0], wrapper.num_experts
+    a = wrapper.lora_A[name].weight  # (r*E, in): rows grouped by expert, r per expert
+    b = wrapper.lora_B[name].weight  # (out, r*E): columns interleaved, expert index fastest
+    a = a.view(experts, -1, a.shape[-1])  # (E, r, in)
+    b = b.view(b.shape[0], -1, experts).permute(2, 0, 1).contiguous()  # (E, out, r), small
+    return a, b, wrapper.scaling[name]
+
+
+def _grouped(x: torch.Tensor) -> bool:
+    """One grouped kernel launch per projection on CUDA; on CPU a loop over experts of plain
+    matmuls, which autocast runs in bf16 and whose weight gradients are plain matmuls too."""
+    return x.device.type == "cuda"
+
+
+class _Projection:
+    """One fused expert parameter (E, out, in), or (E, in, out) when transposed, with its bias
+    (E, out) and LoRA factors, split per expert for the CPU loop."""
+
+    def __init__(self, experts: nn.Module, name: str):
+        self.weight = getattr(experts, name)
+        self.bias = getattr(experts, f"{name}_bias", None) if experts.has_bias else None
+        self.transposed = experts.is_transposed
+        wrappers = getattr(experts, LORA_ATTR, {})
+        # PEFT's own path is running (it parametrizes the weight with its delta): add nothing here
+        parametrized = parametrize.is_parametrized(experts)
+        self.lora = None if parametrized or name not in wrappers else _lora_factors(wrappers[name])
+
+    def per_expert(self):
+        """[(weight (out, in), bias, (A (r, in), B (out, r)) or None)] per expert. unbind's
+        backward stacks the slices' gradients into one tensor, not E zero-filled ones."""
+        weights = [w.t() if self.transposed else w for w in self.weight.unbind(0)]
+        biases = self.bias.unbind(0) if self.bias is not None else [None] * len(weights)
+        factors = list(zip(self.lora[0].unbind(0), self.lora[1].unbind(0))) if self.lora else [None] * len(weights)
+        return list(zip(weights, biases, factors))
+
+    def apply(self, x: torch.Tensor, w, b, ab) -> torch.Tensor:
+        """x (n, in) -> (n, out); bf16 under autocast. LoRA on the input, no weight delta."""
+        y = F.linear(x, w, b)
+        if ab is not None:
+            y = y + F.linear(F.linear(x, ab[0]), ab[1]) * self.lora[2]  # (n, r) -> (n, out)
+        return y
+
+    def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return _project_grouped(x, self.weight, self.bias, self.lora, offsets, self.transposed)
+
+
+def _project_grouped(x, weight, bias, lora, offsets, transposed):
+    """The same with transformers' grouped kernel (CUDA): one launch per projection."""
+    from transformers.integrations.moe import _grouped_linear  # noqa: PLC0415
+
+    y = _grouped_linear(x, weight, offsets, is_transposed=transposed)
+    if lora is not None:
+        a, b, scaling = lora
+        y = y + _grouped_linear(_grouped_linear(x, a, offsets), b, offsets) * scaling
+    if bias is not None:
+        y = y + bias.repeat_interleave(torch.diff(offsets, prepend=offsets.new_zeros(1)).long(), dim=0)
+    return y
+
+
+def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """hidden_states (T, H), top_k_index and top_k_weights (T, k) -> (T, H)."""
+    if self._is_expert_parallel:  # expert parallelism pads with sentinel ids: transformers' kernel
+        from transformers.integrations.moe import grouped_mm_experts_forward  # noqa: PLC0415
+
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    tokens, k = top_k_index.shape
+    expert_ids = top_k_index.reshape(-1)  # (S,) S = T * k
+    order = torch.argsort(expert_ids, stable=True)  # (S,), grouped by expert
+    counts_t = torch.bincount(expert_ids, minlength=self.num_experts)  # (E,)
+    offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)  # (E,), for the grouped kernel
+    counts = counts_t.tolist()
+    x = hidden_states[order // k]  # (S, H)
+    up = _Projection(self, "gate_up_proj" if self.has_gate else "up_proj")
+    down = _Projection(self, "down_proj")
+    if _grouped(x):
+        h = self._apply_gate(up.grouped(x, offsets)) if self.has_gate else self.act_fn(up.grouped(x, offsets))
+        y = down.grouped(h, offsets)  # (S, H)
+    else:
+        # each expert's whole MLP in one step: the only concatenation is the (S, H) result
+        outs = []
+        for xe, u, d in zip(x.split(counts), up.per_expert(), down.per_expert()):
+            if xe.shape[0]:
+                h = up.apply(xe, *u)  # (n_e, 2I) or (n_e, I)
+                h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (n_e, I)
+                outs.append(down.apply(h, *d))  # (n_e, H)
+        y = torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])  # (S, H)
+    if self.has_post_expert_norm:
+        y = self.post_expert_norm(y)
+    y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)  # (S, H), routing weights
+    unsorted = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
+    # summed over the k slots in fp32, as transformers' kernels do
+    return unsorted.view(tokens, k, -1).float().sum(1).to(hidden_states.dtype)
+
+
+def route_lora_through(model: nn.Module) -> int:
+    """Point PEFT's LoRA on fused expert parameters at ``experts_forward``.
+
+    Each expert parameter LoRA targets gets a PEFT ``ParamWrapper`` (nested when several
+    parameters of one module are targeted). The experts module learns its wrappers; the
+    outermost wrapper's forward calls the experts module directly when every wrapper has one
+    plain active adapter, and falls back to PEFT's own forward otherwise (several adapters,
+    merged, disabled). Returns the number of experts modules rerouted."""
+    from peft.tuners.lora.layer import ParamWrapper  # noqa: PLC0415
+
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper)]
+    inner = {id(w.base_layer) for w in wrappers}
+    rerouted = 0
+    for outer in (w for w in wrappers if id(w) not in inner):
+        experts = outer.get_base_layer()
+        # PEFT also wraps plain Linear weights targeted as parameters: only fused experts reroute
+        if getattr(getattr(experts, "config", None), "_experts_implementation", None) != NAME:
+            continue
+        chain, layer = {}, outer
+        while isinstance(layer, ParamWrapper):
+            chain[layer.parameter_name] = layer
+            layer = layer.base_layer
+        setattr(experts, LORA_ATTR, chain)
+        outer.forward = types.MethodType(_rerouted_forward(outer.forward, experts, list(chain.values())), outer)
+        rerouted += 1
+    return rerouted
+
+
+def _rerouted_forward(peft_forward, experts, chain):
+    def forward(self, x, *args, **kwargs):
+        if "adapter_names" not in kwargs and all(_lora_factors(w) is not None for w in chain):
+            return experts(x, *args, **kwargs)
+        return peft_forward(x, *args, **kwargs)
+    return forward

@@ -1,0 +1,128 @@
+"""moe_tune's experts forward: the same numbers as transformers' kernel and as PEFT's LoRA."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moe_tune import fast_experts
+from moe_tune.arch import describe
+from moe_tune.recipe import LoraSection
+from moe_tune.trainable import apply_plan, make_plan, resolve_modes
+
+from families import tiny_config
+
+# mixtral: plain fused experts; gpt_oss: transposed, with biases and its own gate;
+# qwen2_moe: shared experts next to the routed ones; granitemoe: no fused gate_up name
+FAMILIES = ["mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3"]
+
+
+def tiny(model_type):
+    torch.manual_seed(0)
+    config = tiny_config(model_type)
+    model = AutoModelForCausalLM.from_config(config).float()
+    for p in model.parameters():  # beyond init scale, so that LoRA's contribution is visible
+        p.data.normal_(0, 0.05)
+    return model
+
+
+def batch(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.get_text_config().vocab_size, (2, 12), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def loss_and_grads(model, inputs):
+    model.zero_grad()
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+@pytest.fixture(params=[False, True], ids=["loop", "grouped"])
+def grouped(request, monkeypatch):
+    """Both expert paths on CPU: the per-expert loop (CPU) and the grouped kernel (CUDA)."""
+    monkeypatch.setattr(fast_experts, "_grouped", lambda x: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_full_training_matches_transformers(model_type, grouped):
+    model = tiny(model_type)
+    fast = copy.deepcopy(model)
+    assert fast_experts.use_fast_experts(fast)
+    inputs = batch(model)
+    ref_logits, ref_grads = loss_and_grads(model, inputs)
+    logits, grads = loss_and_grads(fast, inputs)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def lora_experts(model):
+    arch = describe(model)
+    plan = make_plan(model, arch, resolve_modes("lora_experts", {}))
+    return apply_plan(model, plan, arch, LoraSection(r=4, alpha=8))
+
+
+def randomize_lora(model):
+    g = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_" in name:  # PEFT starts B at zero: give both factors values
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_expert_lora_matches_peft(model_type, grouped):
+    peft_model = lora_experts(tiny(model_type))
+    randomize_lora(peft_model)
+    fast = copy.deepcopy(peft_model)
+    fast_experts.use_fast_experts(fast.get_base_model())
+    assert fast_experts.route_lora_through(fast) == len(describe(fast.get_base_model()).layers)
+    inputs = batch(peft_model)
+    ref_logits, ref_grads = loss_and_grads(peft_model, inputs)
+    logits, grads = loss_and_grads(fast, inputs)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys() and any("lora_" in n for n in grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_expert_lora_off_merged_and_disabled():
+    peft_model = lora_experts(tiny("mixtral"))
+    randomize_lora(peft_model)
+    base = tiny("mixtral")  # the same seed: the same weights
+    fast_experts.use_fast_experts(base)
+    fast_experts.use_fast_experts(peft_model.get_base_model())
+    fast_experts.route_lora_through(peft_model)
+    inputs = batch(peft_model)
+    with torch.no_grad():
+        tuned = peft_model(**inputs).logits
+        with peft_model.disable_adapter():  # the base model's output, LoRA added nowhere
+            off = peft_model(**inputs).logits
+        plain = base(**inputs).logits
+        merged = peft_model.merge_and_unload()(**inputs).logits  # LoRA inside the weight, not added twice
+    torch.testing.assert_close(off, plain)
+    torch.testing.assert_close(merged, tuned, atol=1e-5, rtol=1e-4)
+    assert (tuned - plain).abs().max() > 10 * (merged - tuned).abs().max()  # LoRA did change the output
+
+
+def test_bf16_autocast_runs_expert_matmuls_in_bf16(monkeypatch):
+    """transformers' grouped kernel stays fp32 under CPU autocast; this path does not."""
+    model = tiny("mixtral")
+    fast_experts.use_fast_experts(model)
+    dtypes, apply = [], fast_experts._Projection.apply
+
+    def spy(self, *args):
+        out = apply(self, *args)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(fast_experts._Projection, "apply", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batch(model))
+    # two projections per expert that received tokens, in every layer
+    assert len(dtypes) >= 2 * len(describe(model).layers) and set(dtypes) == {torch.bfloat16}
