@@ -1,0 +1,89 @@
+"""Multi-process training: 2 processes (gloo, CPU) under torchrun against 1 process with the same
+global batch, and the shipped launch configs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_tune.distributed import register_moe_leaf_modules
+
+from conftest import ROOT, SHIPPED_MODEL
+
+COMMON = [str(ROOT / "recipes" / "quickstart.yaml"), "sft.max_steps=8", "sft.logging_steps=1",
+          "sft.warmup_steps=0", "sft.eval_strategy=no", "data.valid=null", "data.max_train_rows=512",
+          "eval.max_rows=8", "eval.compare_base=false", "eval.retention_file=null"]
+
+
+def losses(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def train(cmd, batch, tmp_path, name):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([*cmd, *COMMON, f"sft.per_device_train_batch_size={batch}", f"output_dir={tmp_path / name}"],
+                         capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp_path / name, out
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    one, _ = train([sys.executable, "-m", "moe_tune.cli", "train"], 16, tmp_path, "one")
+    two, out = train([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                      "-m", "moe_tune.cli", "train"], 8, tmp_path, "two")
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        # the same rows per step, loss normalised by the global token count: equal up to float order
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=2e-3), step
+        # router terms are per-rank means, averaged by DDP: not multiplied by the world size
+        assert b[step]["aux_loss"] == pytest.approx(a[step]["aux_loss"], rel=0.1), step
+    # rank 0 alone wrote the run files and evaluated; the saved model loads and matches
+    assert out.stdout.count("run folder:") == 1
+    assert (two / "model" / "model.safetensors").is_file() and not (two / "model.tmp").exists()
+    assert (two / "eval" / "report.json").is_file()
+    # the saved model loads and scores like the single-process one (parameters are not compared
+    # one by one: Adam turns float-order differences in near-zero gradients into lr-sized steps)
+    from moe_tune.train import load_run_model
+
+    load_run_model(two, "float32")
+    scores = [json.loads((r / "eval" / "report.json").read_text()) for r in (one, two)]
+    name = next(iter(scores[0]))
+    a_loss, b_loss = (s[name]["results"]["tuned"]["overall"]["loss"] for s in scores)
+    assert b_loss == pytest.approx(a_loss, rel=0.02)
+
+
+def test_zero3_leaf_modules_only_under_zero3(monkeypatch):
+    from moe_tune.arch import describe
+    from moe_tune.loading import load_model
+
+    model, _ = load_model(str(SHIPPED_MODEL))
+    assert register_moe_leaf_modules(model, describe(model)) == []  # no ZeRO-3: nothing to do
+
+
+CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+
+
+def test_launch_configs_parse_and_name_existing_options():
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    options = {o for action in launch_command_parser()._actions for o in action.option_strings}
+    assert {c.stem for c in CONFIGS} == {"ddp", "fsdp2", "zero3"}
+    for path in CONFIGS:
+        config = ClusterConfig.from_yaml_file(path)  # unknown top-level keys raise
+        for section in (config.fsdp_config, config.deepspeed_config):
+            for key in section or {}:  # nested keys become `accelerate launch --KEY` options
+                assert f"--{key}" in options, f"{path.name}: {key}"
+        header = path.read_text().split("\n\n")[0]
+        assert "accelerate launch --config_file recipes/accelerate/" + path.name in header
+        assert "--num_machines 2" in header  # the several-node command too
+    fsdp = ClusterConfig.from_yaml_file(ROOT / "recipes" / "accelerate" / "fsdp2.yaml").fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert ClusterConfig.from_yaml_file(ROOT / "recipes" / "accelerate" / "zero3.yaml").deepspeed_config[
+        "zero_stage"] == 3
