@@ -14,10 +14,21 @@ from moe_tune.errors import MoeTuneError
 def cmd_train(args) -> None:
     from moe_tune.recipe import load_recipe  # noqa: PLC0415  (heavy imports only once the recipe is valid)
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    from moe_tune.train import RECIPE_FILE  # noqa: PLC0415
+
+    target = Path(args.recipe)
+    if target.is_dir():  # a run folder: its own recipe.yaml, to resume
+        if not (target / RECIPE_FILE).is_file():
+            raise MoeTuneError(f"{target}: a folder without {RECIPE_FILE}; give a recipe file or a moe-tune run folder")
+        if not args.resume:
+            raise MoeTuneError(f"{target}: a run folder; add --resume to continue it, or give a recipe file")
+        target = target / RECIPE_FILE
+    recipe = load_recipe(target, args.overrides)
+    if args.resume and args.overwrite:
+        raise MoeTuneError("--resume and --overwrite: choose one (continue the run, or start it again)")
     from moe_tune.train import run_training  # noqa: PLC0415
 
-    run_training(recipe, overwrite=args.overwrite)
+    run_training(recipe, overwrite=args.overwrite, resume=args.resume)
 
 
 def cmd_compare(args) -> None:
@@ -64,32 +75,12 @@ def cmd_select_experts(args) -> None:
     print(f"written to {out}; use it with trainable.expert_selection.file={out}")
 
 
-def _load_for_eval(target: Path, dtype: str, adapter: str | None = None):
-    """(model, tokenizer, base path or None) of a run folder (full weights, or base + adapter),
-    a model folder with ``adapter``, or a plain model folder."""
-    from moe_tune.loading import load_adapter_model, load_model  # noqa: PLC0415
-    from moe_tune.recipe import load_recipe  # noqa: PLC0415
-    from moe_tune.train import MODEL_DIR, RECIPE_FILE  # noqa: PLC0415
-
-    if adapter:
-        return (*load_adapter_model(str(target), Path(adapter), dtype), str(target))
-    if not (target / RECIPE_FILE).is_file():
-        return (*load_model(str(target), dtype), None)
-    saved = target / MODEL_DIR
-    if not saved.is_dir():
-        raise MoeTuneError(f"{target}: this run has no saved model yet (did training finish?)")
-    base_path = load_recipe(target / RECIPE_FILE).model.path
-    if (saved / "adapter_config.json").is_file():
-        return (*load_adapter_model(base_path, saved, dtype), base_path)
-    return (*load_model(str(saved), dtype), base_path)
-
-
 def cmd_eval(args) -> None:
     from moe_tune.data import read_chat_rows  # noqa: PLC0415
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import EvalSection  # noqa: PLC0415
     from moe_tune.report import evaluate_and_report  # noqa: PLC0415
-    from moe_tune.train import RECIPE_FILE  # noqa: PLC0415
+    from moe_tune.train import RECIPE_FILE, load_run_model  # noqa: PLC0415
 
     target = Path(args.model)
     is_run = (target / RECIPE_FILE).is_file()
@@ -99,7 +90,7 @@ def cmd_eval(args) -> None:
         raise MoeTuneError(f"{args.retention}: --retention file not found")
     if args.adapter and is_run:
         raise MoeTuneError(f"{target}: a run folder already knows its adapter; drop --adapter")
-    model, tokenizer, base_path = _load_for_eval(target, args.dtype, args.adapter)
+    model, tokenizer, base_path = load_run_model(target, args.dtype, args.adapter)
     base = load_model(base_path, args.dtype)[0] if base_path and not args.no_base else None
     default_out = target / "eval" if is_run else Path("eval") / (Path(args.adapter).name if args.adapter else target.name)
     cfg = EvalSection(files=args.data, max_rows=args.max_rows, batch_size=args.batch_size,
@@ -114,7 +105,7 @@ def cmd_export(args) -> None:
     from moe_tune.data import read_chat_rows  # noqa: PLC0415
     from moe_tune.export import merge_and_check, write_checkpoint  # noqa: PLC0415
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
-    from moe_tune.train import RECIPE_FILE  # noqa: PLC0415
+    from moe_tune.train import RECIPE_FILE, load_run_model  # noqa: PLC0415
 
     run = Path(args.run)
     if not (run / RECIPE_FILE).is_file():
@@ -122,7 +113,7 @@ def cmd_export(args) -> None:
     recipe = load_recipe(run / RECIPE_FILE)
     sample = (recipe.eval.files or [recipe.data.valid or recipe.data.train])[0]
     rows = read_chat_rows(sample, args.check_rows)
-    model, tokenizer, _ = _load_for_eval(run, recipe.model.dtype)
+    model, tokenizer, _ = load_run_model(run, recipe.model.dtype)
     merged = merge_and_check(model, tokenizer, rows)
     out = write_checkpoint(merged, tokenizer, Path(args.merged), args.overwrite)
     print(f"merged and checked on {len(rows)} rows of {sample}: same logits and routing; written to {out}")
@@ -147,15 +138,24 @@ def cmd_inspect(args) -> None:
     print(json.dumps(result, indent=2) if args.json else format_summary(result))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like every other error (``--help`` has the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-tune", description="Instruction-tune pretrained MoE models.")
+    parser = _Parser(prog="moe-tune", description="Instruction-tune pretrained MoE models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune a model as a recipe says")
-    train.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml")
+    train.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml, or a run folder with --resume")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_steps=3 output_dir=/tmp/x")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the unfinished run in output_dir from its last complete checkpoint")
     train.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="held-out scores and routing analytics of a run, a model, or a model + adapter")
@@ -224,9 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     parser = build_parser()
     # overrides may come after options too: `train r.yaml --overwrite sft.max_steps=3`
-    args, extra = parser.parse_known_args(argv)
-    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else 2
     if extra:
         args.overrides += extra
     try:

@@ -151,7 +151,8 @@ def routing_summaries(rows: list[dict], tokenizer, models: dict[str, object], ba
     return {label: routing_stats.summarize(p, None if label == base_label else base) for label, p in profiles.items()}
 
 
-def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned") -> dict[str, dict]:
+def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned",
+                        final_dir: Path | None = None) -> dict[str, dict]:
     """Score ``tuned`` (and ``base`` on the same prompts) on every ``cfg.files`` file and on
     ``cfg.retention_file``, analyse routing, write JSON results, report.md/.json and plots.
     ``cfg`` is an EvalSection (files, max_rows, batch_size, max_new_tokens, retention_file)."""
@@ -175,5 +176,6 @@ def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: 
         for entry in report.values():
             entry["retention"] = retention
     if report:
-        print(f"report: {write_report(out_dir, report)}")
+        written = write_report(out_dir, report)
+        print(f"report: {(final_dir or out_dir) / written.name}")  # final_dir: where out_dir is renamed to
     return tables

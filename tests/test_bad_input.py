@@ -1,0 +1,162 @@
+"""Every bad input gets one line naming the file, key or row and what to do, and exit status 2;
+no traceback (unless --debug), and nothing is loaded or written first. One case per test."""
+
+import json
+
+import pytest
+
+from moe_tune.cli import main
+
+from conftest import ROOT, SHIPPED_MODEL
+
+QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
+TRAIN = ROOT / "data" / "train.jsonl"
+GOOD_ROW = TRAIN.read_text().splitlines()[0]
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Bad files, each next to what it breaks."""
+    def write(name, text, mode="w"):
+        path = tmp_path / name
+        path.write_bytes(text) if mode == "wb" else path.write_text(text)
+        return str(path)
+
+    def recipe(name, text):
+        return write(name, text)
+
+    base = QUICKSTART_TEXT = (ROOT / "recipes" / "quickstart.yaml").read_text()
+    row = json.loads(GOOD_ROW)
+    dense = tmp_path / "dense"
+    _dense_checkpoint(dense)
+    return {
+        "bad_yaml": recipe("bad.yaml", "model: {path: data/tiny-moe\ndata: [\n"),
+        "empty_recipe": recipe("empty.yaml", ""),
+        "list_recipe": recipe("list.yaml", "- model\n- data\n"),
+        "unknown_top": recipe("top.yaml", base + "\ntrainer: {steps: 3}\n"),
+        "no_model": recipe("nomodel.yaml", "output_dir: x\ndata: {train: data/train.jsonl}\n"),
+        "empty_data": write("empty.jsonl", ""),
+        "bad_json": write("badjson.jsonl", GOOD_ROW + "\n{\"messages\": [\n"),
+        "no_messages": write("nomsg.jsonl", json.dumps({"conversation": row["messages"]}) + "\n"),
+        "bad_role": write("role.jsonl", json.dumps({"messages": [{"role": "robot", "content": "hi"},
+                                                                 {"role": "assistant", "content": "x"}]}) + "\n"),
+        "no_answer": write("noanswer.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"),
+        "empty_content": write("emptycontent.jsonl", json.dumps({"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}) + "\n"),
+        "latin1": write("latin1.jsonl", ("{\"messages\": [{\"role\": \"user\", \"content\": \"caf\xe9\"}]}\n").encode(
+            "latin-1"), mode="wb"),
+        "alpaca_no_output": write("alpaca.jsonl", json.dumps({"instruction": "Say hi", "input": ""}) + "\n"),
+        "long_row": write("long.jsonl", json.dumps({"messages": [
+            {"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}) + "\n"),
+        "dense": str(dense),
+        "no_config": str(_folder(tmp_path / "noconfig")),
+        "file_output": write("afile", "not a folder"),
+        "foreign_output": str(_folder(tmp_path / "someone", "notes.txt")),
+        "selection_bad": write("sel.json", json.dumps({"selected": {"model.layers.0.mlp": [99]}})),
+        "out": str(tmp_path / "never-written"),
+        "spec_bad": write("spec.yaml", f"base: {QUICKSTART}\noutput_dir: x\nseeds: [1]\nvariants: {{a: {{sft.max_stepz: 3}}}}\n"),
+    }
+
+
+def _folder(path, file=None):
+    path.mkdir()
+    if file:
+        (path / file).write_text("mine")
+    return path
+
+
+def _dense_checkpoint(dest):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def train(files, *args):
+    return ["train", QUICKSTART, f"output_dir={files['out']}", *args]
+
+
+# (case, argv from the files fixture, what the one line must say)
+CASES = [
+    # recipe files
+    ("recipe_missing", lambda f: ["train", "no/such/recipe.yaml"], "no/such/recipe.yaml"),
+    ("recipe_bad_yaml", lambda f: ["train", f["bad_yaml"]], "bad.yaml"),
+    ("recipe_empty", lambda f: ["train", f["empty_recipe"]], "empty.yaml"),
+    ("recipe_not_a_mapping", lambda f: ["train", f["list_recipe"]], "list.yaml"),
+    ("recipe_unknown_section", lambda f: ["train", f["unknown_top"]], "unknown key 'trainer'"),
+    ("recipe_missing_section", lambda f: ["train", f["no_model"]], "model"),
+    ("recipe_unknown_nested_key", lambda f: train(f, "trainable.prest=full"), "trainable.prest"),
+    ("recipe_misspelt_key_suggests", lambda f: train(f, "sft.learning_rat=1e-4"), "learning_rate"),
+    ("recipe_wrong_type", lambda f: train(f, "sft.max_steps=many"), "sft.max_steps"),
+    ("recipe_bad_choice", lambda f: train(f, "model.dtype=float8"), "model.dtype"),
+    ("recipe_bad_preset", lambda f: train(f, "trainable.preset=everything"), "trainable.preset"),
+    ("recipe_two_quantizations", lambda f: train(f, "model.load_in_4bit=true", "model.load_in_8bit=true"),
+     "only one of load_in_4bit and load_in_8bit"),
+    ("recipe_sft_output_dir", lambda f: train(f, "sft.output_dir=/tmp/x"), "output_dir"),
+    ("recipe_two_checkpointing_names", lambda f: train(f, "sft.activation_checkpointing=false",
+                                                       "sft.gradient_checkpointing=true"), "set only one of"),
+    ("recipe_eval_without_valid", lambda f: train(f, "data.valid=null"), "data.valid"),
+    ("recipe_lora_dropout_on_fused_experts", lambda f: train(f, "trainable.preset=lora_experts", "lora.dropout=0.1"),
+     "lora.dropout"),
+    ("recipe_norms_in_lora", lambda f: train(f, "trainable.norms=lora"), "trainable.norms"),
+    ("recipe_router_terms_with_router_lora", lambda f: train(f, "trainable.router=lora", "router.z_loss_coef=0.001"),
+     "router"),
+    ("recipe_lora_target_absent", lambda f: train(f, "trainable.preset=freeze_experts", "trainable.shared_experts=lora"),
+     "shared_experts"),
+    ("recipe_bad_selection_file", lambda f: train(f, "trainable.preset=esft", f"trainable.expert_selection.file={f['selection_bad']}"),
+     "sel.json"),
+    # the command line
+    ("cli_unknown_command", lambda f: ["fly", QUICKSTART], "fly"),
+    ("cli_unknown_option", lambda f: train(f, "--fast"), "--fast"),
+    ("cli_override_without_value", lambda f: train(f, "sft.max_steps"), "sft.max_steps"),
+    ("cli_resume_and_overwrite", lambda f: train(f, "--resume", "--overwrite"), "--resume and --overwrite"),
+    ("cli_output_is_a_file", lambda f: train(f, f"output_dir={f['file_output']}"), "is a file"),
+    ("cli_output_not_a_run", lambda f: train(f, f"output_dir={f['foreign_output']}"), "not a moe-tune run"),
+    ("cli_compare_bad_variant", lambda f: ["compare", f["spec_bad"]], "variant 'a'"),
+    ("cli_eval_missing_data", lambda f: ["eval", str(SHIPPED_MODEL), "--data", "no/such.jsonl"], "no/such.jsonl"),
+    # data files
+    ("data_missing", lambda f: train(f, "data.train=no/such.jsonl"), "no/such.jsonl"),
+    ("data_empty", lambda f: train(f, f"data.train={f['empty_data']}"), "empty.jsonl"),
+    ("data_bad_json", lambda f: train(f, f"data.train={f['bad_json']}"), "badjson.jsonl"),
+    ("data_missing_field", lambda f: train(f, f"data.train={f['no_messages']}"), "nomsg.jsonl"),
+    ("data_unknown_role", lambda f: train(f, f"data.train={f['bad_role']}"), "role.jsonl"),
+    ("data_no_answer", lambda f: train(f, f"data.train={f['no_answer']}"), "noanswer.jsonl"),
+    ("data_content_not_text", lambda f: train(f, f"data.train={f['empty_content']}"), "emptycontent.jsonl"),
+    ("data_wrong_encoding", lambda f: train(f, f"data.train={f['latin1']}"), "not UTF-8"),
+    ("data_alpaca_missing_output", lambda f: train(f, f"data.train={f['alpaca_no_output']}"), "alpaca.jsonl"),
+    ("data_row_too_long", lambda f: train(f, f"data.train={f['long_row']}"), "longer than sft.max_length 128"),
+    ("data_valid_missing", lambda f: train(f, "data.valid=no/valid.jsonl"), "no/valid.jsonl"),
+    ("data_retention_missing", lambda f: train(f, "eval.retention_file=no/ret.txt"), "no/ret.txt"),
+    ("data_unknown_format", lambda f: train(f, "data.format=csv"), "data.format"),
+    # models
+    ("model_missing", lambda f: train(f, "model.path=no/such/model"), "no/such/model"),
+    ("model_folder_without_config", lambda f: train(f, f"model.path={f['no_config']}"), "noconfig"),
+    ("model_not_moe", lambda f: train(f, f"model.path={f['dense']}"), "not a"),
+    ("model_not_moe_inspect", lambda f: ["inspect", f["dense"]], "not a"),
+    ("resume_nothing", lambda f: train(f, "--resume", "output_dir=/tmp/moe-tune-no-such-run"), "no moe-tune run to resume"),
+]
+
+
+@pytest.mark.parametrize("case, argv, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(case, argv, expected, files, capsys):
+    code = main(argv(files))
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert code == 2, out.err
+    assert len(lines) == 1, out.err
+    assert "Traceback" not in out.err and expected in lines[0], lines[0]
+    assert not (files["out"] and __import__("os").path.exists(files["out"]))  # nothing was written
+
+
+def test_there_are_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+def test_debug_shows_the_traceback(files):
+    from moe_tune.errors import MoeTuneError
+
+    with pytest.raises(MoeTuneError):
+        main(["--debug", *train(files, "trainable.prest=full")])

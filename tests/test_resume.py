@@ -1,0 +1,87 @@
+"""Reliability: a run killed with SIGKILL resumes to the same result; nothing half-written looks
+finished; a non-finite loss stops the run and names the last good checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moe_tune.cli import main
+
+from conftest import ROOT
+
+QUICK = [str(ROOT / "recipes" / "quickstart.yaml"), "sft.max_steps=40", "sft.save_strategy=steps",
+         "sft.save_steps=10", "sft.logging_steps=1", "sft.warmup_steps=2", "sft.eval_strategy=no",
+         "data.valid=null", "data.max_train_rows=320", "eval.max_rows=8", "eval.compare_base=false",
+         "eval.retention_file=null", "trainable.preset=esft"]
+
+
+def losses(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path, capsys):
+    assert main(["train", *QUICK, f"output_dir={tmp_path / 'whole'}"]) == 0
+    run = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "moe_tune.cli", "train", *QUICK, f"output_dir={run}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "checkpoint-10" / "trainer_state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # killed: nothing in the folder looks finished, and it is not overwritten or resumed by accident
+    assert not (run / "model").exists() and not (run / "eval").exists()
+    assert main(["train", *QUICK, f"output_dir={run}"]) == 2
+    assert "already holds a run; pass --overwrite" in capsys.readouterr().err
+    assert main(["train", str(run), "--resume"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    whole, cut = losses(tmp_path / "whole"), losses(run)
+    assert sorted(cut) == sorted(whole) == list(range(1, 41))  # each step logged once
+    for step in whole:
+        assert cut[step] == pytest.approx(whole[step], rel=1e-4, abs=1e-5), step
+    selection = [json.loads((r / "expert_selection.json").read_text())["selected"] for r in (tmp_path / "whole", run)]
+    assert selection[0] == selection[1]
+    reports = [json.loads((r / "eval" / "report.json").read_text()) for r in (tmp_path / "whole", run)]
+    first = next(iter(reports[0]))
+    assert (reports[1][first]["results"]["tuned"]["overall"]["loss"]
+            == pytest.approx(reports[0][first]["results"]["tuned"]["overall"]["loss"], rel=1e-4))
+    assert main(["train", str(run), "--resume"]) == 2  # finished: nothing to resume
+    assert "finished; nothing to resume" in capsys.readouterr().err
+
+
+def test_resume_needs_the_same_recipe_and_a_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *QUICK, f"output_dir={run}", "--resume"]) == 2
+    assert "no moe-tune run to resume" in capsys.readouterr().err
+    run.mkdir()
+    (run / "recipe.yaml").write_text((ROOT / "recipes" / "quickstart.yaml").read_text().replace(
+        "output_dir: runs/quickstart", f"output_dir: {run}"))
+    assert main(["train", str(run), "--resume"]) == 2
+    assert "has no complete checkpoint to resume from" in capsys.readouterr().err
+    assert main(["train", str(run), "--resume", "sft.max_steps=7"]) == 2
+    assert "sft.max_steps: 7 differs from the run's 900" in capsys.readouterr().err
+    assert main(["train", str(run)]) == 2
+    assert "a run folder; add --resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    run = tmp_path / "nan"
+    code = main(["train", *QUICK, f"output_dir={run}", "trainable.preset=full", "sft.save_steps=2",
+                 "sft.learning_rate=1.0e+30", "sft.max_grad_norm=0", "sft.warmup_steps=0", "sft.max_steps=40"])
+    err = capsys.readouterr().err
+    # (progress bars of the data preparation come before it) one error line, no traceback
+    assert code == 2 and err.count("moe-tune: error:") == 1 and "Traceback" not in err, err
+    err = err[err.index("moe-tune: error:"):].splitlines()[0]
+    assert "the loss is nan" in err or "the loss is inf" in err
+    assert "last good checkpoint is" in err and "--resume" in err
+    assert not (run / "model").exists()
