@@ -85,3 +85,23 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path,
     assert "the loss is nan" in err or "the loss is inf" in err
     assert "last good checkpoint is" in err and "--resume" in err
     assert not (run / "model").exists()
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_from_its_adapter_checkpoint(tmp_path):
+    """LoRA checkpoints hold the adapter, which Trainer's own path restores: the same losses."""
+    import shutil
+
+    run = tmp_path / "lora"
+    steps = ["sft.max_steps=16", "sft.save_steps=8", "sft.save_total_limit=3", "trainable.preset=lora_experts",
+             "sft.learning_rate=5.0e-3"]
+    assert main(["train", *QUICK, *steps, f"output_dir={run}"]) == 0
+    whole = losses(run)
+    # as if killed after checkpoint 8: no final model, report or later checkpoint
+    for path in (run / "model", run / "eval", run / "checkpoints" / "checkpoint-16"):
+        shutil.rmtree(path)
+    assert main(["train", str(run), "--resume"]) == 0
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(1, 17))
+    for step in range(9, 17):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-4, abs=1e-5), step
