@@ -21,7 +21,7 @@ CELLS = [
 This notebook runs a reduced version of `recipes/compare/freezing.yaml` on the tiny
 pretrained MoE and the instruction data that ship in `data/`: a few freezing strategies, each
 trained with the same data, steps and evaluation over two seeds, then compared on held-out
-instructions. With the settings below it takes about 6 minutes on 2 CPU cores.
+instructions. With the settings below it takes about 9 minutes on 2 CPU cores.
 
 The full comparison (7 strategies, 400 steps, 3 seeds, about 25 minutes) is one command:
 
