@@ -14,7 +14,8 @@ from moe_tune.trainable import apply_plan, make_plan, resolve_modes
 from families import tiny_config
 
 # mixtral: plain fused experts; gpt_oss: transposed, with biases and its own gate;
-# qwen2_moe: shared experts next to the routed ones; granitemoe: no fused gate_up name
+# qwen2_moe: shared experts next to the routed ones; deepseek_v3: sigmoid router, and PEFT
+# wraps its shared-expert Linear weights as parameters too (those must not be rerouted)
 FAMILIES = ["mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3"]
 
 
