@@ -502,8 +502,8 @@ def resume_point(recipe: Recipe) -> Path:
         raise MoeTuneError(f"output_dir: no moe-tune run to resume in '{run}'; drop --resume to start one")
     if (run / EVAL_DIR).is_dir():
         raise MoeTuneError(f"output_dir: the run in '{run}' finished; nothing to resume (--overwrite starts it again)")
-    saved = yaml_flat(load_recipe(run / RECIPE_FILE))
-    for key, value in yaml_flat(recipe).items():
+    saved = flat_keys(load_recipe(run / RECIPE_FILE).model_dump(mode="json"))
+    for key, value in flat_keys(recipe.model_dump(mode="json")).items():
         if saved.get(key) != value:
             raise MoeTuneError(f"{key}: {value!r} differs from the run's {saved.get(key)!r} ({run / RECIPE_FILE}); "
                                "resume with the run's recipe (moe-tune train RUN_FOLDER --resume)")
@@ -514,13 +514,12 @@ def resume_point(recipe: Recipe) -> Path:
     return done[-1]
 
 
-def yaml_flat(recipe: Recipe, prefix: str = "", data=None) -> dict:
-    """{dotted key: value} of a recipe, for naming the first key two recipes differ in."""
-    data = recipe.model_dump(mode="json") if data is None else data
+def flat_keys(data: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested dict, for naming the first key two recipes differ in."""
     flat = {}
     for key, value in data.items():
         if isinstance(value, dict) and value:
-            flat.update(yaml_flat(recipe, f"{prefix}{key}.", value))
+            flat.update(flat_keys(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
