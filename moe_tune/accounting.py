@@ -55,7 +55,7 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
     """
     per_token, per_layer_copies, layers, head = _activation_terms(model, arch, tokens, act_bytes, autocast)
     if checkpointing:
-        return tokens * (layers * 4 * model.config.get_text_config().hidden_size + per_token / layers) \
+        return tokens * (layers * 4 * text_config(model.config).hidden_size + per_token / layers) \
             + per_layer_copies + head
     return tokens * per_token + per_layer_copies * layers + head
 

@@ -173,9 +173,13 @@ def save_results(path: Path, data_file: str, results: dict[str, dict]) -> None:
     write_json(path, {"file": data_file, "results": {**old, **results}})
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write JSON next to its final name first, so a crash never leaves a half-written file."""
+def write_text(path: Path, text: str) -> None:
+    """Write next to the final name first, then rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_text(path, json.dumps(payload, indent=2) + "\n")

@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 from moe_tune.arch import describe, require_moe, text_config
 from moe_tune.data import messages_dataset, read_chat_rows, read_rows
 from moe_tune.errors import MoeTuneError
-from moe_tune.evaluate import write_json
+from moe_tune.evaluate import write_json, write_text
 from moe_tune.expert_dropout import ExpertDropout
 from moe_tune import fast_experts
 from moe_tune.expert_selection import (
@@ -589,10 +589,3 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     evaluate_run(recipe, run, model, tokenizer)
     print(f"\nrun folder: {run}")
     return run
-
-
-def write_text(path: Path, text: str) -> None:
-    """Written next to its final name, then renamed: never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
