@@ -127,3 +127,29 @@ def test_bf16_autocast_runs_expert_matmuls_in_bf16(monkeypatch):
         model(**batch(model))
     # two projections per expert that received tokens, in every layer
     assert len(dtypes) >= 2 * len(describe(model).layers) and set(dtypes) == {torch.bfloat16}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora_experts"])
+def test_cuda_grouped_kernel_matches(model_type, lora, monkeypatch):
+    """On a GPU the grouped kernel itself runs (not the CPU stand-in above), in fp32 without TF32
+    so that differences are the kernel's, against transformers' default CUDA path and PEFT."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ref = tiny(model_type)
+    if lora:
+        ref = lora_experts(ref)
+        randomize_lora(ref)
+    ref = ref.cuda()
+    fast = copy.deepcopy(ref)
+    assert fast_experts.use_fast_experts(fast.get_base_model() if lora else fast)
+    if lora:
+        assert fast_experts.route_lora_through(fast) == len(describe(fast.get_base_model()).layers)
+    inputs = {k: v.cuda() for k, v in batch(ref).items()}
+    ref_logits, ref_grads = loss_and_grads(ref, inputs)
+    logits, grads = loss_and_grads(fast, inputs)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-3)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-2, msg=name)

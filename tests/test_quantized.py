@@ -139,6 +139,7 @@ def test_plan_memory_counts_4bit_linears():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_qlora_with_lora_on_experts_on_gpu(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
     code = main(["train", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={tmp_path / 'r'}", *STEPS,
                  "model.load_in_4bit=true", "model.dtype=bfloat16", "trainable.preset=lora_all"])
     assert code == 0, capsys.readouterr().err

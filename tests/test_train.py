@@ -1,8 +1,12 @@
 """The run pipeline's own decisions: TRL settings, the run folder."""
 
+import json
+import math
+
 import pytest
 import torch
 
+from moe_tune.cli import main
 from moe_tune.errors import MoeTuneError
 from moe_tune.recipe import load_recipe
 from moe_tune.train import prepare_run_dir, sft_config
@@ -77,3 +81,19 @@ def test_data_formats_and_skipped_rows_reach_the_run(tmp_path):
     strict = minimal(tmp_path, f"data.train={alpaca}")
     with pytest.raises(MoeTuneError, match=r"alpaca.json: row 2: field 'output' missing"):
         load_data(strict, tmp_path / "strict")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["full", "lora_experts"])
+def test_trains_and_evaluates_on_gpu(tmp_path, capsys, preset):
+    """On CUDA, bf16 autocast and the grouped experts kernel, then batched generation."""
+    run = tmp_path / "r"
+    code = main(["train", str(QUICKSTART), f"output_dir={run}", f"trainable.preset={preset}", "sft.bf16=true",
+                 "sft.max_steps=30", "sft.warmup_steps=0", "sft.logging_steps=5", "sft.eval_steps=15",
+                 "eval.max_rows=32", "eval.compare_base=false"])
+    assert code == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert any((run / "eval").glob("*.json"))
