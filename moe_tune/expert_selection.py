@@ -31,7 +31,7 @@ def score_experts(model: nn.Module, arch: MoeArch, tokenizer, rows: list[dict], 
     totals = {layer.block: torch.zeros(layer.num_experts) for layer in arch.layers}
     with inference_mode(model), RouterTap(model, arch) as tap:
         for _, enc in chat_batches(tokenizer, rows, batch_size):
-            model(**enc)
+            model(**enc.to(model.device))
             for block, routing in tap.take(enc["attention_mask"]).items():
                 if method == "gate":
                     totals[block] += routing.probs.sum(0)  # (E,)

@@ -121,7 +121,6 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     order = torch.argsort(expert_ids, stable=True)  # (S,), grouped by expert
     counts_t = torch.bincount(expert_ids, minlength=self.num_experts)  # (E,)
     offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)  # (E,), for the grouped kernel
-    counts = counts_t.tolist()
     x = hidden_states[order // k]  # (S, H)
     up = _Projection(self, "gate_up_proj" if self.has_gate else "up_proj")
     down = _Projection(self, "down_proj")
@@ -131,7 +130,7 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     else:
         # each expert's whole MLP in one step: the only concatenation is the (S, H) result
         outs = []
-        for xe, u, d in zip(x.split(counts), up.per_expert(), down.per_expert()):
+        for xe, u, d in zip(x.split(counts_t.tolist()), up.per_expert(), down.per_expert()):
             if xe.shape[0]:
                 h = up.apply(xe, *u)  # (n_e, 2I) or (n_e, I)
                 h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (n_e, I)

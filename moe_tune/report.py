@@ -15,7 +15,7 @@ from moe_tune import routing_stats  # noqa: E402
 from moe_tune.arch import describe  # noqa: E402
 from moe_tune.data import read_chat_rows  # noqa: E402
 from moe_tune.errors import MoeTuneError  # noqa: E402
-from moe_tune.evaluate import evaluate, format_table, save_results, text_loss, write_json  # noqa: E402
+from moe_tune.evaluate import evaluate, format_table, on_accelerator, save_results, text_loss, write_json  # noqa: E402
 
 
 def _short(block: str) -> str:
@@ -157,6 +157,7 @@ def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: 
     ``cfg.retention_file``, analyse routing, write JSON results, report.md/.json and plots.
     ``cfg`` is an EvalSection (files, max_rows, batch_size, max_new_tokens, retention_file)."""
     models = {"base": base, label: tuned} if base is not None else {label: tuned}
+    models = {name: on_accelerator(m) for name, m in models.items()}
     tables, report = {}, {}
     for path in cfg.files:
         rows = read_chat_rows(path, cfg.max_rows)

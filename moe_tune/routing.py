@@ -106,6 +106,7 @@ class RouterTap:
                 continue
             hidden, indices = self._seen[layer.block]
             routing = self.routing(layer, hidden, indices)
+            routing = Routing(routing.probs.cpu(), routing.topk.cpu())  # statistics are kept on the CPU
             if attention_mask is not None and attention_mask.numel() == hidden.shape[0]:
                 keep = attention_mask.reshape(-1).bool()
                 routing = Routing(routing.probs[keep], routing.topk[keep])

@@ -41,7 +41,7 @@ def profile(model, arch: MoeArch, tokenizer, rows: list[dict], batch_size: int =
     top1 = defaultdict(list)
     with inference_mode(model), RouterTap(model, arch) as tap:
         for start, enc in chat_batches(tokenizer, rows, batch_size):
-            model(**enc)
+            model(**enc.to(model.device))
             routed = tap.take(enc["attention_mask"])
             row_of_token = torch.arange(start, start + enc["input_ids"].shape[0]).repeat_interleave(
                 enc["attention_mask"].sum(-1))  # (tokens,) which row each kept token came from
