@@ -20,7 +20,7 @@ from torch import nn
 
 from moe_tune.arch import MoeArch
 from moe_tune.errors import MoeTuneError
-from moe_tune.routing import RouterTap, chat_batches
+from moe_tune.routing import RouterTap, chat_batches, on_device
 
 
 def score_experts(model: nn.Module, arch: MoeArch, tokenizer, rows: list[dict], method: str,
@@ -31,7 +31,7 @@ def score_experts(model: nn.Module, arch: MoeArch, tokenizer, rows: list[dict], 
     totals = {layer.block: torch.zeros(layer.num_experts) for layer in arch.layers}
     with inference_mode(model), RouterTap(model, arch) as tap:
         for _, enc in chat_batches(tokenizer, rows, batch_size):
-            model(**enc.to(model.device))
+            model(**on_device(model, enc))
             for block, routing in tap.take(enc["attention_mask"]).items():
                 if method == "gate":
                     totals[block] += routing.probs.sum(0)  # (E,)

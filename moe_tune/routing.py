@@ -108,11 +108,17 @@ class RouterTap:
             routing = self.routing(layer, hidden, indices)
             routing = Routing(routing.probs.cpu(), routing.topk.cpu())  # statistics are kept on the CPU
             if attention_mask is not None and attention_mask.numel() == hidden.shape[0]:
-                keep = attention_mask.reshape(-1).bool()
+                keep = attention_mask.reshape(-1).bool().cpu()
                 routing = Routing(routing.probs[keep], routing.topk[keep])
             out[layer.block] = routing
         self._seen.clear()
         return out
+
+
+def on_device(model, enc) -> dict[str, torch.Tensor]:
+    """A copy of a tokenized batch on the model's device (``BatchEncoding.to`` would move the
+    caller's own tensors, and its CPU attention mask still serves the statistics)."""
+    return {key: value.to(model.device) for key, value in enc.items()}
 
 
 def chat_batches(tokenizer, rows: list[dict], batch_size: int):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_tune.arch import MoeArch
-from moe_tune.routing import RouterTap, chat_batches
+from moe_tune.routing import RouterTap, chat_batches, on_device
 
 
 @dataclass
@@ -41,7 +41,7 @@ def profile(model, arch: MoeArch, tokenizer, rows: list[dict], batch_size: int =
     top1 = defaultdict(list)
     with inference_mode(model), RouterTap(model, arch) as tap:
         for start, enc in chat_batches(tokenizer, rows, batch_size):
-            model(**enc.to(model.device))
+            model(**on_device(model, enc))
             routed = tap.take(enc["attention_mask"])
             row_of_token = torch.arange(start, start + enc["input_ids"].shape[0]).repeat_interleave(
                 enc["attention_mask"].sum(-1))  # (tokens,) which row each kept token came from
