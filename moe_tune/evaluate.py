@@ -72,7 +72,8 @@ def _answer_losses(model, tokenizer, rows: list[dict], batch_size: int) -> list[
         ids, attn = ids.to(model.device), attn.to(model.device)
         logits = model(input_ids=ids, attention_mask=attn).logits.float()  # (batch, seq, vocab)
         # token t is predicted from position t-1
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").cpu()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        nll = nll.cpu()  # (batch, seq - 1), read row by row below
         target = mask[:, 1:].bool()
         out += [(float(nll[i][target[i]].sum()), int(target[i].sum())) for i in range(len(batch))]
     return out
@@ -86,7 +87,8 @@ def _generate(model, tokenizer, rows: list[dict], batch_size: int, max_new_token
         for batch in tqdm(list(_batches(rows, batch_size)), desc="generating", disable=not progress):
             prompts = [tokenizer.apply_chat_template(split_prompt(r)[0], tokenize=False,
                                                      add_generation_prompt=True) for r in batch]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new = gen[:, enc["input_ids"].shape[1]:]
@@ -123,7 +125,8 @@ def text_loss(model, tokenizer, texts: list[str], batch_size: int = 16) -> dict:
         for batch in _batches(texts, batch_size):
             ids = [bos + tokenizer(t, add_special_tokens=False)["input_ids"] for t in batch]
             width = max(map(len, ids))
-            x = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids], device=model.device)
+            pad = tokenizer.pad_token_id
+            x = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=model.device)
             mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=model.device)
             logits = model(input_ids=x, attention_mask=mask).logits.float()
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")

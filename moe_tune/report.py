@@ -15,7 +15,8 @@ from moe_tune import routing_stats  # noqa: E402
 from moe_tune.arch import describe  # noqa: E402
 from moe_tune.data import read_chat_rows  # noqa: E402
 from moe_tune.errors import MoeTuneError  # noqa: E402
-from moe_tune.evaluate import evaluate, format_table, on_accelerator, save_results, text_loss, write_json  # noqa: E402
+from moe_tune.evaluate import (evaluate, format_table, on_accelerator, save_results, text_loss,  # noqa: E402
+                               write_json)
 
 
 def _short(block: str) -> str:

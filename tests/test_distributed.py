@@ -25,8 +25,8 @@ def losses(run):
 
 def train(cmd, batch, tmp_path, name, *overrides):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([*cmd, *COMMON, f"sft.per_device_train_batch_size={batch}", f"output_dir={tmp_path / name}",
-                          *overrides],
+    out = subprocess.run([*cmd, *COMMON, f"sft.per_device_train_batch_size={batch}",
+                          f"output_dir={tmp_path / name}", *overrides],
                          capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
