@@ -42,6 +42,17 @@ def loss_and_grads(model, inputs):
     return out.logits.detach(), grads
 
 
+def assert_same_numbers(ref, fast, inputs, atol=1e-5, rtol=1e-4, grad_rtol=1e-3) -> dict:
+    """Logits and every gradient of ``fast`` equal ``ref``'s on ``inputs``; returns the gradients."""
+    ref_logits, ref_grads = loss_and_grads(ref, inputs)
+    logits, grads = loss_and_grads(fast, inputs)
+    torch.testing.assert_close(logits, ref_logits, atol=atol, rtol=rtol)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=atol, rtol=grad_rtol, msg=name)
+    return grads
+
+
 @pytest.fixture(params=[False, True], ids=["loop", "grouped"])
 def grouped(request, monkeypatch):
     """Both expert paths on CPU: the per-expert loop (CPU) and the grouped kernel (CUDA)."""
@@ -54,13 +65,7 @@ def test_full_training_matches_transformers(model_type, grouped):
     model = tiny(model_type)
     fast = copy.deepcopy(model)
     assert fast_experts.use_fast_experts(fast)
-    inputs = batch(model)
-    ref_logits, ref_grads = loss_and_grads(model, inputs)
-    logits, grads = loss_and_grads(fast, inputs)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
-    assert grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+    assert_same_numbers(model, fast, batch(model))
 
 
 def lora_experts(model):
@@ -83,13 +88,8 @@ def test_expert_lora_matches_peft(model_type, grouped):
     fast = copy.deepcopy(peft_model)
     fast_experts.use_fast_experts(fast.get_base_model())
     assert fast_experts.route_lora_through(fast) == len(describe(fast.get_base_model()).layers)
-    inputs = batch(peft_model)
-    ref_logits, ref_grads = loss_and_grads(peft_model, inputs)
-    logits, grads = loss_and_grads(fast, inputs)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
-    assert grads.keys() == ref_grads.keys() and any("lora_" in n for n in grads)
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+    grads = assert_same_numbers(peft_model, fast, batch(peft_model))
+    assert any("lora_" in n for n in grads)
 
 
 def test_expert_lora_off_merged_and_disabled():
@@ -147,9 +147,4 @@ def test_cuda_grouped_kernel_matches(model_type, lora, monkeypatch):
     if lora:
         assert fast_experts.route_lora_through(fast) == len(describe(fast.get_base_model()).layers)
     inputs = {k: v.cuda() for k, v in batch(ref).items()}
-    ref_logits, ref_grads = loss_and_grads(ref, inputs)
-    logits, grads = loss_and_grads(fast, inputs)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-3)
-    assert grads.keys() == ref_grads.keys()
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-4, rtol=1e-2, msg=name)
+    assert_same_numbers(ref, fast, inputs, atol=1e-4, rtol=1e-3, grad_rtol=1e-2)
