@@ -129,6 +129,37 @@ def test_bf16_autocast_runs_expert_matmuls_in_bf16(monkeypatch):
     assert len(dtypes) >= 2 * len(describe(model).layers) and set(dtypes) == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_bf16_pads_each_expert_to_few_shapes_without_changing_numbers(model_type, monkeypatch):
+    """Under bf16 autocast every expert matmul gets a row count that is a multiple of 64 (oneDNN
+    then reuses its compiled kernels), and the padding changes neither outputs nor gradients
+    (gpt_oss: biases, whose gradient must not count the padding rows)."""
+    ref = tiny(model_type)
+    fast = copy.deepcopy(ref)
+    fast_experts.use_fast_experts(ref)
+    fast_experts.use_fast_experts(fast)
+    rows, apply = [], fast_experts._Projection.apply
+
+    def spy(self, x, *args):
+        rows.append(x.shape[0])
+        return apply(self, x, *args)
+
+    monkeypatch.setattr(fast_experts._Projection, "apply", spy)
+    inputs = batch(ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(fast_experts, "_row_multiple", lambda x: 1)
+        ref_logits, ref_grads = loss_and_grads(ref, inputs)
+        unpadded, rows[:] = list(rows), []
+        monkeypatch.undo()
+        monkeypatch.setattr(fast_experts._Projection, "apply", spy)
+        logits, grads = loss_and_grads(fast, inputs)
+    assert any(n % 64 for n in unpadded) and rows and all(n % 64 == 0 for n in rows)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-2, rtol=1e-2)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:  # bf16 rounding of the per-row partial sums, nothing more
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=2e-2, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("model_type", FAMILIES)
