@@ -48,12 +48,12 @@ MODEL_DIR = "model"
 
 
 
-# Where the recipe leaves them unset. On a CPU: fp32 without activation checkpointing (it
-# recomputes the forward to save memory a CPU run rarely lacks) and torch's fused AdamW (one pass
-# over each tensor: 0.06 s against 0.3 s per step for 80M parameters). bf16 autocast stays off even
-# on CPUs with AMX: measured here with benchmarks/throughput.py, its casts cost more than the
-# faster matmuls gain (LoRA on experts: 630 tokens/s with it, 1,078 without). On a GPU, TRL's own.
-CPU_DEFAULTS = {"use_cpu": True, "bf16": False, "activation_checkpointing": False,
+# Where the recipe leaves them unset. On a CPU: no activation checkpointing (it recomputes the
+# forward to save memory a CPU run rarely lacks), torch's fused AdamW (one pass over each tensor:
+# 0.06 s against 0.3 s per step for 80M parameters), and bf16 autocast only where the CPU has AMX
+# tiles, whose bf16 matmuls run 2-4x fp32 (benchmarks/throughput.py measures it); without them
+# bf16 matmuls are emulated and slower than fp32. On a GPU, TRL's own.
+CPU_DEFAULTS = {"use_cpu": True, "bf16": torch.cpu._is_amx_tile_supported(), "activation_checkpointing": False,
                 "dataloader_pin_memory": False, "optim": "adamw_torch_fused"}
 _CHECKPOINTING_NAMES = {"activation_checkpointing", "gradient_checkpointing"}  # new and deprecated name
 # router_aux_loss_coef: moe_tune computes the load-balancing loss itself (router_losses.py), once,
