@@ -14,7 +14,9 @@ steps with
   PEFT for LoRA (``target_parameters`` for the fused experts) and ``requires_grad_(False)`` for
   freezing, as a user of the plain stack would write it.
 
-On a CPU each measurement is its own process (clean peak memory); on CUDA, where the allocator
+On a CPU each measurement is its own process, and memory is measured in separate short runs
+that sample the process's anonymous resident memory (the checkpoint's file pages, which stay
+resident after loading reads them, are not training memory); on CUDA, where the allocator
 reports an exact, resettable peak, they run one after another in this process, which saves a
 dozen process starts (most of the run time at this model size). The two paths alternate, and the
 median over repeats is kept. It also measures the machine's matmul throughput at the model's
@@ -28,12 +30,12 @@ import argparse
 import gc
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -110,8 +112,33 @@ def _sync(device: str) -> None:
 
 # ---- one measurement, in a child process ----
 
-def _rss_gb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+def _anon_gb() -> float:
+    """Anonymous resident memory: what the process allocated. Not all of RSS: the checkpoint's
+    pages that loading read through mmap stay resident as file cache (0.3 GB for the benchmark
+    model, in either path), and the kernel drops those rather than swap when memory runs short."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class AnonPeak:
+    """The highest anonymous resident memory seen, sampled every millisecond in a thread (torch's
+    kernels release the GIL); the kernel keeps a peak for all of RSS only."""
+
+    def __init__(self):
+        self.peak, self._stop = _anon_gb(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _anon_gb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _anon_gb())
 
 
 def _timer(warmup: int):
@@ -182,7 +209,8 @@ def trl_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dty
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft)
 
 
-def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch: int, seq: int, dtype: str) -> dict:
+def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch: int, seq: int, dtype: str,
+           memory: bool = False) -> dict:
     import torch  # noqa: PLC0415
 
     import moe_tune.train  # noqa: F401, PLC0415  (libraries imported before the baseline is taken,
@@ -193,15 +221,15 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() / 1e9 if cuda else _rss_gb()
+    before = torch.cuda.memory_allocated() / 1e9 if cuda else _anon_gb()
+    sampler = AnonPeak() if memory and not cuda else None  # the sampling thread would slow timed runs
     build = moe_tune_trainer if path == "moe_tune" else trl_trainer
     trainer = build(strategy, work, steps + warmup, batch, seq, dtype)
     timer = _timer(warmup)
     trainer.add_callback(timer)
     trainer.train()
-    peak = (torch.cuda.max_memory_allocated() / 1e9 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9) - before
-    return {"tokens_per_s": batch * seq / statistics.median(timer.times), "peak_mem_gb": peak,
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else sampler.stop() if sampler else float("nan")
+    return {"tokens_per_s": batch * seq / statistics.median(timer.times), "peak_mem_gb": peak - before,
             "bf16": bool(trainer.args.bf16), "checkpointing": bool(trainer.args.gradient_checkpointing)}
 
 
@@ -234,10 +262,11 @@ def measure(path, strategy, work, args, memory: bool = False) -> dict:
         return worker(path, strategy, work, steps, warmup, args.batch, args.seq, args.dtype)
     cmd = [sys.executable, __file__, "--worker", path, strategy, "--work", str(work), "--steps", str(steps),
            "--warmup", str(warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype]
+    cmd += ["--memory"] if memory else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if memory:
         # a separate, short run with big allocations straight from mmap (no dynamic threshold):
-        # resident memory then follows the live tensors instead of what glibc keeps cached, so its
+        # anonymous memory then follows the live tensors instead of what glibc keeps cached, so its
         # peak is a fair measure on CPU. It slows every allocation, hence not in the timed runs.
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -315,6 +344,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Markdown table (default: benchmarks/results/)")
     parser.add_argument("--worker", nargs=2, metavar=("PATH", "STRATEGY"), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dtype is None:
         import torch  # noqa: PLC0415
@@ -322,7 +352,8 @@ def main() -> None:
         args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     if args.worker:
         path, strategy = args.worker
-        print(json.dumps(worker(path, strategy, args.work, args.steps, args.warmup, args.batch, args.seq, args.dtype)))
+        print(json.dumps(worker(path, strategy, args.work, args.steps, args.warmup, args.batch, args.seq, args.dtype,
+                                args.memory)))
         return
     result = compare(args)
     out = args.out or ROOT / "benchmarks" / "results" / f"throughput-{result['device']}.md"
