@@ -64,15 +64,26 @@ def _grouped(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
 
 
-def _row_multiple(x: torch.Tensor) -> int:
-    """Rows each expert's slice is zero-padded to a multiple of. oneDNN's bf16 (AMX) matmuls
-    compile a kernel per shape; with a new token count per expert on every step that compile
-    costs more than the matmul (0.1 against 0.3-0.5 TFLOP/s measured). Padding to a multiple
-    of 64 keeps the shapes few and cached. fp32 goes to MKL, which needs no padding."""
+ROW_BLOCK = 64  # see _padded_rows
+
+
+def _low_precision(x: torch.Tensor) -> bool:
     device = x.device.type
-    low = x.dtype in (torch.bfloat16, torch.float16) or (
+    return x.dtype in (torch.bfloat16, torch.float16) or (
         torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.bfloat16, torch.float16))
-    return 64 if low else 1
+
+
+def _padded_rows(n: int, low_precision: bool) -> int:
+    """The row count an expert's n tokens are zero-padded to. oneDNN's bf16 (AMX) matmuls compile
+    a kernel per shape, and with a new token count per expert on every step that compile costs
+    more than the matmul (0.07-0.24 against 0.3-0.6 TFLOP/s measured). Rounded up to a multiple
+    of ROW_BLOCK, or below that to a power of two (generation's few tokens per expert would
+    otherwise grow up to 64-fold), the shapes are few and stay cached. fp32 goes to MKL, which
+    needs no padding."""
+    if not low_precision:
+        return n
+    block = min(ROW_BLOCK, 1 << (n - 1).bit_length())
+    return n + -n % block
 
 
 class _Projection:
@@ -140,10 +151,10 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
         y = down.grouped(h, offsets)  # (S, H)
     else:
         # each expert's whole MLP in one step: the only concatenation is the (S, H) result
-        outs, rows = [], _row_multiple(x)
+        outs, low = [], _low_precision(x)
         for xe, u, d in zip(x.split(counts_t.tolist()), up.per_expert(), down.per_expert()):
             if n := xe.shape[0]:
-                xe = F.pad(xe, (0, 0, 0, -n % rows))  # (m_e, H), m_e = n_e rounded up to `rows`
+                xe = F.pad(xe, (0, 0, 0, _padded_rows(n, low) - n))  # (m_e, H), zero rows appended
                 h = up.apply(xe, *u)  # (m_e, 2I) or (m_e, I)
                 h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (m_e, I)
                 outs.append(down.apply(h, *d)[:n])  # (n_e, H): padding rows dropped, so get no gradient

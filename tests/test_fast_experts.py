@@ -111,6 +111,12 @@ def test_expert_lora_off_merged_and_disabled():
     assert (tuned - plain).abs().max() > 10 * (merged - tuned).abs().max()  # LoRA did change the output
 
 
+@pytest.mark.parametrize(("n", "padded"), [(1, 1), (3, 4), (33, 64), (64, 64), (65, 128), (859, 896)])
+def test_padded_rows(n, padded):
+    assert fast_experts._padded_rows(n, low_precision=True) == padded
+    assert fast_experts._padded_rows(n, low_precision=False) == n
+
+
 def test_bf16_autocast_runs_expert_matmuls_in_bf16(monkeypatch):
     """transformers' grouped kernel stays fp32 under CPU autocast; this path does not."""
     model = tiny("mixtral")
@@ -131,9 +137,9 @@ def test_bf16_autocast_runs_expert_matmuls_in_bf16(monkeypatch):
 
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
 def test_bf16_pads_each_expert_to_few_shapes_without_changing_numbers(model_type, monkeypatch):
-    """Under bf16 autocast every expert matmul gets a row count that is a multiple of 64 (oneDNN
-    then reuses its compiled kernels), and the padding changes neither outputs nor gradients
-    (gpt_oss: biases, whose gradient must not count the padding rows)."""
+    """Under bf16 autocast every expert matmul gets a row count that is a multiple of 64, or a
+    power of two below that (oneDNN then reuses its compiled kernels), and the padding changes
+    neither outputs nor gradients (gpt_oss: biases, whose gradient must not count the padding)."""
     ref = tiny(model_type)
     fast = copy.deepcopy(ref)
     fast_experts.use_fast_experts(ref)
@@ -145,15 +151,17 @@ def test_bf16_pads_each_expert_to_few_shapes_without_changing_numbers(model_type
         return apply(self, x, *args)
 
     monkeypatch.setattr(fast_experts._Projection, "apply", spy)
-    inputs = batch(ref)
+    ids = torch.randint(3, ref.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "labels": ids}  # 512 (token, expert) pairs: counts above and below 64
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        monkeypatch.setattr(fast_experts, "_row_multiple", lambda x: 1)
+        monkeypatch.setattr(fast_experts, "_low_precision", lambda x: False)
         ref_logits, ref_grads = loss_and_grads(ref, inputs)
         unpadded, rows[:] = list(rows), []
         monkeypatch.undo()
         monkeypatch.setattr(fast_experts._Projection, "apply", spy)
         logits, grads = loss_and_grads(fast, inputs)
-    assert any(n % 64 for n in unpadded) and rows and all(n % 64 == 0 for n in rows)
+    assert any(n & (n - 1) for n in unpadded)  # some count is not a power of two
+    assert all(n % 64 == 0 or (n < 64 and n & (n - 1) == 0) for n in rows) and max(rows) > 64
     torch.testing.assert_close(logits, ref_logits, atol=1e-2, rtol=1e-2)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:  # bf16 rounding of the per-row partial sums, nothing more
