@@ -9,6 +9,7 @@ that should carry LoRA is checked to carry it.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -175,7 +176,12 @@ def apply_plan(model: nn.Module, plan: Plan, arch: MoeArch, lora) -> nn.Module:
         rank_pattern=_rank_pattern(plan, arch, lora.rank_per_part),
         modules_to_save=_modules_to_save(plan) or None,
     )
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # PEFT checks rank_pattern keys against the targeted module names only, so every key for
+        # a target_parameters tensor is reported as ignored, though its rank is applied (tested)
+        warnings.filterwarnings("ignore", message="The following rank_pattern keys did not match",
+                                category=RuntimeWarning)
+        model = get_peft_model(model, config)
     verify_coverage(model, plan)
     return model
 

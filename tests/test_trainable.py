@@ -4,6 +4,8 @@ Frozen parameters must be bit-identical afterwards, trained ones must move, and 
 on exactly the planned tensors.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from moe_tune.errors import MoeTuneError
 from moe_tune.loading import load_model
 from moe_tune.recipe import LoraSection, load_recipe
 from moe_tune.train import apply_trainable, build_trainer
-from moe_tune.trainable import PRESETS, adapted_tensors, make_plan, resolve_modes
+from moe_tune.trainable import PRESETS, adapted_tensors, apply_plan, make_plan, resolve_modes
 
 from conftest import ROOT, SHIPPED_MODEL
 
@@ -172,3 +174,16 @@ def test_select_experts_command(tmp_path, capsys):
     assert main(args) == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
     report = plan_json(capsys, "trainable.preset=esft", f"trainable.expert_selection.file={out}")
     assert report["expert_selection"] == saved["selected"]
+
+
+def test_rank_per_part_on_expert_tensors_applies_without_warning():
+    """PEFT warns that rank_pattern keys for target_parameters match nothing; the ranks apply."""
+    model = load_model(str(SHIPPED_MODEL))[0]
+    arch = describe(model)
+    plan = make_plan(model, arch, resolve_modes("lora_experts", {}))
+    lora = LoraSection(r=4, alpha=8, rank_per_part={"routed_experts": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        model = apply_plan(model, plan, arch, lora)
+    a = [p for n, p in model.named_parameters() if "experts" in n and "lora_A" in n]
+    assert a and all(p.shape[0] == 2 * 8 for p in a)  # rank 2 per expert, 8 experts
