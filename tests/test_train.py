@@ -84,11 +84,8 @@ def test_data_formats_and_skipped_rows_reach_the_run(tmp_path):
         load_data(strict, tmp_path / "strict")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("preset", ["full", "lora_experts"])
-def test_trains_and_evaluates_on_gpu(tmp_path, capsys, preset):
-    """On CUDA, bf16 autocast and the grouped experts kernel, then batched generation."""
+def train_bf16_and_evaluate(tmp_path, capsys, preset):
+    """30 steps under bf16 autocast through moe_tune's experts kernel, then evaluation."""
     run = tmp_path / "r"
     code = main(["train", str(QUICKSTART), f"output_dir={run}", f"trainable.preset={preset}", "sft.bf16=true",
                  "sft.max_steps=30", "sft.warmup_steps=0", "sft.logging_steps=5", "sft.eval_steps=15",
@@ -98,3 +95,19 @@ def test_trains_and_evaluates_on_gpu(tmp_path, capsys, preset):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert any((run / "eval").glob("*.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+@pytest.mark.parametrize("preset", ["full", "lora_experts"])
+def test_trains_and_evaluates_in_bf16_on_cpu(tmp_path, capsys, preset):
+    """The CPU default where there are AMX tiles: bf16 autocast, each expert's rows padded."""
+    train_bf16_and_evaluate(tmp_path, capsys, preset)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", ["full", "lora_experts"])
+def test_trains_and_evaluates_on_gpu(tmp_path, capsys, preset):
+    """On CUDA, bf16 autocast and the grouped experts kernel, then batched generation."""
+    train_bf16_and_evaluate(tmp_path, capsys, preset)
