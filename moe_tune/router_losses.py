@@ -117,15 +117,18 @@ class RouterRegularizer:
 
     def terms(self, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Unweighted terms, averaged over MoE layers, for the last forward."""
-        keep = attention_mask.reshape(-1).bool() if attention_mask is not None else None
+        mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None  # (tokens,)
+        # kept positions as indices: index_select's backward is an index_add, much faster on CPU
+        # than the accumulating index_put a boolean mask's backward runs; none when nothing is masked
+        keep = mask.nonzero().squeeze(1) if mask is not None and not mask.all() else None  # (kept,)
         groups: dict[tuple, list[tuple[MoeLayer, torch.Tensor]]] = {}
         for layer in self.arch.layers:
             if layer.block not in self._inputs:
                 continue
             hidden = self._inputs[layer.block]
             hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, H)
-            if keep is not None and keep.numel() == hidden.shape[0]:
-                hidden = hidden[keep]
+            if keep is not None and mask.numel() == hidden.shape[0]:
+                hidden = hidden.index_select(0, keep)
             key = (layer.num_experts, layer.top_k, layer.scoring, tuple(hidden.shape))
             groups.setdefault(key, []).append((layer, hidden))
         self._inputs.clear()

@@ -70,6 +70,37 @@ def test_terms_match_the_routers_own_logits(family):
     assert terms["aux_loss"].item() > 0
 
 
+def test_padding_positions_are_left_out_of_the_terms():
+    """Terms with an attention mask equal the terms of the unpadded positions alone, value and
+    router gradient, and differ from counting the padding."""
+    model = tiny("mixtral").eval()
+    arch = describe(model)
+    reg = RouterRegularizer(model, arch, aux=1.0, z=1.0, kl=1.0)
+    with torch.no_grad():  # move the routers off the base, so that the KL term is not zero
+        for layer in arch.layers:
+            model.get_parameter(layer.router_weight).mul_(1.5)
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])  # (2, 8), row 1 right-padded
+    with reg, torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (2, 8)))
+    captured = dict(reg._inputs)  # router inputs per MoE block, (2, 8, H) or (16, H)
+    routers = [model.get_parameter(layer.router_weight) for layer in arch.layers]
+
+    def terms_and_grads(inputs, attention_mask):
+        model.zero_grad()
+        reg._inputs.update(inputs)
+        terms = reg.terms(attention_mask)
+        reg.weighted(terms).backward()
+        return torch.stack(list(terms.values())), torch.cat([r.grad.flatten() for r in routers])
+
+    keep = mask.reshape(-1).bool()  # (16,), 13 tokens kept
+    kept = {b: h.reshape(-1, h.shape[-1])[keep] for b, h in captured.items()}  # (13, H)
+    masked, unpadded, counted = (terms_and_grads(captured, mask), terms_and_grads(kept, None),
+                                 terms_and_grads(captured, None))
+    torch.testing.assert_close(masked[0], unpadded[0])
+    torch.testing.assert_close(masked[1], unpadded[1])
+    assert not torch.allclose(masked[0], counted[0])
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_router_terms_send_gradients_to_the_router_and_what_feeds_it_only(family):
     model = tiny(family).train()
