@@ -2,7 +2,8 @@
 
     python benchmarks/router_overhead.py            # about 1 minute on 2 CPU cores
 
-Runs the quickstart recipe (shipped model and data) for a few steps with no router terms and
+Runs the quickstart recipe (shipped model and data), with the trainer ``moe-tune train`` builds
+(moe_tune's experts kernel included), for a few steps with no router terms and
 with aux loss + z-loss + anchor KL, alternating the two several times in one process, and
 prints one JSON object with the median seconds per step of each and their ratio (target:
 at most 1.10).
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from moe_tune.loading import load_model  # noqa: E402
 from moe_tune.recipe import load_recipe  # noqa: E402
-from moe_tune.train import apply_trainable, attach_regularizers, build_trainer  # noqa: E402
+from moe_tune.train import plan_run, trainer_for  # noqa: E402
 
 VARIANTS = {
     "off": ["router.aux_loss_coef=0"],
@@ -53,9 +54,7 @@ def seconds_per_step(overrides: list[str], steps: int, warmup: int) -> float:
                              [f"output_dir={tmp}", f"sft.max_steps={steps + warmup}", "sft.eval_strategy=no",
                               "sft.logging_steps=1000", "eval.files=[]", *overrides])
         model, tokenizer = load_model(str(ROOT / recipe.model.path))
-        regularizer = attach_regularizers(recipe, model)
-        model = apply_trainable(recipe, model, tokenizer)
-        trainer = build_trainer(recipe, Path(tmp), model, tokenizer, regularizer)
+        trainer, _ = trainer_for(plan_run(recipe), model, tokenizer)  # what `moe-tune train` runs
         timer = StepTimer(warmup)
         trainer.add_callback(timer)
         trainer.train()

@@ -7,9 +7,8 @@ On a benchmark-size Mixtral-style MoE (hidden 512, 8 experts, top-2, 4 layers, s
 512 tokens, randomly initialised, the shipped tokenizer), for each strategy it trains a few
 steps with
 
-* moe_tune: ``moe-tune train``'s own steps (load_model -> set_experts_implementation ->
-  attach_regularizers -> apply_trainable -> build_trainer) on a recipe that sets only the
-  model, data, batch and steps, so moe_tune's defaults decide the rest;
+* moe_tune: ``moe-tune train``'s own steps (plan_run -> load_model -> trainer_for) on a
+  recipe that sets only the model, data, batch and steps, so moe_tune's defaults decide the rest;
 * TRL: ``SFTTrainer`` with its default settings on the same model, data, batch and steps, with
   PEFT for LoRA (``target_parameters`` for the fused experts) and ``requires_grad_(False)`` for
   freezing, as a user of the plain stack would write it.
@@ -163,8 +162,7 @@ def _timer(warmup: int):
 def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dtype: str):
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
-    from moe_tune.train import (apply_trainable, attach_regularizers, build_trainer,  # noqa: PLC0415
-                                set_experts_implementation)
+    from moe_tune.train import plan_run, trainer_for  # noqa: PLC0415
 
     run = work / f"run-moe_tune-{strategy}"
     recipe = {"output_dir": str(run), "model": {"path": str(work / "model"), "dtype": dtype},
@@ -175,12 +173,10 @@ def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int
               "eval": {"files": []}}
     (work / "recipe.yaml").write_text(json.dumps(recipe))
     recipe = load_recipe(work / "recipe.yaml")
+    setup = plan_run(recipe)
     model, tokenizer = load_model(recipe.model.path, recipe.model.dtype)
-    set_experts_implementation(recipe, model)
-    regularizer = attach_regularizers(recipe, model)
-    model = apply_trainable(recipe, model, tokenizer)
     run.mkdir(exist_ok=True)
-    return build_trainer(recipe, run, model, tokenizer, regularizer)
+    return trainer_for(setup, model, tokenizer)[0]  # what `moe-tune train` runs
 
 
 def trl_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dtype: str):
@@ -238,13 +234,13 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
 def plan_memory_gb(strategy: str, work: Path, batch: int, seq: int, dtype: str) -> float:
     """``moe-tune plan``'s peak (weights, gradients, optimizer states, activations) for the run."""
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
-    from moe_tune.train import preview_plan  # noqa: PLC0415
+    from moe_tune.train import plan_run  # noqa: PLC0415
 
     (work / "plan.yaml").write_text(json.dumps({
         "output_dir": str(work / "plan"), "model": {"path": str(work / "model"), "dtype": dtype},
         "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": strategy}, "lora": LORA,
         "sft": {"per_device_train_batch_size": batch, "max_length": seq}}))
-    return preview_plan(load_recipe(work / "plan.yaml"))["peak_gb"]
+    return plan_run(load_recipe(work / "plan.yaml")).report["peak_gb"]
 
 
 def active_params(work: Path) -> int:

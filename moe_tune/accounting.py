@@ -13,21 +13,19 @@ and moments in the weights' dtype, as torch's AdamW does. LoRA adapters are kept
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from moe_tune.arch import PARTS, MoeArch, text_config
+from moe_tune.loading import DTYPES
 
-STRATEGIES = ("full", "freeze_experts", "lora_experts", "qlora")
 LORA_RANK = 16  # the rank assumed by the LoRA strategies' estimates
 ADAPTER_BYTES = 4 * 4  # fp32 weight + gradient + 2 AdamW moments
 # bitsandbytes NF4 with double quantization: 4 bits + an 8-bit absmax per 64 weights + an fp32
 # scale per 256 of those blocks.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items() if isinstance(dtype, torch.dtype)}
 INT8_BYTES = 1 + 4 / 4096  # LLM.int8: a byte per weight plus an fp32 scale per row (~4k wide)
 
 
@@ -150,8 +148,6 @@ def memory_bytes(model: nn.Module, arch: MoeArch, dtype_bytes: int = 2) -> dict[
         # 4-bit nn.Linear layers; fused experts, embeddings and norms stay in dtype
         "qlora": plan_memory_bytes(total, 0, expert_lora + attention_lora, dtype_bytes, quantized, bits=4),
     }
-
-
 
 
 def summary(model: nn.Module, arch: MoeArch, dtype: str = "bfloat16") -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import warnings
 import sys
@@ -14,7 +15,7 @@ from moe_tune.errors import MoeTuneError
 def cmd_train(args) -> None:
     from moe_tune.recipe import load_recipe  # noqa: PLC0415  (heavy imports only once the recipe is valid)
 
-    from moe_tune.train import RECIPE_FILE  # noqa: PLC0415
+    from moe_tune.run_dir import RECIPE_FILE  # noqa: PLC0415
 
     target = Path(args.recipe)
     if target.is_dir():  # a run folder: its own recipe.yaml, to resume
@@ -43,10 +44,10 @@ def cmd_plan(args) -> None:
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from moe_tune.train import preview_plan  # noqa: PLC0415
+    from moe_tune.train import plan_run  # noqa: PLC0415
     from moe_tune.trainable import format_plan  # noqa: PLC0415
 
-    report = preview_plan(recipe)
+    report = plan_run(recipe).report
     print(json.dumps(report, indent=2) if args.json else format_plan(report))
 
 
@@ -55,10 +56,9 @@ def cmd_select_experts(args) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     from moe_tune.arch import describe  # noqa: PLC0415
-    from moe_tune.expert_selection import save_selection  # noqa: PLC0415
+    from moe_tune.expert_selection import save_selection, select_experts  # noqa: PLC0415
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import ExpertSelectionSection  # noqa: PLC0415
-    from moe_tune.train import select_experts  # noqa: PLC0415
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -75,13 +75,30 @@ def cmd_select_experts(args) -> None:
     print(f"written to {out}; use it with trainable.expert_selection.file={out}")
 
 
+def eval_section(args):
+    """The EvalSection of the command line: options not given keep the section's defaults."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
+    from moe_tune.recipe import EvalSection  # noqa: PLC0415
+
+    given = {"max_rows": args.max_rows, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    try:
+        return EvalSection(files=args.data, retention_file=args.retention,
+                           **{key: value for key, value in given.items() if value is not None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise MoeTuneError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err['input']!r})") from None
+
+
 def cmd_eval(args) -> None:
     from moe_tune.data import read_chat_rows  # noqa: PLC0415
     from moe_tune.loading import load_model  # noqa: PLC0415
-    from moe_tune.recipe import EvalSection  # noqa: PLC0415
+    from moe_tune.recipe import ModelSection  # noqa: PLC0415
     from moe_tune.report import evaluate_and_report  # noqa: PLC0415
-    from moe_tune.train import RECIPE_FILE, load_run_model  # noqa: PLC0415
+    from moe_tune.run_dir import EVAL_DIR, RECIPE_FILE, load_run_model  # noqa: PLC0415
 
+    cfg = eval_section(args)
+    dtype = args.dtype or ModelSection.model_fields["dtype"].default
     target = Path(args.model)
     is_run = (target / RECIPE_FILE).is_file()
     for path in args.data:  # bad data is reported before any model loads
@@ -90,11 +107,9 @@ def cmd_eval(args) -> None:
         raise MoeTuneError(f"{args.retention}: --retention file not found")
     if args.adapter and is_run:
         raise MoeTuneError(f"{target}: a run folder already knows its adapter; drop --adapter")
-    model, tokenizer, base_path = load_run_model(target, args.dtype, args.adapter)
-    base = load_model(base_path, args.dtype)[0] if base_path and not args.no_base else None
-    default_out = target / "eval" if is_run else Path("eval") / (Path(args.adapter).name if args.adapter else target.name)
-    cfg = EvalSection(files=args.data, max_rows=args.max_rows, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, retention_file=args.retention)
+    model, tokenizer, base_path = load_run_model(target, dtype, args.adapter)
+    base = load_model(base_path, dtype)[0] if base_path and not args.no_base else None
+    default_out = target / EVAL_DIR if is_run else Path(EVAL_DIR) / (Path(args.adapter).name if args.adapter else target.name)
     label = "tuned" if base_path else target.name
     out = Path(args.out) if args.out else default_out
     evaluate_and_report(model, tokenizer, cfg, out, base=base, label=label)
@@ -105,7 +120,7 @@ def cmd_export(args) -> None:
     from moe_tune.data import read_chat_rows  # noqa: PLC0415
     from moe_tune.export import merge_and_check, write_checkpoint  # noqa: PLC0415
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
-    from moe_tune.train import RECIPE_FILE, load_run_model  # noqa: PLC0415
+    from moe_tune.run_dir import RECIPE_FILE, load_run_model  # noqa: PLC0415
 
     run = Path(args.run)
     if not (run / RECIPE_FILE).is_file():
@@ -138,6 +153,18 @@ def cmd_inspect(args) -> None:
     print(json.dumps(result, indent=2) if args.json else format_summary(result))
 
 
+def _one_of(module: str, name: str):
+    """An argparse type accepting the keys of ``module.name``, imported only when the option is
+    given (the package's modules load torch; ``moe-tune --help`` stays quick)."""
+    def check(value: str) -> str:
+        choices = getattr(importlib.import_module(module), name)
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"invalid choice: '{value}' (choose from {', '.join(choices)})")
+        return value
+    check.__name__ = name
+    return check
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line like every other error (``--help`` has the usage)."""
 
@@ -166,10 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--retention", help="plain text, one passage per line: loss on it shows forgetting")
     ev.add_argument("--no-base", action="store_true", help="do not evaluate the base model side by side")
     ev.add_argument("--out", help="folder for results, report and plots (default: RUN/eval or eval/NAME)")
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--max-new-tokens", type=int, default=16)
-    ev.add_argument("--max-rows", type=int, default=None, help="evaluate only the first N rows of each file")
-    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    # defaults (None here) are the recipe's: EvalSection's and ModelSection.dtype's
+    ev.add_argument("--batch-size", type=int, help="prompts generated per batch (default: as in a recipe)")
+    ev.add_argument("--max-new-tokens", type=int, help="greedy generation length (default: as in a recipe)")
+    ev.add_argument("--max-rows", type=int, help="evaluate only the first N rows of each file")
+    ev.add_argument("--dtype", type=_one_of("moe_tune.loading", "DTYPES"),
+                    help="dtype the weights are loaded in (default: as in a recipe)")
     ev.set_defaults(func=cmd_eval)
 
     cmp = sub.add_parser("compare", help="variants of a recipe over seeds, side by side (resumable)")
@@ -200,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="experts, parameters per part, active parameters, memory estimates")
     ins.add_argument("model", help="a checkpoint or config folder, a recipe, or a hub id (online only)")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
-    ins.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+    ins.add_argument("--dtype", default="bfloat16", type=_one_of("moe_tune.accounting", "DTYPE_BYTES"),
                      help="weight dtype assumed by the memory estimates")
     ins.set_defaults(func=cmd_inspect)
     return parser

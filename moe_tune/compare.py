@@ -21,10 +21,10 @@ from typing import Any
 
 from pydantic import Field, PrivateAttr, ValidationError
 
+from moe_tune.data import read_chat_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.recipe import explain_error, Section, load_recipe, read_yaml
-
-DONE_FILE = "compare_run.json"  # written last, when a run has finished and been measured
+from moe_tune.run_dir import COMPARE_FILE, EVAL_DIR, METRICS_FILE, PLAN_FILE, REPORT_JSON
 
 
 class CompareSpec(Section):
@@ -40,6 +40,8 @@ class CompareSpec(Section):
     """Dotted recipe overrides for every run (e.g. sft.max_steps: 300)."""
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
     """Name -> dotted recipe overrides, e.g. freeze_router: {trainable.preset: freeze_router}."""
+    group: str | None = None
+    """Score the held-out rows of this ``group`` only (e.g. new_phrasing); unset: the whole file."""
 
 
 def _as_overrides(values: dict[str, Any]) -> list[str]:
@@ -66,12 +68,17 @@ def run_overrides(spec: CompareSpec, variant: str, seed: int) -> list[str]:
 
 
 def check_spec(spec: CompareSpec) -> None:
-    """Every variant's recipe validates before the first run starts."""
+    """Every variant's recipe validates, and the scored group exists, before the first run starts."""
     for variant in spec.variants:
         try:
-            load_recipe(spec.base, run_overrides(spec, variant, spec.seeds[0]))
+            recipe = load_recipe(spec.base, run_overrides(spec, variant, spec.seeds[0]))
         except MoeTuneError as e:
             raise MoeTuneError(f"variant '{variant}': {e}") from None
+        if spec.group is not None:
+            scored = recipe.eval.files[:1]  # the file the comparison scores
+            if not scored or not any(r.get("group") == spec.group for r in read_chat_rows(scored[0])):
+                raise MoeTuneError(f"group: no row of variant '{variant}''s first eval file "
+                                   f"({scored[0] if scored else 'none'}) is in group '{spec.group}'")
 
 
 def _train(overrides: list[str]) -> tuple[float, float]:
@@ -90,22 +97,19 @@ def _last(metrics: list[dict], key: str) -> float | None:
     return values[-1] if values else None
 
 
-def measure(run_dir: Path, wall_s: float, peak_gb: float) -> dict:
-    """One finished run's numbers, from its files."""
-    from moe_tune.train import PLAN_FILE  # noqa: PLC0415
-
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def measure(run_dir: Path, wall_s: float, peak_gb: float, group: str | None = None) -> dict:
+    """One finished run's numbers, from its files; held-out scores of ``group``'s rows only."""
+    metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     # counted by the run itself, after any expert selection
     trainable = json.loads((run_dir / PLAN_FILE).read_text())["trainable_params"]
     out = {"wall_s": wall_s, "peak_mem_gb": peak_gb, "trainable_params": trainable,
            # the last logged training loss, or the run's mean when no step was logged
            "train_loss": _last(metrics, "loss") or _last(metrics, "train_loss"),
            "valid_loss": _last(metrics, "eval_loss")}
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    report = json.loads((run_dir / EVAL_DIR / REPORT_JSON).read_text())
     data_file, entry = next(iter(report.items()))
     tuned = entry["results"]["tuned"]
-    groups = tuned.get("per_group", {})
-    scored = groups.get("new_phrasing", tuned["overall"])
+    scored = tuned["per_group"][group] if group is not None else tuned["overall"]
     out.update(heldout_exact_match=scored["exact_match"], heldout_loss=scored["loss"])
     out["gap"] = out["heldout_loss"] - out["train_loss"] if out["train_loss"] is not None else None
     routing = entry["routing"].get("tuned", {}).get("mean_over_layers", {})
@@ -211,14 +215,14 @@ def run_comparison(spec: CompareSpec) -> Path:
     for variant in spec.variants:
         for seed in spec.seeds:
             run_dir = out / variant / f"seed-{seed}"
-            done = run_dir / DONE_FILE
+            done = run_dir / COMPARE_FILE
             if done.is_file():
                 print(f"{variant} seed {seed}: finished before, skipped")
                 runs.setdefault(variant, []).append(json.loads(done.read_text()))
                 continue
             print(f"{variant} seed {seed}: training")
             wall, peak = _train([spec.base, *run_overrides(spec, variant, seed)])
-            measured = measure(run_dir, wall, peak)
+            measured = measure(run_dir, wall, peak, spec.group)
             done.write_text(json.dumps(measured))
             runs.setdefault(variant, []).append(measured)
     write_outputs(out, aggregate(runs), runs)

@@ -274,9 +274,21 @@ def messages_dataset(rows: list[dict]) -> Dataset:
     return Dataset.from_list([{"messages": r["messages"]} for r in rows])
 
 
-def chat_dataset(path: str | Path, max_rows: int | None = None, fmt: str = "auto",
-                 skip_bad_rows: bool = False) -> Dataset:
-    return messages_dataset(read_chat_rows(path, max_rows, fmt, skip_bad_rows))
+def check_lengths(path: str, rows: list[dict], tokenizer, max_length: int | None, skip: bool) -> None:
+    """A row longer than sft.max_length would be cut, often through its answer: say which."""
+    if not max_length:
+        return
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    long = [(i, n) for i, n in enumerate(lengths, 1) if n > max_length]
+    if not long:
+        return
+    (row, n), more = long[0], f" (and {len(long) - 1} more)" if len(long) > 1 else ""
+    if skip:
+        print(f"note: {path}: {len(long)} rows are longer than sft.max_length {max_length} and will be cut")
+        return
+    raise MoeTuneError(f"{path} row {row}: {n} tokens, longer than sft.max_length {max_length}{more}; raise "
+                       "sft.max_length, shorten the row, or set data.skip_bad_rows: true to train on it cut")
 
 
 def split_prompt(row: dict) -> tuple[list[dict], str]:

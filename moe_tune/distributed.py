@@ -29,6 +29,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def join(args) -> None:
+    """Join the process group now (TrainingArguments sets it up on the first use of its device),
+    so that ranks can wait for each other before anything is written."""
+    if world_size() > 1:
+        _ = args.device
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process or before the process group exists)."""
     if dist.is_available() and dist.is_initialized():

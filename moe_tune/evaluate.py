@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_tune.data import split_prompt
+from moe_tune.loading import padding_side
+from moe_tune.run_dir import write_json
 
 
 def normalize(text: str) -> str:
@@ -81,9 +83,8 @@ def _answer_losses(model, tokenizer, rows: list[dict], batch_size: int) -> list[
 
 def _generate(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int,
               progress: bool) -> list[str]:
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs = []
-    try:
+    with padding_side(tokenizer, "left"):
         for batch in tqdm(list(_batches(rows, batch_size)), desc="generating", disable=not progress):
             prompts = [tokenizer.apply_chat_template(split_prompt(r)[0], tokenize=False,
                                                      add_generation_prompt=True) for r in batch]
@@ -93,8 +94,6 @@ def _generate(model, tokenizer, rows: list[dict], batch_size: int, max_new_token
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new = gen[:, enc["input_ids"].shape[1]:]
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
     return outputs
 
 
@@ -183,15 +182,3 @@ def save_results(path: Path, data_file: str, results: dict[str, dict]) -> None:
     """``{"file": ..., "results": {label: metrics}}``; labels already in the file are kept."""
     old = json.loads(path.read_text())["results"] if path.is_file() else {}
     write_json(path, {"file": data_file, "results": {**old, **results}})
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write next to the final name first, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    write_text(path, json.dumps(payload, indent=2) + "\n")

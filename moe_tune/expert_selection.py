@@ -19,8 +19,11 @@ import torch
 from torch import nn
 
 from moe_tune.arch import MoeArch
+from moe_tune.data import read_chat_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.routing import RouterTap, chat_batches, on_device
+from moe_tune.run_dir import write_json
+from moe_tune.trainable import base_name
 
 
 def score_experts(model: nn.Module, arch: MoeArch, tokenizer, rows: list[dict], method: str,
@@ -56,11 +59,33 @@ def select_top_p(shares: dict[str, list[float]], top_p: float) -> dict[str, list
 
 
 def save_selection(path: Path, method: str, top_p: float, shares: dict, selection: dict) -> None:
-    payload = {"method": method, "top_p": top_p, "selected": selection, "shares": shares}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, {"method": method, "top_p": top_p, "selected": selection, "shares": shares})
+
+
+def select_experts(recipe, model: nn.Module, arch: MoeArch, tokenizer) -> tuple[dict, dict]:
+    """(shares, selection) from the recipe's saved file, or by scoring its training data."""
+    cfg = recipe.trainable.selection()
+    if cfg.file:
+        return {}, load_selection(cfg.file, arch)
+    rows = read_chat_rows(recipe.data.train, cfg.rows, recipe.data.format, recipe.data.skip_bad_rows)
+    shares = score_experts(model, arch, tokenizer, rows, cfg.score)
+    return shares, select_top_p(shares, cfg.top_p)
+
+
+def check_selection(recipe, plan) -> None:
+    """Expert selection restricts the routed experts; say early when it cannot."""
+    if recipe.trainable.selection() is None:
+        return
+    mode = plan.modes["routed_experts"]
+    if mode == "freeze":
+        raise MoeTuneError("trainable.expert_selection: the routed experts are frozen; set "
+                           "trainable.routed_experts to train or lora")
+    if mode == "train" and plan.lora_targets:
+        raise MoeTuneError("trainable.expert_selection: selected experts trained in full cannot be combined "
+                           "with LoRA on other parts; use routed_experts: lora, or no LoRA")
+    if mode == "train" and recipe.sft.get("weight_decay"):
+        raise MoeTuneError("sft.weight_decay: weight decay would move the unselected experts too; "
+                           "set it to 0 with expert selection")
 
 
 def load_selection(path: str | Path, arch: MoeArch) -> dict[str, list[int]]:
@@ -118,8 +143,7 @@ def restrict_lora(model: nn.Module, arch: MoeArch, selection: dict[str, list[int
     by_tensor = {}
     for name, module in model.named_modules():
         if isinstance(module, ParamWrapper) and adapter in module.lora_A:
-            base = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            by_tensor[f"{base}.{module.parameter_name}"] = module
+            by_tensor[f"{base_name(name)}.{module.parameter_name}"] = module
     for layer in arch.layers:
         keep = _keep_mask(layer.num_experts, selection[layer.block])  # (E,)
         for name in layer.expert_params:

@@ -7,36 +7,33 @@ model on sample prompts; otherwise the export is refused.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from moe_tune.arch import describe
 from moe_tune.errors import MoeTuneError
+from moe_tune.routing import chat_batches
+from moe_tune.run_dir import save_pretrained
+from moe_tune.trainable import unwrapped
 
 # The merged weight W + BA rounds differently from x@W + x@A@B: tolerances per weight dtype.
 LOGIT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 
 def _sample_batch(tokenizer, rows: list[dict]):
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try:
-        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    """Every row in one right-padded batch."""
+    (_, batch), = chat_batches(tokenizer, rows, len(rows))
+    return batch
 
 
 def _router(model, name: str):
     """A router module by its plain name, in a plain or a PEFT-wrapped model (where the
     outermost LoRA wrapper sits at the router's path and returns the router's output)."""
-    for prefix in ("", "base_model.model."):
-        try:
-            return model.get_submodule(prefix + name)
-        except AttributeError:
-            continue
-    raise MoeTuneError(f"export: router '{name}' not found in the model")
+    try:
+        return unwrapped(model).get_submodule(name)
+    except AttributeError:
+        raise MoeTuneError(f"export: router '{name}' not found in the model") from None
 
 
 def _tensors(output) -> list[torch.Tensor]:
@@ -100,12 +97,4 @@ def write_checkpoint(model, tokenizer, out: Path, overwrite: bool) -> Path:
             raise MoeTuneError(f"{out}: already exists and is not empty; pass --overwrite or choose another folder")
         if not (out / "config.json").is_file():
             raise MoeTuneError(f"{out}: not a checkpoint folder, refusing to replace it; choose another folder")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.use_cache = True
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return save_pretrained(model, tokenizer, out)

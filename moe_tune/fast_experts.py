@@ -43,21 +43,6 @@ def use_fast_experts(model: nn.Module) -> bool:
     return True
 
 
-def _lora_factors(wrapper) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """(A (E, r, in), B (E, out, r), scaling) of a PEFT ParamWrapper's one active adapter, or
-    None when it contributes nothing here (adapters disabled, merged into the weight, or not
-    exactly one active adapter: then PEFT's own forward handles it)."""
-    active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
-    if wrapper.disable_adapters or wrapper.merged or len(active) != 1:
-        return None
-    name, experts = active[0], wrapper.num_experts
-    a = wrapper.lora_A[name].weight  # (r*E, in): rows grouped by expert, r per expert
-    b = wrapper.lora_B[name].weight  # (out, r*E): columns interleaved, expert index fastest
-    a = a.view(experts, -1, a.shape[-1])  # (E, r, in)
-    b = b.view(b.shape[0], -1, experts).permute(2, 0, 1).contiguous()  # (E, out, r), small
-    return a, b, wrapper.scaling[name]
-
-
 def _grouped(x: torch.Tensor) -> bool:
     """One grouped kernel launch per projection on CUDA; on CPU a loop over experts of plain
     matmuls, which autocast runs in bf16 and whose weight gradients are plain matmuls too."""
@@ -168,6 +153,27 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     unsorted = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
     # summed over the k slots in fp32, as transformers' kernels do
     return unsorted.view(tokens, k, -1).float().sum(1).to(hidden_states.dtype)
+
+
+# --- PEFT internals -------------------------------------------------------------------------------
+# moe_tune's one reach into PEFT: the LoRA factors of a ParamWrapper (their layout, scaling and
+# active adapter) and the rebinding of its forward. Kept here alone, and guarded by
+# tests/test_fast_experts.py (test_lora_really_goes_through_the_grouped_inputs and the numeric
+# comparisons with PEFT's own path), which fail if PEFT changes underneath.
+
+def _lora_factors(wrapper) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(A (E, r, in), B (E, out, r), scaling) of a PEFT ParamWrapper's one active adapter, or
+    None when it contributes nothing here (adapters disabled, merged into the weight, or not
+    exactly one active adapter: then PEFT's own forward handles it)."""
+    active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+    if wrapper.disable_adapters or wrapper.merged or len(active) != 1:
+        return None
+    name, experts = active[0], wrapper.num_experts
+    a = wrapper.lora_A[name].weight  # (r*E, in): rows grouped by expert, r per expert
+    b = wrapper.lora_B[name].weight  # (out, r*E): columns interleaved, expert index fastest
+    a = a.view(experts, -1, a.shape[-1])  # (E, r, in)
+    b = b.view(b.shape[0], -1, experts).permute(2, 0, 1).contiguous()  # (E, out, r), small
+    return a, b, wrapper.scaling[name]
 
 
 def route_lora_through(model: nn.Module) -> int:

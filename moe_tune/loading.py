@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -37,6 +38,17 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+@contextlib.contextmanager
+def padding_side(tokenizer, side: str):
+    """Pad on ``side`` inside the block: left for batched generation, right for teacher-forced
+    passes; the tokenizer's own setting is restored afterwards."""
+    saved, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = saved
+
+
 def quantization_config(bits: int | None, dtype: str):
     if bits is None:
         return None
@@ -55,7 +67,10 @@ def load_model(path: str, dtype: str = "float32", bits: int | None = None):
     config = load_config(path)
     require_moe(config, path)
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+    # a local folder by its absolute path: PEFT records it in adapter_config.json as the base
+    # model, which must then load from any working directory
+    source = str(Path(path).resolve()) if Path(path).is_dir() else path
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
                                                  quantization_config=quantization_config(bits, dtype))
     _point_base_model_at_backbone(model)
     if bits == 4:

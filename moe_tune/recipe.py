@@ -18,7 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from moe_tune.arch import PARTS
+from moe_tune.data import FORMATS
 from moe_tune.errors import MoeTuneError
+from moe_tune.loading import DTYPES
+from moe_tune.trainable import PRESETS
 
 
 class Section(BaseModel):
@@ -28,7 +32,7 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str
     """Local folder of a transformers MoE checkpoint (with its tokenizer), or a hub id when online."""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    dtype: Literal[tuple(DTYPES)] = "float32"
     """Dtype the weights are loaded in. float32 is the fast and exact choice on CPU."""
     load_in_4bit: bool = False
     """QLoRA: bitsandbytes NF4 for nn.Linear layers (attention, shared experts, dense MLPs). Fused
@@ -58,7 +62,7 @@ class DataSection(Section):
     ``datasets`` save_to_disk folder, or a hub dataset name (online only)."""
     valid: str | None = None
     """Validation data, evaluated for loss during training (``sft.eval_strategy``)."""
-    format: Literal["auto", "chat", "alpaca", "sharegpt", "prompt_completion"] = "auto"
+    format: Literal[FORMATS] = "auto"
     """Row format of the files; auto detects it from the first row."""
     skip_bad_rows: bool = False
     """Skip rows that cannot be read (counted in the run's data_report.json) instead of stopping."""
@@ -82,8 +86,7 @@ class EvalSection(Section):
 
 
 Mode = Literal["train", "freeze", "lora"]
-Part = Literal["embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp",
-               "norms", "lm_head", "other"]
+Part = Literal[PARTS]
 
 
 class ExpertSelectionSection(Section):
@@ -100,12 +103,12 @@ class ExpertSelectionSection(Section):
 
 
 class TrainableSection(Section):
-    """What trains. A preset gives every part a mode; a part named here overrides it."""
+    """What trains. A preset gives every part a mode; a part named here overrides it. The fields
+    below are one per part of ``arch.PARTS`` (tests/test_recipe.py binds the two)."""
 
-    preset: Literal["full", "freeze_router", "freeze_experts", "experts_only", "attention_only",
-                    "lora_attention", "lora_experts", "lora_all", "esft"] = "full"
-    """Starting point: full, freeze_router, freeze_experts (all but the routed experts), experts_only,
-    attention_only, lora_attention, lora_experts, lora_all, esft (selected routed experts only)."""
+    preset: Literal[tuple(PRESETS)] = "full"
+    """Starting point: a preset of ``trainable.PRESETS``, e.g. full, freeze_experts (all but the
+    routed experts), lora_experts, or esft (selected routed experts only)."""
     expert_selection: ExpertSelectionSection | None = None
     """Restrict the routed experts (train or lora) to the selected ones; the esft preset implies it."""
     embeddings: Mode | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,12 +10,13 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moe_tune import routing_stats  # noqa: E402
-from moe_tune.arch import describe  # noqa: E402
+from moe_tune import routing, routing_stats  # noqa: E402
+from moe_tune.arch import MoeArch, describe  # noqa: E402
 from moe_tune.data import read_chat_rows  # noqa: E402
 from moe_tune.errors import MoeTuneError  # noqa: E402
-from moe_tune.evaluate import (evaluate, format_table, on_accelerator, save_results, text_loss,  # noqa: E402
-                               write_json)
+from moe_tune.evaluate import evaluate, format_table, on_accelerator, save_results, text_loss  # noqa: E402
+from moe_tune.run_dir import REPORT_JSON, REPORT_MD, RETENTION_FILE, write_json, write_text  # noqa: E402
+from moe_tune.trainable import unwrapped  # noqa: E402
 
 
 def _short(block: str) -> str:
@@ -132,33 +132,51 @@ def write_report(eval_dir: Path, per_file: dict[str, dict]) -> Path:
             lines += ["", "Retention, loss on pretraining-domain text (lower is better): "
                       + ", ".join(f"{k} {v['loss']:.3f}" for k, v in entry["retention"].items())]
         lines += [""] + [f"![{name}]({file})" for name, file in plots.items()] + [""]
-    (eval_dir / "report.json").write_text(json.dumps(per_file, indent=2) + "\n")
-    (eval_dir / "report.md").write_text("\n".join(lines))
-    return eval_dir / "report.md"
+    write_json(eval_dir / REPORT_JSON, per_file)
+    write_text(eval_dir / REPORT_MD, "\n".join(lines))
+    return eval_dir / REPORT_MD
 
 
-def routing_summaries(rows: list[dict], tokenizer, models: dict[str, object], base_label: str | None) -> dict:
+def routing_archs(models: dict[str, object], known: dict[str, MoeArch | None]) -> dict[str, MoeArch | None]:
+    """Per model, the architecture its routers are read with: the one the caller knows, or
+    found here once; None where the routers carry LoRA (wrapped, so not readable)."""
+    archs = {}
+    for label, model in models.items():
+        inner = unwrapped(model)
+        arch = known.get(label)
+        if arch is None:
+            try:
+                arch = describe(inner)
+            except MoeTuneError:
+                arch = None
+        archs[label] = arch if arch is not None and routing.readable(inner, arch) else None
+    return archs
+
+
+def routing_summaries(rows: list[dict], tokenizer, models: dict[str, object], archs: dict[str, MoeArch | None],
+                      base_label: str | None) -> dict:
     """Routing analytics per model on ``rows``, with drift from ``base_label``'s model; a model
-    whose routers carry LoRA (wrapped, so not readable) is left out with a note."""
+    whose routers cannot be read is left out with a note."""
     profiles = {}
     for label, model in models.items():
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        try:
-            profiles[label] = routing_stats.profile(inner, describe(inner), tokenizer, rows)
-        except MoeTuneError:
+        if archs[label] is None:
             print(f"note: routing analytics of '{label}' skipped: its routers carry LoRA "
                   "(merge them with moe-tune export first)")
+            continue
+        profiles[label] = routing_stats.profile(unwrapped(model), archs[label], tokenizer, rows)
     base = profiles.get(base_label) if base_label else None
     return {label: routing_stats.summarize(p, None if label == base_label else base) for label, p in profiles.items()}
 
 
 def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned",
-                        final_dir: Path | None = None) -> dict[str, dict]:
+                        final_dir: Path | None = None, arch: MoeArch | None = None) -> dict[str, dict]:
     """Score ``tuned`` (and ``base`` on the same prompts) on every ``cfg.files`` file and on
     ``cfg.retention_file``, analyse routing, write JSON results, report.md/.json and plots.
-    ``cfg`` is an EvalSection (files, max_rows, batch_size, max_new_tokens, retention_file)."""
+    ``cfg`` is an EvalSection (files, max_rows, batch_size, max_new_tokens, retention_file);
+    ``arch``, ``tuned``'s architecture where the caller has it already."""
     models = {"base": base, label: tuned} if base is not None else {label: tuned}
     models = {name: on_accelerator(m) for name, m in models.items()}
+    archs = routing_archs(models, {label: arch})
     tables, report = {}, {}
     for path in cfg.files:
         rows = read_chat_rows(path, cfg.max_rows)
@@ -166,13 +184,13 @@ def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: 
         save_results(out_dir / f"{Path(path).stem}.json", path, results)
         tables[path] = results
         print(f"\nHeld-out evaluation of {path}:\n{format_table(results)}")
-        routing = routing_summaries(rows, tokenizer, models, "base" if base is not None else None)
+        routing = routing_summaries(rows, tokenizer, models, archs, "base" if base is not None else None)
         if routing:
             report[path] = {"results": results, "routing": routing}
     if cfg.retention_file:
         texts = [t for t in Path(cfg.retention_file).read_text(encoding="utf-8").splitlines() if t.strip()]
         retention = {name: text_loss(m, tokenizer, texts) for name, m in models.items()}
-        write_json(out_dir / "retention.json", {"file": cfg.retention_file, "results": retention})
+        write_json(out_dir / RETENTION_FILE, {"file": cfg.retention_file, "results": retention})
         print("retention, loss on pretraining-domain text: "
               + ", ".join(f"{k} {v['loss']:.3f}" for k, v in retention.items()))
         for entry in report.values():

@@ -23,10 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moe_tune.arch import MoeArch, MoeLayer
+from moe_tune.arch import MoeArch, MoeLayer, text_config
+from moe_tune.errors import MoeTuneError
 from moe_tune.routing import router_bias, router_probs
-
-TERMS = ("aux_loss", "z_loss", "router_kl")
 
 
 def load_balancing_loss(probs: torch.Tensor, topk: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -57,8 +56,8 @@ def router_kl(logits: torch.Tensor, base_logits: torch.Tensor, scoring: str) -> 
 
 
 class RouterRegularizer:
-    """Captures router inputs during a forward (``with reg.capture(model):``) and turns them
-    into the weighted router terms (``reg.terms(attention_mask)``)."""
+    """Captures router inputs during a forward (``with reg: model(...)``) and turns them into
+    the router terms (``reg.terms(attention_mask)``) and their weighted sum (``reg.weighted``)."""
 
     def __init__(self, model: nn.Module, arch: MoeArch, aux: float, z: float, kl: float):
         self.arch, self.coef = arch, {"aux_loss": aux, "z_loss": z, "router_kl": kl}
@@ -141,3 +140,24 @@ class RouterRegularizer:
 
     def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.coef[name] * value for name, value in terms.items())
+
+
+# --- which coefficients apply ----------------------------------------------------------------------
+
+def check_router(router, router_mode: str) -> None:
+    """``router`` is the recipe's RouterSection. The terms read the router weight, which LoRA
+    leaves unchanged: with a LoRA router, terms the recipe asks for are refused."""
+    explicit = router.z_loss_coef or router.anchor_kl_coef or router.aux_loss_coef
+    if router_mode == "lora" and explicit:
+        raise MoeTuneError("router: the router terms are computed from the router weight, which LoRA leaves "
+                           "unchanged; set trainable.router to train or freeze, or turn the terms off")
+
+
+def coefficients(router, config, router_mode: str) -> dict[str, float]:
+    """Weights of the three terms. The load-balancing weight defaults to the model config's
+    ``router_aux_loss_coef``, as TRL's does, except with a LoRA router (see ``check_router``)."""
+    declared = getattr(text_config(config), "router_aux_loss_coef", 0.0) or 0.0
+    aux = router.aux_loss_coef if router.aux_loss_coef is not None else declared
+    if router_mode == "lora" and router.aux_loss_coef is None:
+        aux = 0.0
+    return {"aux_loss": aux, "z_loss": router.z_loss_coef, "router_kl": router.anchor_kl_coef}

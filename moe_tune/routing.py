@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moe_tune.arch import MoeArch, MoeLayer
+from moe_tune.loading import padding_side
 
 
 @dataclass
@@ -50,6 +51,15 @@ def router_bias(tensors: dict[str, torch.Tensor], layer: MoeLayer, correction: b
                 and tensors[name].numel() == layer.num_experts:
             return tensors[name].reshape(-1)
     return None
+
+
+def readable(model: nn.Module, arch: MoeArch) -> bool:
+    """Whether every router weight (and bias) is still where ``arch`` found it. PEFT moves a
+    router's weight when it wraps the router (LoRA) or keeps a trained copy beside it (a router
+    trained in full next to LoRA); the weight left at the old place is then not the one that
+    routes, so nothing is read from it."""
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    return all(layer.router_weight in names and set(layer.router_extras) <= names for layer in arch.layers)
 
 
 def _indices_from_output(output, tokens: int, top_k: int) -> torch.Tensor | None:
@@ -124,11 +134,8 @@ def on_device(model, enc) -> dict[str, torch.Tensor]:
 def chat_batches(tokenizer, rows: list[dict], batch_size: int):
     """Yield (index of the batch's first row, tokenized batch) of whole chat rows, right-padded,
     for teacher-forced passes over prompts and answers."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try:
+    with padding_side(tokenizer, "right"):
         for start in range(0, len(rows), batch_size):
             texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False)
                      for r in rows[start:start + batch_size]]
             yield start, tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side

@@ -112,16 +112,31 @@ def _rank_pattern(plan: Plan, arch: MoeArch, rank_per_part: dict[str, int]) -> d
             if arch.parts[param] in rank_per_part}
 
 
+def base_name(name: str) -> str:
+    """The name a module of a PEFT model has in the base model: PEFT puts the model under
+    ``base_model.model.`` and each wrapped module under ``.base_layer``."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The base model of a PEFT model (LoRA layers still in it), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_parts_exist(overrides: dict[str, str | None], arch: MoeArch) -> None:
+    """A part the recipe names explicitly (not through a preset) must exist in the model."""
+    for part, mode in overrides.items():
+        if mode in ("train", "lora") and not arch.params_in(part):
+            raise MoeTuneError(f"trainable.{part}: {mode}, but this {arch.family} model has no "
+                               f"{part.replace('_', ' ')}; leave trainable.{part} unset")
+
+
 def adapted_tensors(model: nn.Module) -> set[str]:
     """Base-model parameter names that carry a LoRA adapter in a PEFT model."""
     from peft.tuners.lora import LoraLayer  # noqa: PLC0415
 
-    out = set()
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            base = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            out.add(f"{base}.{getattr(module, 'parameter_name', None) or 'weight'}")
-    return out
+    return {f"{base_name(name)}.{getattr(module, 'parameter_name', None) or 'weight'}"
+            for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
 def verify_coverage(model: nn.Module, plan: Plan) -> None:
@@ -184,12 +199,6 @@ def apply_plan(model: nn.Module, plan: Plan, arch: MoeArch, lora) -> nn.Module:
         model = get_peft_model(model, config)
     verify_coverage(model, plan)
     return model
-
-
-def trainable_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters of a (possibly PEFT-wrapped) model."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
 
 
 def part_rows(model: nn.Module, arch: MoeArch, plan: Plan, lora,

@@ -159,3 +159,15 @@ def test_eval_of_a_run_without_model(tmp_path, capsys):
     (tmp_path / "recipe.yaml").write_text("output_dir: x\n")
     code, _, err = run_cli(capsys, "eval", str(tmp_path), "--data", "data/valid.jsonl")
     assert code == 2 and "has no saved model yet" in err
+
+
+@pytest.mark.parametrize("option, expected", [
+    (["--dtype", "float8"], r"argument --dtype: invalid choice: 'float8' \(choose from float32, bfloat16, float16, auto\)"),
+    (["--batch-size", "0"], r"--batch-size: Input should be greater than 0 \(got 0\)"),
+])
+def test_eval_options_are_checked_against_the_recipe_schema(capsys, option, expected):
+    """eval's choices and limits come from the recipe's own definitions, checked before loading."""
+    import re
+
+    code, _, err = run_cli(capsys, "eval", "data/tiny-moe", "--data", "data/heldout.jsonl", *option)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(expected, err), err

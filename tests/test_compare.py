@@ -71,3 +71,30 @@ def test_interrupted_comparison_resumes(tmp_path, capsys):
     assert "± " in (tmp_path / "out" / "comparison.md").read_text()
     for plot in ("score_vs_trainable", "loss_curves"):
         assert (tmp_path / "out" / f"{plot}.png").stat().st_size > 0
+
+
+def test_a_group_the_eval_file_lacks_is_refused_before_anything_runs(tmp_path):
+    from moe_tune.errors import MoeTuneError
+
+    spec = load_spec(write_spec(tmp_path, group="new_phrasings"))
+    with pytest.raises(MoeTuneError, match=r"group: no row of variant 'full''s first eval file .*heldout.jsonl"):
+        check_spec(spec)
+    check_spec(load_spec(write_spec(tmp_path, group="new_phrasing")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_scored_group_is_the_specs_and_the_whole_file_by_default(tmp_path):
+    from moe_tune.compare import measure
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    (run / "plan.json").write_text(json.dumps({"trainable_params": 10}))
+    scores = lambda em, loss: {"exact_match": em, "loss": loss}  # noqa: E731
+    tuned = {"overall": scores(0.5, 1.0), "per_group": {"new_phrasing": scores(0.8, 0.3),
+                                                        "unseen_task": scores(0.0, 5.0)}}
+    (run / "eval" / "report.json").write_text(json.dumps(
+        {"heldout.jsonl": {"results": {"tuned": tuned}, "routing": {}}}))
+    assert measure(run, 1.0, 0.1)["heldout_exact_match"] == 0.5
+    by_group = measure(run, 1.0, 0.1, "new_phrasing")
+    assert by_group["heldout_exact_match"] == 0.8 and by_group["heldout_loss"] == 0.3

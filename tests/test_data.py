@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moe_tune.data import chat_dataset, read_chat_rows, read_rows, split_prompt
+from moe_tune.data import messages_dataset, read_chat_rows, read_rows, split_prompt
 from moe_tune.errors import MoeTuneError
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "task": "t"}
@@ -20,7 +20,7 @@ def test_reads_rows_and_builds_dataset(tmp_path):
     path = write_lines(tmp_path, [json.dumps(GOOD)] * 3 + [""])
     assert len(read_chat_rows(path)) == 3
     assert len(read_chat_rows(path, max_rows=2)) == 2
-    ds = chat_dataset(path)
+    ds = messages_dataset(read_chat_rows(path))
     assert ds.column_names == ["messages"] and len(ds) == 3
     assert split_prompt(GOOD) == ([{"role": "user", "content": "hi"}], "yo")
 
@@ -120,7 +120,7 @@ def test_every_format_and_source_reads_to_chat_rows(tmp_path, write, source, exp
 def test_declared_format_and_dataset_of_any_format(tmp_path):
     path = write_json_list(tmp_path, ALPACA_ROWS)
     assert read_rows(path, fmt="alpaca")[0] == ALPACA_EXPECTED
-    ds = chat_dataset(path, max_rows=2)
+    ds = messages_dataset(read_chat_rows(path, max_rows=2))
     assert ds.column_names == ["messages"] and len(ds) == 2
     assert ds[0]["messages"] == ALPACA_EXPECTED[0]["messages"]
     # A declared format that does not fit is named, not guessed around.
@@ -208,7 +208,7 @@ def test_skip_bad_rows_counts_and_reports(tmp_path):
     # max_rows counts good rows; reading stops there, so later bad rows are not seen.
     assert read_rows(path, max_rows=1, skip_bad_rows=True) == ([ALPACA_EXPECTED[0]], skipped[:2])
     assert read_chat_rows(path, skip_bad_rows=True) == rows
-    assert len(chat_dataset(path, skip_bad_rows=True)) == 2
+    assert len(messages_dataset(read_chat_rows(path, skip_bad_rows=True))) == 2
 
 
 def test_all_rows_bad_is_an_error_even_when_skipping(tmp_path):

@@ -51,7 +51,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert (two / "eval" / "report.json").is_file()
     # the saved model loads and scores like the single-process one (parameters are not compared
     # one by one: Adam turns float-order differences in near-zero gradients into lr-sized steps)
-    from moe_tune.train import load_run_model
+    from moe_tune.run_dir import load_run_model
 
     load_run_model(two, "float32")
     scores = [json.loads((r / "eval" / "report.json").read_text()) for r in (one, two)]
@@ -105,6 +105,6 @@ def test_fsdp2_config_trains_and_saves_like_plain_training(tmp_path):
     for step in a:  # bf16 autocast against FSDP2's bf16 parameters: close, not equal
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=0.05), step
     assert (fsdp / "model" / "model.safetensors").is_file() and (fsdp / "eval" / "report.json").is_file()
-    from moe_tune.train import load_run_model
+    from moe_tune.run_dir import load_run_model
 
     load_run_model(fsdp, "float32")

@@ -1,13 +1,12 @@
 """Evaluation on the shipped model: exact match, assistant-token loss, batched generation."""
 
-import json
 import math
 
 import pytest
 import torch
 
 from moe_tune.data import read_chat_rows
-from moe_tune.evaluate import evaluate, exact_match, format_table, normalize, write_json
+from moe_tune.evaluate import evaluate, exact_match, format_table, normalize
 from moe_tune.loading import load_model
 
 from conftest import SHIPPED_MODEL
@@ -68,13 +67,6 @@ def test_per_task_and_group_breakdown(model_and_tokenizer, rows):
     table = format_table({"base": result, "tuned": result})
     assert table.splitlines()[0].startswith("|  | n | base exact match | tuned exact match")
     assert "task: capital" in table and "group: unseen_task" in table
-
-
-def test_write_json_is_atomic(tmp_path):
-    dest = tmp_path / "eval" / "x.json"
-    write_json(dest, {"a": 1})
-    assert json.loads(dest.read_text()) == {"a": 1}
-    assert [p.name for p in dest.parent.iterdir()] == ["x.json"]
 
 
 def test_rouge_l_uses_the_maintained_scorer():

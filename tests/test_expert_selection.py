@@ -9,11 +9,12 @@ import torch
 from moe_tune.arch import describe
 from moe_tune.data import read_chat_rows
 from moe_tune.errors import MoeTuneError
-from moe_tune.expert_selection import load_selection, score_experts, select_top_p
+from moe_tune.expert_selection import check_selection, load_selection, score_experts, select_top_p
 from moe_tune.loading import load_model
 from moe_tune.recipe import load_recipe
 from moe_tune.routing import RouterTap
-from moe_tune.train import apply_trainable, build_trainer, check_selection
+from moe_tune.train import make_trainable, plan_run
+from moe_tune.trainer import build_trainer
 from moe_tune.trainable import make_plan, resolve_modes
 
 from conftest import ROOT, SHIPPED_MODEL
@@ -90,8 +91,9 @@ def test_esft_leaves_unselected_experts_bit_identical(tmp_path, mode):
     model, tokenizer = load_model(str(SHIPPED_MODEL))
     arch = describe(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model = apply_trainable(recipe, model, tokenizer, tmp_path)
-    build_trainer(recipe, tmp_path, model, tokenizer).train()
+    setup = plan_run(recipe)
+    model = make_trainable(setup, model, arch, tokenizer)
+    build_trainer(recipe, setup.sft_args, model, tokenizer, arch).train()
     selection = json.loads((tmp_path / "expert_selection.json").read_text())["selected"]
     # the run's plan.json (what compare reports) counts only the selected experts' share
     counted = json.loads((tmp_path / "plan.json").read_text())["parts"]

@@ -187,3 +187,25 @@ def test_cuda_grouped_kernel_matches(model_type, lora, monkeypatch):
         assert fast_experts.route_lora_through(fast) == len(describe(fast.get_base_model()).layers)
     inputs = {k: v.cuda() for k, v in batch(ref).items()}
     assert_same_numbers(ref, fast, inputs, atol=1e-4, rtol=1e-3, grad_rtol=1e-2)
+
+
+def test_lora_really_goes_through_the_grouped_inputs():
+    """``route_lora_through`` is moe_tune's one reach into PEFT's internals: it rebinds the
+    forward of PEFT's ParamWrapper and reads its LoRA factors. PEFT's own path parametrizes the
+    experts' weight (rebuilding W + BA) while the experts run; the rerouted path must not. If
+    PEFT changes underneath, the rerouting count or this check fails loudly."""
+    from torch.nn.utils import parametrize
+
+    model = lora_experts(tiny("mixtral"))
+    fast_experts.use_fast_experts(model.get_base_model())
+    seen = []
+    for module in model.modules():
+        if getattr(module, "gate_up_proj", None) is not None and not hasattr(module, "base_layer"):
+            module.register_forward_pre_hook(lambda m, args: seen.append(parametrize.is_parametrized(m)))
+    with torch.no_grad():
+        model(**batch(model))  # PEFT's path: the weight is parametrized while the experts run
+        assert seen and all(seen)
+        seen.clear()
+        assert fast_experts.route_lora_through(model) == len(describe(model.get_base_model()).layers)
+        model(**batch(model))
+    assert seen and not any(seen)

@@ -8,7 +8,8 @@ from moe_tune.cli import main
 from moe_tune.errors import MoeTuneError
 from moe_tune.loading import load_model
 from moe_tune.recipe import load_recipe
-from moe_tune.train import apply_trainable, build_trainer
+from moe_tune.train import make_trainable, plan_run
+from moe_tune.trainer import build_trainer
 
 from conftest import ROOT, SHIPPED_MODEL
 
@@ -37,8 +38,9 @@ def test_4bit_quantizes_linear_layers_only():
 def test_4bit_lora_keeps_learning_after_evaluation(tmp_path):
     recipe = recipe_for(tmp_path, "model.load_in_4bit=true", "trainable.preset=lora_all")
     model, tokenizer = load_model(str(SHIPPED_MODEL), bits=4)
-    model = apply_trainable(recipe, model, tokenizer)
-    trainer = build_trainer(recipe, tmp_path, model, tokenizer)
+    setup, arch = plan_run(recipe), describe(model)
+    model = make_trainable(setup, model, arch, tokenizer)
+    trainer = build_trainer(recipe, setup.sft_args, model, tokenizer, arch)
     snapshots = []
 
     class Snapshot(__import__("transformers").TrainerCallback):
@@ -84,7 +86,7 @@ def test_guard_stops_when_gradients_vanish():
     import bitsandbytes as bnb
     from bitsandbytes.functional import has_avx512bf16
 
-    from moe_tune.train import GradientGuard
+    from moe_tune.trainer import GradientGuard
 
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16 kernel path to break the graph")
@@ -98,7 +100,7 @@ def test_guard_stops_when_gradients_vanish():
 
 
 def test_work_around_keeps_every_adapter_learning():
-    from moe_tune.train import GradientGuard
+    from moe_tune.trainer import GradientGuard
 
     model, _ = load_model(str(SHIPPED_MODEL), bits=4)
     guard = GradientGuard()
@@ -126,11 +128,11 @@ def test_quantization_conflicts(tmp_path, capsys, overrides, expected):
 
 def test_plan_memory_counts_4bit_linears():
     from moe_tune.accounting import NF4_BYTES
-    from moe_tune.train import preview_plan
+    from moe_tune.train import plan_run
 
-    full = preview_plan(load_recipe(ROOT / "recipes" / "quickstart.yaml", ["trainable.preset=lora_attention"]))
-    q4 = preview_plan(load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                                  ["trainable.preset=lora_attention", "model.load_in_4bit=true"]))
+    full = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml", ["trainable.preset=lora_attention"])).report
+    q4 = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml",
+                              ["trainable.preset=lora_attention", "model.load_in_4bit=true"])).report
     attention = next(r["params"] for r in full["parts"] if r["part"] == "attention")
     saved = attention * (4 - NF4_BYTES) / 1e9  # fp32 -> NF4 for the attention linears only
     assert full["memory_gb"] - q4["memory_gb"] == pytest.approx(saved, abs=2e-3)

@@ -59,6 +59,18 @@ def test_shipped_recipes_point_at_existing_files(path):
         assert (ROOT / recipe.model.path / "config.json").is_file()
 
 
+def test_the_trainable_section_has_a_field_per_part_and_the_presets_of_trainable():
+    import typing
+
+    from moe_tune.arch import PARTS
+    from moe_tune.recipe import TrainableSection
+    from moe_tune.trainable import PRESETS
+
+    fields = set(TrainableSection.model_fields) - {"preset", "expert_selection"}
+    assert fields == set(PARTS)
+    assert typing.get_args(TrainableSection.model_fields["preset"].annotation) == tuple(PRESETS)
+
+
 def test_every_preset_has_a_recipe_for_the_shipped_model():
     from moe_tune.trainable import PRESETS
 

@@ -132,7 +132,8 @@ def test_all_terms_off_gives_trls_plain_loss(tmp_path):
 
     from moe_tune.loading import load_model
     from moe_tune.recipe import load_recipe
-    from moe_tune.train import attach_regularizers, build_trainer, sft_config
+    from moe_tune.train import attach_regularizers, plan_run
+    from moe_tune.trainer import build_trainer, sft_config
 
     from conftest import ROOT, SHIPPED_MODEL
 
@@ -140,8 +141,9 @@ def test_all_terms_off_gives_trls_plain_loss(tmp_path):
                  "data.max_train_rows=96", "eval.files=[]", "router.aux_loss_coef=0"]
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
     model, tokenizer = load_model(str(SHIPPED_MODEL))
-    reg = attach_regularizers(recipe, model)
-    ours = build_trainer(recipe, tmp_path / "a", model, tokenizer, reg)
+    setup, arch = plan_run(recipe), describe(model)
+    reg = attach_regularizers(setup, model, arch)
+    ours = build_trainer(recipe, setup.sft_args, model, tokenizer, arch, reg)
     ours.train()
     model, tokenizer = load_model(str(SHIPPED_MODEL))
     train = ours.train_dataset

@@ -13,7 +13,8 @@ from moe_tune.arch import PARTS, describe
 from moe_tune.errors import MoeTuneError
 from moe_tune.loading import load_model
 from moe_tune.recipe import LoraSection, load_recipe
-from moe_tune.train import apply_trainable, build_trainer
+from moe_tune.train import make_trainable, plan_run
+from moe_tune.trainer import build_trainer
 from moe_tune.trainable import PRESETS, adapted_tensors, apply_plan, make_plan, resolve_modes
 
 from conftest import ROOT, SHIPPED_MODEL
@@ -40,8 +41,9 @@ def train_preset(tmp_path, *overrides):
     model, tokenizer = load_model(str(SHIPPED_MODEL))
     arch = describe(model)
     before = base_weights(model)
-    model = apply_trainable(recipe, model, tokenizer)
-    trainer = build_trainer(recipe, tmp_path, model, tokenizer)
+    setup = plan_run(recipe)
+    model = make_trainable(setup, model, arch, tokenizer)
+    trainer = build_trainer(recipe, setup.sft_args, model, tokenizer, arch)
     trainer.train()
     return recipe, arch, before, trainer.model
 
@@ -137,7 +139,7 @@ def plan_json(capsys, *overrides):
 
 @pytest.mark.parametrize("preset", ["lora_experts", "lora_all", "freeze_experts"])
 def test_plan_counts_match_the_real_wrapped_model(capsys, preset):
-    from moe_tune.trainable import apply_plan, trainable_counts
+    from moe_tune.trainable import apply_plan
 
     report = plan_json(capsys, f"trainable.preset={preset}")
     model, _ = load_model(str(SHIPPED_MODEL))
@@ -145,7 +147,7 @@ def test_plan_counts_match_the_real_wrapped_model(capsys, preset):
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"trainable.preset={preset}"])
     plan = make_plan(model, arch, resolve_modes(preset, {}))
     wrapped = apply_plan(model, plan, arch, recipe.lora)
-    assert report["trainable_params"] == trainable_counts(wrapped)[0]
+    assert report["trainable_params"] == sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     assert report["total_params"] == sum(p.numel() for p in load_model(str(SHIPPED_MODEL))[0].parameters())
     assert report["lora_tensors"] == len(plan.lora_targets)
     assert report["memory_gb"] > 0

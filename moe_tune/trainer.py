@@ -1,0 +1,268 @@
+"""TRL's SFTTrainer as moe_tune runs it: its defaults, the router terms in the loss, and the
+callbacks that guard and record a run.
+
+``build_trainer`` takes what the run already worked out (the recipe, the SFTConfig from
+``sft_config``, the model's architecture and its router regularizer) and reads the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from moe_tune import distributed, routing, routing_stats
+from moe_tune.data import messages_dataset, read_chat_rows, read_rows
+from moe_tune.errors import MoeTuneError
+from moe_tune.router_losses import RouterRegularizer
+from moe_tune.trainable import unwrapped
+from moe_tune.run_dir import (CHECKPOINTS, DATA_REPORT_FILE, METRICS_FILE, TENSORBOARD_DIR,
+                              complete_checkpoints, write_json)
+
+# Where the recipe leaves them unset. On a CPU: no activation checkpointing (it recomputes the
+# forward to save memory a CPU run rarely lacks), torch's fused AdamW (one pass over each tensor:
+# 0.06 s against 0.3 s per step for 80M parameters), and bf16 autocast only where the CPU has AMX
+# tiles, whose bf16 matmuls run 2-4x fp32 (benchmarks/throughput.py measures it); without them
+# bf16 matmuls are emulated and slower than fp32. On a GPU, TRL's own.
+CPU_DEFAULTS = {"use_cpu": True, "bf16": torch.cpu._is_amx_tile_supported(), "activation_checkpointing": False,
+                "dataloader_pin_memory": False, "optim": "adamw_torch_fused"}
+_CHECKPOINTING_NAMES = {"activation_checkpointing", "gradient_checkpointing"}  # new and deprecated name
+# router_aux_loss_coef: moe_tune computes the load-balancing loss itself (router_losses.py), once,
+# for every family; TRL's (and with it the model's own) stays off.
+# TensorBoard (offline, into RUN/tensorboard) gets every logged value, as metrics.jsonl does.
+# Checkpoints (model, optimizer, scheduler, RNG, data position) every 200 steps, the last 2 kept:
+# what `moe-tune train ... --resume` continues from.
+DEFAULTS = {"assistant_only_loss": True, "report_to": "tensorboard", "logging_steps": 10,
+            "save_strategy": "steps", "save_steps": 200, "save_total_limit": 2, "router_aux_loss_coef": 0.0}
+
+
+def sft_config(recipe, run: Path) -> SFTConfig:
+    """TRL's SFTConfig for the recipe: moe_tune's defaults, then the recipe's ``sft`` section."""
+    args = dict(DEFAULTS, **({} if torch.cuda.is_available() else CPU_DEFAULTS))
+    if _CHECKPOINTING_NAMES & set(recipe.sft):  # the recipe's choice, under either name, wins
+        args.pop("activation_checkpointing", None)
+    args.update(recipe.sft)
+    if recipe.data.valid is None and args.get("eval_strategy", "no") != "no":
+        raise MoeTuneError("sft.eval_strategy is set but data.valid is not; add a validation file")
+    if args.get("fsdp") and distributed.world_size() == 1:  # Trainer would stop with a traceback
+        raise MoeTuneError("sft.fsdp: FSDP shards a model over several processes; launch with torchrun or "
+                           "accelerate launch (recipes/accelerate/fsdp2.yaml sets FSDP up itself), or drop sft.fsdp")
+    try:
+        return SFTConfig(output_dir=str(run / CHECKPOINTS), seed=recipe.seed, **args)
+    except (ValueError, TypeError) as e:
+        raise MoeTuneError(f"sft: TRL rejected the settings: {e}") from None
+
+
+class GradientGuard(TrainerCallback):
+    """Stop, rather than train on silently, when trainable weights stop receiving gradients.
+
+    At the first step, the tensors that get a gradient are noted (none at all is an error);
+    at the first step after each evaluation, all of them must still get one. Quantized CPU
+    kernels have been seen to cut the graph right after an eval-mode forward."""
+
+    def __init__(self):
+        self.check, self.live = True, None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.check = True
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.check or model is None:
+            return
+        self.check = False
+        live = {n for n, p in model.named_parameters()
+                if p.requires_grad and p.grad is not None and bool(p.grad.abs().sum() > 0)}
+        if self.live is None:
+            if not live:
+                raise MoeTuneError(f"step {state.global_step + 1}: no trainable tensor received a gradient; "
+                                   "stopping instead of training on silently")
+            self.live = live
+        elif self.live - live:
+            dead = sorted(self.live - live)
+            raise MoeTuneError(f"step {state.global_step + 1}: {len(dead)} trainable tensors stopped receiving "
+                               f"gradients after evaluation (e.g. {dead[0]}); stopping instead of training on "
+                               "silently")
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every logged dict (loss, learning_rate, aux_loss, eval_loss, ...) to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class RoutingProbe:
+    """Routing summary of the model on a fixed sample of validation rows, with drift from the
+    routing the model had when the probe was made (before training)."""
+
+    SAMPLE = 64  # rows: enough for a stable load estimate, a fraction of a second on the tiny model
+
+    def __init__(self, model, arch, tokenizer, rows: list[dict]):
+        self.model, self.arch, self.tokenizer, self.rows = model, arch, tokenizer, rows[:self.SAMPLE]
+        self.base = routing_stats.profile(model, arch, tokenizer, self.rows)
+
+    def __call__(self) -> dict[str, float]:
+        now = routing_stats.profile(self.model, self.arch, self.tokenizer, self.rows)
+        summary = routing_stats.summarize(now, self.base)["mean_over_layers"]
+        return {f"routing/{key}": value for key, value in summary.items()}
+
+
+def non_finite_message(step: int, value: float, run: Path) -> str:
+    done = complete_checkpoints(run)
+    keep = (f"the last good checkpoint is {done[-1]}: resume from it with --resume" if done
+            else "no checkpoint was saved yet")
+    return (f"step {step}: the loss is {value}; stopping ({keep}). Lower sft.learning_rate, keep "
+            "sft.max_grad_norm on, or use model.dtype: float32 / bf16 instead of float16")
+
+
+class MoeSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer plus moe_tune's router terms, each logged under its own name, and a
+    routing summary after each evaluation."""
+
+    def __init__(self, *args, regularizer: RouterRegularizer | None = None,
+                 routing_probe: RoutingProbe | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer
+        self.routing_probe = routing_probe
+        # router terms per micro-batch since the last log, by mode; averaged into the next log
+        self.router_terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The router terms' means join the logged values, named as TRL names its own
+        (``eval_`` in front during evaluation)."""
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{name}": sum(v) / len(v) for name, v in self.router_terms[mode].items()})
+        self.router_terms[mode].clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        if self.routing_probe is not None:
+            self.log(self.routing_probe())
+        return metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self._moe_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if self.model.training and not bool(torch.isfinite(loss.detach()).all()):
+            raise MoeTuneError(non_finite_message(self.state.global_step + 1, loss.item(),
+                                                  Path(self.args.output_dir).parent))
+        return result
+
+    def _moe_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        reg = self.regularizer
+        if reg is None or not reg.active:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with reg:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        terms = reg.terms(inputs.get("attention_mask"))
+        if not terms:
+            return result
+        mode = "train" if self.model.training else "eval"
+        weighted = reg.weighted(terms)
+        for name, value in terms.items():
+            self.router_terms[mode][name].append(value.item())
+        self.router_terms[mode]["router_loss"].append(weighted.item())
+        # per-micro-batch means: with token-count normalisation, Trainer leaves gradient
+        # accumulation to the loss, so average them over the accumulation steps (as TRL does)
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and mode == "train" else 1
+        if return_outputs:
+            return result[0] + weighted / steps, result[1]
+        return result + weighted / steps
+
+    # --- the one reach into Trainer's internals (tests/test_trainer.py fails if it moves) ---
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume with the checkpoint's weights read through transformers' own loading.
+
+        transformers 5 saves fused experts in the checkpoint family's original layout (Mixtral:
+        one w1/w2/w3 per expert) and Trainer reads the file back with strict=False, so on resume
+        the experts and routers would silently stay at their base values. PEFT adapters keep
+        their names and go through Trainer's own path."""
+        model = model if model is not None else self.model
+        if hasattr(model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+
+
+def load_data(recipe, run: Path):
+    """(train, valid) datasets; rows skipped under data.skip_bad_rows are reported in the run."""
+    data, skipped, sets = recipe.data, {}, []
+    for path, limit in ((data.train, data.max_train_rows), (data.valid, None)):
+        if path is None:
+            sets.append(None)
+            continue
+        rows, bad = read_rows(path, limit, data.format, data.skip_bad_rows)
+        sets.append(messages_dataset(rows))
+        if bad:
+            skipped[path] = bad
+            print(f"note: skipped {len(bad)} bad rows of {path} (see {DATA_REPORT_FILE}), e.g. {bad[0]}")
+    if skipped and distributed.is_main():
+        write_json(run / DATA_REPORT_FILE, {"skipped_rows": {p: len(b) for p, b in skipped.items()},
+                                             "messages": skipped})
+    return sets[0], sets[1]
+
+
+def routing_probe(recipe, model, arch, tokenizer) -> RoutingProbe | None:
+    """A probe on the validation rows, when there are some and the routers can be read."""
+    inner = unwrapped(model)
+    if recipe.data.valid is None or not routing.readable(inner, arch):
+        return None
+    rows = read_chat_rows(recipe.data.valid, RoutingProbe.SAMPLE, recipe.data.format, recipe.data.skip_bad_rows)
+    return RoutingProbe(inner, arch, tokenizer, rows)
+
+
+def fsdp_dropped(args: SFTConfig, trainer: SFTTrainer) -> bool:
+    """FSDP was asked for (sft.fsdp, or an accelerate config) but accelerate did not turn it on:
+    it does so only on accelerators, and on a CPU the run is plain DDP with whole parameters."""
+    asked = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return asked and not trainer.is_fsdp_enabled
+
+
+def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch,
+                  regularizer: RouterRegularizer | None = None) -> MoeSFTTrainer:
+    """The trainer of the run in ``recipe.output_dir``, for a model made trainable already."""
+    run = Path(recipe.output_dir)
+    train, valid = load_data(recipe, run)
+    if "tensorboard" in (args.report_to or []):
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / TENSORBOARD_DIR)  # read by transformers' TB callback
+    trainer = MoeSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
+                            processing_class=tokenizer, regularizer=regularizer,
+                            routing_probe=routing_probe(recipe, model, arch, tokenizer),
+                            callbacks=[MetricsLog(run / METRICS_FILE), GradientGuard()])
+    if fsdp_dropped(args, trainer) and distributed.is_main():
+        print(f"note: FSDP was asked for, but accelerate does not shard on {args.device.type.upper()}: every "
+              "process holds every parameter whole (plain DDP)")
+    return trainer
+
+
+def out_of_memory_message(recipe) -> str:
+    sft = recipe.sft
+    return ("out of memory while training: lower sft.per_device_train_batch_size "
+            f"(now {sft.get('per_device_train_batch_size', 8)}) and raise sft.gradient_accumulation_steps to "
+            f"keep the batch, lower sft.max_length (now {sft.get('max_length', 1024)}), set "
+            "sft.activation_checkpointing: true, or train fewer parts (trainable.preset: lora_experts, "
+            "freeze_experts); `moe-tune plan` estimates the peak")
+
+
+def train(trainer: MoeSFTTrainer, recipe, checkpoint: Path | None) -> None:
+    """Trainer.train, from ``checkpoint`` when resuming; running out of memory says what to lower."""
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise MoeTuneError(out_of_memory_message(recipe)) from e
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        raise MoeTuneError(out_of_memory_message(recipe)) from e

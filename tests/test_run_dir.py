@@ -1,0 +1,66 @@
+"""The run folder: claiming it, writing into it without half-files, and loading its model."""
+
+import json
+
+import pytest
+
+from moe_tune.errors import MoeTuneError
+from moe_tune.run_dir import prepare_run_dir, write_json
+
+
+def test_prepare_run_dir(tmp_path):
+    run = prepare_run_dir(str(tmp_path / "a" / "b"), overwrite=False)
+    assert run.is_dir()
+    (run / "recipe.yaml").write_text("x")
+    with pytest.raises(MoeTuneError, match="already holds a run"):
+        prepare_run_dir(str(run), overwrite=False)
+    assert prepare_run_dir(str(run), overwrite=True) == run and not any(run.iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MoeTuneError, match="is a file"):
+        prepare_run_dir(str(tmp_path / "file"), overwrite=True)
+
+
+def test_write_json_is_atomic(tmp_path):
+    dest = tmp_path / "eval" / "x.json"
+    write_json(dest, {"a": 1})
+    assert json.loads(dest.read_text()) == {"a": 1}
+    assert [p.name for p in dest.parent.iterdir()] == ["x.json"]
+
+
+def test_folder_in_place_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
+    from moe_tune.run_dir import folder_in_place
+
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with folder_in_place(final) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("killed while writing")
+    assert [p.name for p in final.iterdir()] == ["old.txt"]
+    with folder_in_place(final) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in final.iterdir()] == ["new.txt"] and not tmp.exists()
+
+
+@pytest.mark.slow
+def test_a_lora_run_loads_from_any_directory(tmp_path, monkeypatch, capsys):
+    """adapter_config.json names the base model by a path that resolves from anywhere, so
+    PEFT's own loader (and every tool that reads the base from the adapter) finds it."""
+    from peft import AutoPeftModelForCausalLM
+
+    from moe_tune.cli import main
+
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # the recipe names the model relative to the repository: data/tiny-moe
+    run = tmp_path / "run"
+    code = main(["train", "recipes/strategies/lora_experts.yaml", f"output_dir={run}", "sft.max_steps=2",
+                 "sft.eval_strategy=no", "data.max_train_rows=16", "eval.files=[]", "eval.retention_file=null"])
+    assert code == 0, capsys.readouterr().err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = AutoPeftModelForCausalLM.from_pretrained(run / "model")
+    assert model.peft_config["default"].base_model_name_or_path == str(ROOT / "data" / "tiny-moe")
+    assert any("lora_A" in name for name, _ in model.named_parameters())
