@@ -12,6 +12,8 @@ at most 1.10).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import sys
@@ -54,7 +56,8 @@ def seconds_per_step(overrides: list[str], steps: int, warmup: int) -> float:
                              [f"output_dir={tmp}", f"sft.max_steps={steps + warmup}", "sft.eval_strategy=no",
                               "sft.logging_steps=1000", "eval.files=[]", *overrides])
         model, tokenizer = load_model(str(ROOT / recipe.model.path))
-        trainer, _ = trainer_for(plan_run(recipe), model, tokenizer)  # what `moe-tune train` runs
+        with contextlib.redirect_stdout(io.StringIO()):  # its plan table, printed by every build
+            trainer, _ = trainer_for(plan_run(recipe), model, tokenizer)  # what `moe-tune train` runs
         timer = StepTimer(warmup)
         trainer.add_callback(timer)
         trainer.train()
