@@ -67,6 +67,20 @@ def activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: in
         + tokens * per_token / layers
 
 
+def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_args, batch: int | None = None,
+                            checkpointing: bool | None = None) -> tuple[float, str]:
+    """(bytes, what they assume) of ``activation_bytes`` for one micro-batch as the run's SFTConfig
+    sets it, or with another ``batch`` size or ``checkpointing`` (what `plan` suggests)."""
+    batch = sft_args.per_device_train_batch_size if batch is None else batch
+    checkpointing = bool(sft_args.gradient_checkpointing) if checkpointing is None else checkpointing
+    autocast = bool(sft_args.bf16 or sft_args.fp16) and DTYPE_BYTES[dtype] == 4  # fp32 weights, 16-bit matmuls
+    tokens = batch * (sft_args.max_length or 1024)  # rows of sft.max_length tokens: the largest micro-batch
+    acts = activation_bytes(model, arch, tokens, 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4, autocast,
+                            checkpointing)
+    return acts, (f"{tokens} tokens per micro-batch, {'bf16 autocast' if autocast else dtype}, "
+                  f"checkpointing {'on' if checkpointing else 'off'}")
+
+
 def _activation_terms(model, arch, tokens, act_bytes, autocast):
     """(bytes per token over all layers, autocast weight copies per layer, layers, head bytes)."""
     config = text_config(model.config)

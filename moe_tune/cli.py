@@ -9,7 +9,7 @@ import warnings
 import sys
 from pathlib import Path
 
-from moe_tune.errors import MoeTuneError
+from moe_tune.errors import Interrupted, MoeTuneError
 
 
 def cmd_train(args) -> None:
@@ -17,14 +17,14 @@ def cmd_train(args) -> None:
 
     from moe_tune.run_dir import RECIPE_FILE  # noqa: PLC0415
 
-    target = Path(args.recipe)
-    if target.is_dir():  # a run folder: its own recipe.yaml, to resume
+    target, overrides = Path(args.recipe), args.overrides
+    if target.is_dir():  # a run folder: its own recipe.yaml, to resume, wherever the folder is now
         if not (target / RECIPE_FILE).is_file():
             raise MoeTuneError(f"{target}: a folder without {RECIPE_FILE}; give a recipe file or a moe-tune run folder")
         if not args.resume:
             raise MoeTuneError(f"{target}: a run folder; add --resume to continue it, or give a recipe file")
-        target = target / RECIPE_FILE
-    recipe = load_recipe(target, args.overrides)
+        target, overrides = target / RECIPE_FILE, [*overrides, f"output_dir={target.resolve()}"]
+    recipe = load_recipe(target, overrides)
     if args.resume and args.overwrite:
         raise MoeTuneError("--resume and --overwrite: choose one (continue the run, or start it again)")
     from moe_tune.train import run_training  # noqa: PLC0415
@@ -35,7 +35,7 @@ def cmd_train(args) -> None:
 def cmd_compare(args) -> None:
     from moe_tune.compare import load_spec, run_comparison  # noqa: PLC0415
 
-    run_comparison(load_spec(args.spec, args.overrides))
+    run_comparison(load_spec(args.spec, args.overrides), overwrite=args.overwrite)
 
 
 def cmd_plan(args) -> None:
@@ -43,12 +43,21 @@ def cmd_plan(args) -> None:
 
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
 
+    gpus = None
+    if args.gpu_memory or args.gpus is not None or args.accelerate_config:  # checked before anything loads
+        from moe_tune.fit import fit_report, format_fit, target  # noqa: PLC0415
+
+        gpus = target(args.gpu_memory, args.gpus, args.accelerate_config)
     recipe = load_recipe(args.recipe, args.overrides)
     from moe_tune.train import plan_run  # noqa: PLC0415
     from moe_tune.trainable import format_plan  # noqa: PLC0415
 
-    report = plan_run(recipe).report
-    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+    setup = plan_run(recipe)
+    report = setup.report if gpus is None else {**setup.report, "per_device": fit_report(setup, gpus)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_plan(report) + (f"\n{format_fit(report['per_device'])}" if gpus else ""))
 
 
 def cmd_select_experts(args) -> None:
@@ -56,35 +65,45 @@ def cmd_select_experts(args) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     from moe_tune.arch import describe  # noqa: PLC0415
-    from moe_tune.expert_selection import save_selection, select_experts  # noqa: PLC0415
+    from moe_tune.data import read_chat_rows  # noqa: PLC0415
+    from moe_tune.expert_selection import save_selection, score_experts, select_top_p  # noqa: PLC0415
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import ExpertSelectionSection  # noqa: PLC0415
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MoeTuneError(f"{out}: already exists; pass --overwrite or --out another file")
-    cfg = recipe.trainable.selection() or ExpertSelectionSection()
-    recipe.trainable.expert_selection = cfg.model_copy(update={"file": None})
+    cfg = recipe.trainable.selection() or ExpertSelectionSection()  # always scores, even with a file set
+    rows = read_chat_rows(recipe.data.train, cfg.rows, recipe.data.format, recipe.data.skip_bad_rows)
+    method = {"gate": "gate score (router probability, averaged over tokens)",
+              "token": "token score (share of the top-k slots)"}[cfg.score]
+    print(f"scoring experts by {method} on {len(rows)} rows of {recipe.data.train}; top_p {cfg.top_p}")
+    print("each line: MoE block: kept/all experts, the kept experts' share of the block's routing "
+          "(at least top_p), then id:share per kept expert")
     model, tokenizer = load_model(recipe.model.path, recipe.model.dtype)
     arch = describe(model)
-    shares, selection = select_experts(recipe, model, arch, tokenizer)
+    shares = score_experts(model, arch, tokenizer, rows, cfg.score)
+    selection = select_top_p(shares, cfg.top_p)
     for block, experts in selection.items():
         top = ", ".join(f"{e}:{shares[block][e]:.2f}" for e in experts)
-        print(f"{block}: {len(experts)}/{len(shares[block])} experts  {top}")
+        kept = sum(shares[block][e] for e in experts)
+        print(f"{block}: {len(experts)}/{len(shares[block])} experts, {kept:.2f} of the routing  {top}")
     save_selection(out, cfg.score, cfg.top_p, shares, selection)
     print(f"written to {out}; use it with trainable.expert_selection.file={out}")
 
 
-def eval_section(args):
-    """The EvalSection of the command line: options not given keep the section's defaults."""
+def eval_section(args, base=None):
+    """The EvalSection of the command line: ``base`` (a run's own, or the defaults) with the
+    options given on top."""
     from pydantic import ValidationError  # noqa: PLC0415
 
     from moe_tune.recipe import EvalSection  # noqa: PLC0415
 
-    given = {"max_rows": args.max_rows, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    given = {"files": args.data, "retention_file": args.retention, "max_rows": args.max_rows,
+             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    start = base.model_dump() if base is not None else {}
     try:
-        return EvalSection(files=args.data, retention_file=args.retention,
-                           **{key: value for key, value in given.items() if value is not None})
+        return EvalSection(**{**start, **{key: value for key, value in given.items() if value is not None}})
     except ValidationError as e:
         err = e.errors()[0]
         raise MoeTuneError(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err['input']!r})") from None
@@ -95,37 +114,49 @@ def cmd_eval(args) -> None:
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import ModelSection  # noqa: PLC0415
     from moe_tune.report import evaluate_and_report  # noqa: PLC0415
-    from moe_tune.run_dir import EVAL_DIR, RECIPE_FILE, load_run_model  # noqa: PLC0415
+    from moe_tune.run_dir import (EVAL_DIR, RECIPE_FILE, REPORT_MD, check_replaceable,  # noqa: PLC0415
+                                  folder_in_place, is_evaluation, load_run_model, load_run_recipe)
 
-    cfg = eval_section(args)
-    dtype = args.dtype or ModelSection.model_fields["dtype"].default
     target = Path(args.model)
     is_run = (target / RECIPE_FILE).is_file()
-    for path in args.data:  # bad data is reported before any model loads
-        read_chat_rows(path, args.max_rows)
-    if args.retention and not Path(args.retention).is_file():
-        raise MoeTuneError(f"{args.retention}: --retention file not found")
     if args.adapter and is_run:
         raise MoeTuneError(f"{target}: a run folder already knows its adapter; drop --adapter")
+    if not is_run and not args.data:
+        raise MoeTuneError(f"{target}: not a run folder, so give the held-out data with --data FILE")
+    # a run is evaluated as it was (its own eval section and dtype) unless an option says otherwise
+    recipe = load_run_recipe(target) if is_run else None
+    cfg = eval_section(args, recipe.eval if recipe else None)
+    dtype = args.dtype or (recipe.model.dtype if recipe else ModelSection.model_fields["dtype"].default)
+    if is_run:  # RUN/eval is the run's own evaluation; other data gets a folder of its own
+        default_out = target / EVAL_DIR if not args.data else target / f"{EVAL_DIR}-{'+'.join(Path(f).stem for f in cfg.files)}"
+    elif args.adapter:  # runs' adapters are all called model: name the folder by the run too
+        default_out = Path(EVAL_DIR) / f"{Path(args.adapter).resolve().parent.name}-{Path(args.adapter).name}"
+    else:
+        default_out = Path(EVAL_DIR) / target.name
+    out = Path(args.out) if args.out else default_out
+    check_replaceable(out, args.overwrite, is_evaluation, "a moe-tune evaluation")
+    for path in cfg.files:  # bad data is reported before any model loads
+        read_chat_rows(path, cfg.max_rows)
+    if cfg.retention_file and not Path(cfg.retention_file).is_file():
+        raise MoeTuneError(f"{cfg.retention_file}: --retention file not found")
     model, tokenizer, base_path = load_run_model(target, dtype, args.adapter)
     base = load_model(base_path, dtype)[0] if base_path and not args.no_base else None
-    default_out = target / EVAL_DIR if is_run else Path(EVAL_DIR) / (Path(args.adapter).name if args.adapter else target.name)
     label = "tuned" if base_path else target.name
-    out = Path(args.out) if args.out else default_out
-    evaluate_and_report(model, tokenizer, cfg, out, base=base, label=label)
-    print(f"written to {out}")
+    with folder_in_place(out) as tmp:  # an evaluation replaced (--overwrite) stays whole until the new one is
+        reported = evaluate_and_report(model, tokenizer, cfg, tmp, base=base, label=label)
+    print(f"report: {out / REPORT_MD}" if reported else f"written to {out}")
 
 
 def cmd_export(args) -> None:
     from moe_tune.data import read_chat_rows  # noqa: PLC0415
-    from moe_tune.export import merge_and_check, write_checkpoint  # noqa: PLC0415
-    from moe_tune.recipe import load_recipe  # noqa: PLC0415
-    from moe_tune.run_dir import RECIPE_FILE, load_run_model  # noqa: PLC0415
+    from moe_tune.export import check_destination, merge_and_check, write_checkpoint  # noqa: PLC0415
+    from moe_tune.run_dir import RECIPE_FILE, load_run_model, load_run_recipe  # noqa: PLC0415
 
     run = Path(args.run)
     if not (run / RECIPE_FILE).is_file():
         raise MoeTuneError(f"{run}: not a moe-tune run folder (no {RECIPE_FILE})")
-    recipe = load_recipe(run / RECIPE_FILE)
+    check_destination(Path(args.merged), args.overwrite)  # before minutes of loading and merging
+    recipe = load_run_recipe(run)
     sample = (recipe.eval.files or [recipe.data.valid or recipe.data.train])[0]
     rows = read_chat_rows(sample, args.check_rows)
     model, tokenizer, _ = load_run_model(run, recipe.model.dtype)
@@ -153,6 +184,22 @@ def cmd_inspect(args) -> None:
     print(json.dumps(result, indent=2) if args.json else format_summary(result))
 
 
+def _add_recipe(command, what: str) -> None:
+    """A recipe and dotted overrides of its keys, as train, plan and select-experts take them."""
+    command.add_argument("recipe", help=what)
+    command.add_argument("overrides", nargs="*", help="dotted overrides of recipe keys, e.g. sft.max_steps=3 "
+                                                      "trainable.expert_selection.top_p=0.3 output_dir=/tmp/x")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("moe_tune")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def _one_of(module: str, name: str):
     """An argparse type accepting the keys of ``module.name``, imported only when the option is
     given (the package's modules load torch; ``moe-tune --help`` stays quick)."""
@@ -175,24 +222,30 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="moe-tune", description="Instruction-tune pretrained MoE models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    # --debug after the command too (`moe-tune train r.yaml --debug`); SUPPRESS keeps the one given first
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="fine-tune a model as a recipe says")
-    train.add_argument("recipe", help="recipe YAML file, e.g. recipes/quickstart.yaml, or a run folder with --resume")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_steps=3 output_dir=/tmp/x")
+    train = sub.add_parser("train", parents=[common], help="fine-tune a model as a recipe says")
+    _add_recipe(train, "recipe YAML file, e.g. recipes/quickstart.yaml, or a run folder with --resume")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     train.add_argument("--resume", action="store_true",
                        help="continue the unfinished run in output_dir from its last complete checkpoint")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="held-out scores and routing analytics of a run, a model, or a model + adapter")
+    ev = sub.add_parser("eval", parents=[common], help="held-out scores and routing analytics of a run, a model, or a model + adapter")
     ev.add_argument("model", help="a run folder (from moe-tune train), a model folder, or the base of --adapter")
-    ev.add_argument("--data", action="append", required=True,
-                    help="held-out data (chat, Alpaca, ShareGPT, prompt/completion, ...); repeat for several")
+    ev.add_argument("--data", action="append",
+                    help="held-out data (chat, Alpaca, ShareGPT, prompt/completion, ...); repeat for several "
+                         "(default for a run: its own eval.files)")
     ev.add_argument("--adapter", help="a PEFT adapter folder to apply to MODEL (compared with MODEL alone)")
     ev.add_argument("--retention", help="plain text, one passage per line: loss on it shows forgetting")
     ev.add_argument("--no-base", action="store_true", help="do not evaluate the base model side by side")
-    ev.add_argument("--out", help="folder for results, report and plots (default: RUN/eval or eval/NAME)")
+    ev.add_argument("--out", help="folder for results, report and plots (default: RUN/eval for a run's own "
+                                  "files, RUN/eval-DATA for other data, eval/NAME for a model or adapter)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing evaluation in the output folder")
     # defaults (None here) are the recipe's: EvalSection's and ModelSection.dtype's
     ev.add_argument("--batch-size", type=int, help="prompts generated per batch (default: as in a recipe)")
     ev.add_argument("--max-new-tokens", type=int, help="greedy generation length (default: as in a recipe)")
@@ -201,32 +254,38 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dtype the weights are loaded in (default: as in a recipe)")
     ev.set_defaults(func=cmd_eval)
 
-    cmp = sub.add_parser("compare", help="variants of a recipe over seeds, side by side (resumable)")
+    cmp = sub.add_parser("compare", parents=[common], help="variants of a recipe over seeds, side by side (resumable)")
     cmp.add_argument("spec", help="comparison spec YAML, e.g. recipes/compare/freezing.yaml")
     cmp.add_argument("overrides", nargs="*", help="dotted recipe overrides for every run, e.g. sft.max_steps=50")
+    cmp.add_argument("--overwrite", action="store_true",
+                     help="run every variant again, also those that finished with another recipe")
     cmp.set_defaults(func=cmd_compare)
 
-    plan = sub.add_parser("plan", help="what a recipe will train, its LoRA coverage and memory, without training")
-    plan.add_argument("recipe")
-    plan.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
+    plan = sub.add_parser("plan", parents=[common], help="what a recipe will train, its LoRA coverage and memory, without training")
+    _add_recipe(plan, "recipe YAML file, e.g. recipes/hub/qwen3-30b-a3b-lora-experts.yaml")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--gpu-memory", help="memory of one GPU: 80GB (GB = 1e9 bytes), 80GiB (2**30 bytes) or 80 "
+                      "(GB); adds the peak per GPU under DDP, FSDP2 and ZeRO-3, whether it fits, and what to change")
+    plan.add_argument("--gpus", type=int, help="GPUs the run is spread over (default: the --accelerate-config's "
+                      "num_processes, else 1); needs --gpu-memory")
+    plan.add_argument("--accelerate-config", help="the accelerate config the run will launch with, e.g. "
+                      "recipes/accelerate/fsdp2.yaml: its strategy is the one judged; needs --gpu-memory")
     plan.set_defaults(func=cmd_plan)
 
-    sel = sub.add_parser("select-experts", help="score experts on the recipe's training data (ESFT)")
-    sel.add_argument("recipe")
-    sel.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainable.expert_selection.top_p=0.3")
+    sel = sub.add_parser("select-experts", parents=[common], help="score experts on the recipe's training data (ESFT)")
+    _add_recipe(sel, "recipe YAML file whose training data and expert_selection settings are used")
     sel.add_argument("--out", default="expert_selection.json", help="where to write the selection JSON")
     sel.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sel.set_defaults(func=cmd_select_experts)
 
-    exp = sub.add_parser("export", help="merge a run's LoRA into a standard checkpoint, after checking it")
+    exp = sub.add_parser("export", parents=[common], help="merge a run's LoRA into a standard checkpoint, after checking it")
     exp.add_argument("run", help="a run folder from moe-tune train")
     exp.add_argument("--merged", required=True, help="folder for the merged checkpoint")
     exp.add_argument("--check-rows", type=int, default=8, help="sample rows for the logits/routing check")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --merged")
     exp.set_defaults(func=cmd_export)
 
-    ins = sub.add_parser("inspect", help="experts, parameters per part, active parameters, memory estimates")
+    ins = sub.add_parser("inspect", parents=[common], help="experts, parameters per part, active parameters, memory estimates")
     ins.add_argument("model", help="a checkpoint or config folder, a recipe, or a hub id (online only)")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
     ins.add_argument("--dtype", default="bfloat16", type=_one_of("moe_tune.accounting", "DTYPE_BYTES"),
@@ -268,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moe-tune: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"moe-tune: interrupted: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("moe-tune: interrupted", file=sys.stderr)
         return 130

@@ -23,8 +23,9 @@ from pydantic import Field, PrivateAttr, ValidationError
 
 from moe_tune.data import read_chat_rows
 from moe_tune.errors import MoeTuneError
-from moe_tune.recipe import explain_error, Section, load_recipe, read_yaml
-from moe_tune.run_dir import COMPARE_FILE, EVAL_DIR, METRICS_FILE, PLAN_FILE, REPORT_JSON
+from moe_tune.recipe import explain_error, Section, load_recipe, read_yaml, with_absolute_paths
+from moe_tune.run_dir import (COMPARE_FILE, EVAL_DIR, METRICS_FILE, PLAN_FILE, REPORT_JSON, first_difference,
+                              load_run_recipe, write_json)
 
 
 class CompareSpec(Section):
@@ -110,7 +111,9 @@ def measure(run_dir: Path, wall_s: float, peak_gb: float, group: str | None = No
     data_file, entry = next(iter(report.items()))
     tuned = entry["results"]["tuned"]
     scored = tuned["per_group"][group] if group is not None else tuned["overall"]
-    out.update(heldout_exact_match=scored["exact_match"], heldout_loss=scored["loss"])
+    out.update(heldout_exact_match=scored["exact_match"], heldout_loss=scored["loss"],
+               # which rows those two are: the first eval file, one group of it or all of it
+               heldout_file=data_file, heldout_group=group, heldout_rows=scored["n"])
     out["gap"] = out["heldout_loss"] - out["train_loss"] if out["train_loss"] is not None else None
     routing = entry["routing"].get("tuned", {}).get("mean_over_layers", {})
     out.update(routing_drift=routing.get("js_from_base"), imbalance_cv=routing.get("cv"))
@@ -138,6 +141,26 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, f
     return table
 
 
+def heldout_line(runs: dict[str, list[dict]]) -> str | None:
+    """Which rows the held-out columns score, e.g. 'Held-out columns: data/heldout.jsonl, rows of
+    group new_phrasing (360 rows)'; per variant where variants differ, None where no run says."""
+    covered: dict[str, list[str]] = {}  # what was scored -> the variants that scored it
+    for variant, measured in runs.items():
+        for m in measured:
+            if "heldout_file" not in m:  # measured before compare_run.json recorded it
+                continue
+            n, group = m["heldout_rows"], m["heldout_group"]
+            rows = f"rows of group {group} ({n} rows)" if group is not None else f"all {n} rows"
+            variants = covered.setdefault(f"{m['heldout_file']}, {rows}", [])
+            if variant not in variants:
+                variants.append(variant)
+    if not covered:
+        return None
+    if len(covered) == 1:
+        return f"Held-out columns: {next(iter(covered))}."
+    return "Held-out columns: " + "; ".join(f"{c} ({', '.join(v)})" for c, v in covered.items()) + "."
+
+
 def write_outputs(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
     with open(out / "comparison.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -146,7 +169,10 @@ def write_outputs(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
             writer.writerow([variant, len(runs[variant])]
                             + [v for c in COLUMNS for v in row.get(c, ("", ""))])
     fmt = {"heldout_exact_match": "{:.1%}", "trainable_params": "{:,.0f}", "wall_s": "{:.0f}"}
-    lines = ["| variant | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
+    seeds = max(len(measured) for measured in runs.values())  # every variant runs every seed
+    lines = [line for line in [heldout_line(runs)] if line]
+    lines += [f"Mean ± standard deviation over {seeds} seeds." if seeds > 1 else "One seed per variant."]
+    lines += ["", "| variant | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for variant, row in table.items():
         cells = []
         for col in COLUMNS:
@@ -155,7 +181,8 @@ def write_outputs(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
                 continue
             mean, std = row[col]
             f = fmt.get(col, "{:.3f}")
-            cells.append(f"{f.format(mean)} ± {f.format(std)}")
+            # a spread only where there are several seeds: one seed's std of 0 says nothing
+            cells.append(f.format(mean) + (f" ± {f.format(std)}" if seeds > 1 else ""))
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     _plots(out, table, runs)
@@ -166,33 +193,47 @@ def _plots(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.lines import Line2D  # noqa: PLC0415
+    from matplotlib.ticker import PercentFormatter  # noqa: PLC0415
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for variant, row in table.items():
         if "trainable_params" in row and "heldout_exact_match" in row:
             (x, _), (y, err) = row["trainable_params"], row["heldout_exact_match"]
-            ax.errorbar(max(x, 1), y, yerr=err, fmt="o", capsize=3, label=variant)
+            # in percent, as comparison.md shows it
+            ax.errorbar(max(x, 1), 100 * y, yerr=100 * err, fmt="o", capsize=3, label=variant)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
+    ax.set_ylim(0, 100)
+    ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
     ax.set_ylabel("held-out exact match")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "score_vs_trainable.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.5), layout="constrained")  # makes room for legends outside
+    # validation is logged every sft.eval_steps: its points are marked, as one may be all there is
+    styles = {"curve": ("-", "", "train"), "eval_curve": ("--", ".", "validation")}
+    variants, drawn = [], set()  # legend: a colour per variant, then a line style per curve kind
     for i, (variant, measured) in enumerate(runs.items()):
         color = f"C{i % 10}"
-        first = measured[0]
-        ax.plot(*zip(*first["curve"]), color=color, label=f"{variant} train") if first["curve"] else None
-        if first["eval_curve"]:
-            ax.plot(*zip(*first["eval_curve"]), color=color, linestyle="--")
+        for key, (style, marker, _) in styles.items():
+            if measured[0][key]:  # the first seed's curves
+                ax.plot(*zip(*measured[0][key]), color=color, linestyle=style, marker=marker)
+                drawn.add(key)
+        if any(measured[0][key] for key in styles):
+            variants.append(Line2D([], [], color=color, label=variant))
+    kinds = [Line2D([], [], color="0.3", linestyle=style, marker=marker, label=label)
+             for key, (style, marker, label) in styles.items() if key in drawn]
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (train solid, validation dashed; first seed)")
+    ax.set_ylabel("loss")
     ax.set_yscale("log")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    several = max(len(measured) for measured in runs.values()) > 1
+    ax.set_title("loss per step" + (" (first seed of each variant)" if several else ""), fontsize=9)
+    if variants:  # two legends right of the plot: colours at the top, line styles at the bottom
+        fig.legend(handles=variants, title="variant", fontsize=7, title_fontsize=7, loc="outside right upper")
+        fig.legend(handles=kinds, title="loss on", fontsize=7, title_fontsize=7, loc="outside right lower")
     fig.savefig(out / "loss_curves.png", dpi=110)
     plt.close(fig)
 
@@ -207,8 +248,29 @@ def _plots(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
         plt.close(fig)
 
 
-def run_comparison(spec: CompareSpec) -> Path:
+def check_reuse(spec: CompareSpec) -> None:
+    """A run finished before is reused only when it was run with the recipe the spec now asks
+    for (keys that change only what is logged or kept aside); otherwise stop before any run."""
+    for variant in spec.variants:
+        for seed in spec.seeds:
+            run_dir = Path(spec.output_dir) / variant / f"seed-{seed}"
+            if not (run_dir / COMPARE_FILE).is_file():
+                continue
+            wanted = with_absolute_paths(load_recipe(spec.base, run_overrides(spec, variant, seed)))
+            changed = first_difference(wanted, with_absolute_paths(load_run_recipe(run_dir)))
+            if changed:
+                key, now, then = changed
+                raise MoeTuneError(f"variant '{variant}' seed {seed}: {key} is {now!r} now but was {then!r} in the "
+                                   f"finished run {run_dir}; pass --overwrite to run every variant again, or set "
+                                   "output_dir to a new folder")
+
+
+def run_comparison(spec: CompareSpec, overwrite: bool = False) -> Path:
+    """Every variant x seed, skipping runs that finished with the same recipe (all of them
+    run again with ``overwrite``)."""
     check_spec(spec)
+    if not overwrite:
+        check_reuse(spec)
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}
@@ -216,14 +278,14 @@ def run_comparison(spec: CompareSpec) -> Path:
         for seed in spec.seeds:
             run_dir = out / variant / f"seed-{seed}"
             done = run_dir / COMPARE_FILE
-            if done.is_file():
+            if done.is_file() and not overwrite:
                 print(f"{variant} seed {seed}: finished before, skipped")
                 runs.setdefault(variant, []).append(json.loads(done.read_text()))
                 continue
             print(f"{variant} seed {seed}: training")
             wall, peak = _train([spec.base, *run_overrides(spec, variant, seed)])
             measured = measure(run_dir, wall, peak, spec.group)
-            done.write_text(json.dumps(measured))
+            write_json(done, measured)
             runs.setdefault(variant, []).append(measured)
     write_outputs(out, aggregate(runs), runs)
     print((out / "comparison.md").read_text())

@@ -95,6 +95,11 @@ def _train_split(name: str, ds: Dataset | DatasetDict) -> Dataset:
 
 
 def _hub_dataset(name: str) -> Dataset:
+    from moe_tune.loading import hub_unreachable  # noqa: PLC0415
+
+    if why := hub_unreachable():
+        raise MoeTuneError(f"{name}: neither a local file nor reachable on the Hub offline ({why}); "
+                           "check the path or the dataset name")
     try:
         return load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001 - offline, unknown name, no access, no train split: all one answer
@@ -150,8 +155,11 @@ def _turns(row: dict, where: str, key: str, role_key: str, text_key: str, roles:
         raise _BadRow(f"{where}: {missing}")
     for i, t in enumerate(turns):
         if not (isinstance(t, dict) and t.get(role_key) in roles and isinstance(t.get(text_key), str)):
+            got = (f"got {_kind(t)}" if not isinstance(t, dict) else
+                   f"got {role_key} {t.get(role_key)!r}" if t.get(role_key) not in roles else
+                   f"got {text_key} of type {_kind(t.get(text_key))}")
             raise _BadRow(f"{where}: {key}[{i}] needs '{role_key}' (one of {sorted(roles)}) "
-                          f"and a string '{text_key}'")
+                          f"and a string '{text_key}', {got}")
     return [{"role": roles[t[role_key]], "content": t[text_key]} for t in turns]
 
 
@@ -235,8 +243,9 @@ def _convert(row: object, where: str, fmt: str | None, origin: str) -> tuple[dic
 # --- public API -----------------------------------------------------------------------------------
 
 def read_rows(path: str | Path, max_rows: int | None = None, fmt: str = "auto",
-              skip_bad_rows: bool = False) -> tuple[list[dict], list[str]]:
-    """(rows in the internal chat shape, one message per skipped bad row). A bad row raises
+              skip_bad_rows: bool = False) -> tuple[list[dict], list[str], str]:
+    """(rows in the internal chat shape, one message per skipped bad row, the rows' format as
+    LABELS names it). A bad row raises
     MoeTuneError naming file, line or row and field, unless ``skip_bad_rows``; ``max_rows`` counts
     good rows. A source with no good row raises either way."""
     if fmt not in FORMATS:
@@ -260,7 +269,7 @@ def read_rows(path: str | Path, max_rows: int | None = None, fmt: str = "auto",
         raise MoeTuneError(f"{path}: no usable rows, all {len(skipped)} are bad; the first: {skipped[0]}")
     if not rows:
         raise MoeTuneError(f"{path}: no rows; the file is empty")
-    return rows, skipped
+    return rows, skipped, LABELS[file_fmt]
 
 
 def read_chat_rows(path: str | Path, max_rows: int | None = None, fmt: str = "auto",

@@ -42,6 +42,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when ``flag`` is true on any (one all-reduce; a plain bool alone)."""
+    if world_size() == 1 or not (dist.is_available() and dist.is_initialized()):
+        return flag
+    import torch  # noqa: PLC0415
+
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def zero3_enabled() -> bool:
     if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":  # set by accelerate launch
         return True

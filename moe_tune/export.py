@@ -14,7 +14,7 @@ import torch
 from moe_tune.arch import describe
 from moe_tune.errors import MoeTuneError
 from moe_tune.routing import chat_batches
-from moe_tune.run_dir import save_pretrained
+from moe_tune.run_dir import check_replaceable, save_pretrained
 from moe_tune.trainable import unwrapped
 
 # The merged weight W + BA rounds differently from x@W + x@A@B: tolerances per weight dtype.
@@ -91,10 +91,11 @@ def merge_and_check(model, tokenizer, rows: list[dict]):
     return merged
 
 
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Before anything loads: ``out`` is free, or a checkpoint ``--overwrite`` may replace."""
+    check_replaceable(out, overwrite, lambda folder: (folder / "config.json").is_file(), "a checkpoint folder")
+
+
 def write_checkpoint(model, tokenizer, out: Path, overwrite: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise MoeTuneError(f"{out}: already exists and is not empty; pass --overwrite or choose another folder")
-        if not (out / "config.json").is_file():
-            raise MoeTuneError(f"{out}: not a checkpoint folder, refusing to replace it; choose another folder")
+    check_destination(out, overwrite)
     return save_pretrained(model, tokenizer, out)

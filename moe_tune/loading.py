@@ -14,8 +14,34 @@ from moe_tune.errors import MoeTuneError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+LOCAL_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "model_configs"  # published configs, offline
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be asked now (offline by setting, or no connection), or
+    None. Checked before a hub id is tried, so that offline it fails at once rather than after
+    huggingface_hub's retries."""
+    import socket  # noqa: PLC0415
+    from urllib.parse import urlparse  # noqa: PLC0415
+
+    from huggingface_hub import constants  # noqa: PLC0415
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return f"{host} cannot be reached"
+    return None
+
+
 def load_config(path: str):
     """The model config, or a clear error when ``path`` is neither a checkpoint nor reachable."""
+    if not Path(path).exists() and (why := hub_unreachable()):
+        hint = f" (for plan and inspect, a config folder such as {LOCAL_CONFIGS}/<name>)" if LOCAL_CONFIGS.is_dir() else ""
+        raise MoeTuneError(f"{path}: no such model folder, and not reachable as a Hugging Face Hub id offline "
+                           f"({why}); point model.path at a local checkpoint{hint}")
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

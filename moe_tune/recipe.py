@@ -219,6 +219,17 @@ def _nearest(name: str, choices: typing.Iterable[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
+def _section_of(key: str) -> str | None:
+    """``section.key`` for a key written at the top level that belongs in a section
+    (``max_steps`` -> ``sft.max_steps``, ``preset`` -> ``trainable.preset``)."""
+    for section, field in Recipe.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
+                and key in field.annotation.model_fields:
+            return f"{section}.{key}"
+    sft = {f.name for f in dataclasses.fields(_sft_config_class()) if f.init}
+    return f"sft.{key}" if key in sft and key not in _SFT_OWNED_ELSEWHERE else None
+
+
 def _section_fields(loc: tuple, model: type[BaseModel]) -> list[str]:
     """Valid key names at the location of an error (for 'did you mean')."""
     for part in loc[:-1]:
@@ -235,6 +246,8 @@ def explain_error(err: dict, source: str, schema: type[BaseModel] | None = None)
     path = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         fields = _section_fields(err["loc"], schema or Recipe)
+        if len(err["loc"]) == 1 and (schema or Recipe) is Recipe and (home := _section_of(str(err["loc"][0]))):
+            return f"{source}: unknown key '{path}'; did you mean '{home}'?"
         return f"{source}: unknown key '{path}'{_nearest(str(err['loc'][-1]), fields)}"
     if err["type"] == "missing":
         return f"{source}: missing required key '{path}'"
@@ -331,6 +344,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise MoeTuneError(explain_error(errors[0], source)) from None
     check_sft(recipe.sft, source)
     return recipe
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with every local path absolute (output_dir, and model, data, eval and
+    selection files that exist here; hub names stay), so that a run folder's recipe.yaml works
+    from any working directory."""
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
+
+    out = recipe.model_copy(deep=True)
+    out.output_dir = str(Path(recipe.output_dir).resolve())
+    out.model.path = absolute(recipe.model.path)
+    out.data.train, out.data.valid = absolute(recipe.data.train), absolute(recipe.data.valid)
+    out.eval.files = [absolute(f) for f in recipe.eval.files]
+    out.eval.retention_file = absolute(recipe.eval.retention_file)
+    if recipe.trainable.expert_selection is not None:
+        out.trainable.expert_selection.file = absolute(recipe.trainable.expert_selection.file)
+    return out
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -168,21 +168,21 @@ def routing_summaries(rows: list[dict], tokenizer, models: dict[str, object], ar
     return {label: routing_stats.summarize(p, None if label == base_label else base) for label, p in profiles.items()}
 
 
-def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned",
-                        final_dir: Path | None = None, arch: MoeArch | None = None) -> dict[str, dict]:
+def evaluate_files(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned",
+                   arch: MoeArch | None = None) -> dict[str, dict]:
     """Score ``tuned`` (and ``base`` on the same prompts) on every ``cfg.files`` file and on
-    ``cfg.retention_file``, analyse routing, write JSON results, report.md/.json and plots.
-    ``cfg`` is an EvalSection (files, max_rows, batch_size, max_new_tokens, retention_file);
-    ``arch``, ``tuned``'s architecture where the caller has it already."""
+    ``cfg.retention_file`` and analyse routing; write each file's results and the report's data
+    (report.json, without plots) to ``out_dir``. ``cfg`` is an EvalSection (files, max_rows,
+    batch_size, max_new_tokens, retention_file); ``arch``, ``tuned``'s architecture where the
+    caller has it already. Returns the report's data: data file -> results, routing, retention."""
     models = {"base": base, label: tuned} if base is not None else {label: tuned}
     models = {name: on_accelerator(m) for name, m in models.items()}
     archs = routing_archs(models, {label: arch})
-    tables, report = {}, {}
+    report = {}
     for path in cfg.files:
         rows = read_chat_rows(path, cfg.max_rows)
         results = {name: evaluate(m, tokenizer, rows, cfg.batch_size, cfg.max_new_tokens) for name, m in models.items()}
         save_results(out_dir / f"{Path(path).stem}.json", path, results)
-        tables[path] = results
         print(f"\nHeld-out evaluation of {path}:\n{format_table(results)}")
         routing = routing_summaries(rows, tokenizer, models, archs, "base" if base is not None else None)
         if routing:
@@ -195,7 +195,17 @@ def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: 
               + ", ".join(f"{k} {v['loss']:.3f}" for k, v in retention.items()))
         for entry in report.values():
             entry["retention"] = retention
+    if report:  # its data now; report phase adds the plots
+        write_json(out_dir / REPORT_JSON, report)
+    return report
+
+
+def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned",
+                        arch: MoeArch | None = None) -> bool:
+    """``evaluate_files``, then the report and its plots in ``out_dir``; False when no model's
+    routing could be read, and so there is no report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = evaluate_files(tuned, tokenizer, cfg, out_dir, base, label, arch)
     if report:
-        written = write_report(out_dir, report)
-        print(f"report: {(final_dir or out_dir) / written.name}")  # final_dir: where out_dir is renamed to
-    return tables
+        write_report(out_dir, report)
+    return bool(report)

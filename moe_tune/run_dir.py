@@ -1,7 +1,8 @@
 """The run folder: its layout, how it is claimed, resumed, and written without half-files.
 
     RUN/
-      recipe.yaml          the fully resolved recipe (its presence marks a moe-tune run)
+      recipe.yaml          the fully resolved recipe, local paths absolute (it marks a moe-tune run)
+      phases.json          the phases completed: train, save, evaluate, report (what --resume skips)
       plan.json            what trained, counted after expert selection (compare reads it)
       expert_selection.json  experts scored at the start of an ESFT run
       data_report.json     rows skipped under data.skip_bad_rows
@@ -18,6 +19,7 @@ leaves a half-written file or folder that looks complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -37,6 +39,7 @@ EVAL_DIR = "eval"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 RETENTION_FILE = "retention.json"
+PHASES_FILE = "phases.json"
 COMPARE_FILE = "compare_run.json"  # written by compare last, when a run has finished and been measured
 
 
@@ -71,6 +74,26 @@ def folder_in_place(final: Path, rename: bool = True):
     if rename:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+
+
+def check_replaceable(out: Path, overwrite: bool, ours, what: str) -> None:
+    """``out`` may be written: it is missing or empty, or ``overwrite`` is given and ``ours(out)``
+    says it holds ``what`` (something moe-tune wrote); nothing else is ever replaced."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise MoeTuneError(f"{out}: already exists and is not empty; pass --overwrite or choose another folder")
+        if not out.is_dir() or not ours(out):
+            raise MoeTuneError(f"{out}: not {what}, refusing to replace it; choose another folder")
+
+
+def is_evaluation(folder: Path) -> bool:
+    """A folder of held-out results written by moe-tune (a report, or results JSON files)."""
+    def results(path: Path) -> bool:
+        try:
+            return {"file", "results"} <= set(json.loads(path.read_text()))
+        except (ValueError, TypeError, OSError):
+            return False
+    return (folder / REPORT_JSON).is_file() or any(results(p) for p in folder.glob("*.json"))
 
 
 def save_pretrained(model, tokenizer, final: Path) -> Path:
@@ -109,12 +132,39 @@ def prepare_run_dir(output_dir: str, overwrite: bool) -> Path:
     return run
 
 
-# --- resuming -------------------------------------------------------------------------------------
+# --- phases and resuming ---------------------------------------------------------------------------
+
+PHASES = ("train", "save", "evaluate", "report")  # in run order, each recorded once complete
+# Recipe keys a resumed run may change: they change what is logged or kept, never what is learned.
+RESUMABLE = ("output_dir", "sft.logging_steps", "sft.logging_first_step", "sft.report_to", "sft.save_steps",
+             "sft.save_total_limit", "sft.disable_tqdm", "sft.dataloader_num_workers")
+
+
+def phases_done(run: Path) -> list[str]:
+    """Phases the run completed. A model/ folder is only ever renamed into place whole, so a run
+    that has one trained and saved (runs from before phases were recorded, too)."""
+    path = run / PHASES_FILE
+    done = json.loads(path.read_text())["done"] if path.is_file() else []
+    if (run / MODEL_DIR).is_dir():
+        done = sorted({*done, "train", "save"}, key=PHASES.index)
+    return done
+
+
+def mark_done(run: Path, phase: str) -> None:
+    if distributed.is_main():
+        write_json(run / PHASES_FILE, {"done": sorted({*phases_done(run), phase}, key=PHASES.index)})
+
 
 def complete_checkpoints(run: Path) -> list[Path]:
     """Checkpoints Trainer finished writing (trainer_state.json is its last file), oldest first."""
     found = [c for c in (run / CHECKPOINTS).glob("checkpoint-*") if (c / "trainer_state.json").is_file()]
     return sorted(found, key=lambda c: int(c.name.rsplit("-", 1)[1]))
+
+
+def checkpoint_step(checkpoint: Path) -> tuple[int, int]:
+    """(the step a checkpoint was saved at, the run's last step)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"], state["max_steps"]
 
 
 def flat_keys(data: dict, prefix: str = "") -> dict:
@@ -128,42 +178,85 @@ def flat_keys(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-def resume_point(recipe, save_steps: int) -> Path:
-    """The last complete checkpoint of the run in ``recipe.output_dir``, after checking that the
-    run exists, is unfinished, and was started with this same recipe."""
-    from moe_tune.recipe import load_recipe  # noqa: PLC0415
+def first_difference(recipe, other, ignore: tuple[str, ...] = RESUMABLE) -> tuple[str, object, object] | None:
+    """(dotted key, value in ``recipe``, value in ``other``) of the first key that differs,
+    apart from ``ignore``; None when they are the same run."""
+    mine, theirs = flat_keys(recipe.model_dump(mode="json")), flat_keys(other.model_dump(mode="json"))
+    for key in dict.fromkeys([*mine, *theirs]):
+        if key not in ignore and mine.get(key) != theirs.get(key):
+            return key, mine.get(key), theirs.get(key)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Where an unfinished run goes on from."""
+
+    done: list[str]              # phases complete
+    checkpoint: Path | None      # the last complete checkpoint, while the model is not saved yet
+
+
+def resume_point(recipe, args) -> Resume:
+    """What is left of the run in ``recipe.output_dir``, after checking that the run exists, is
+    unfinished, and was started with this recipe (``RESUMABLE`` keys aside); clears what an
+    interrupted phase left half-written. ``args`` is the run's SFTConfig."""
+    from moe_tune.recipe import load_recipe, with_absolute_paths  # noqa: PLC0415
 
     run = Path(recipe.output_dir)
     if not (run / RECIPE_FILE).is_file():
         raise MoeTuneError(f"output_dir: no moe-tune run to resume in '{run}'; drop --resume to start one")
-    if (run / EVAL_DIR).is_dir():
+    done = phases_done(run)
+    if "report" in done or (run / EVAL_DIR).is_dir():
         raise MoeTuneError(f"output_dir: the run in '{run}' finished; nothing to resume (--overwrite starts it again)")
-    saved = flat_keys(load_recipe(run / RECIPE_FILE).model_dump(mode="json"))
-    for key, value in flat_keys(recipe.model_dump(mode="json")).items():
-        if saved.get(key) != value:
-            raise MoeTuneError(f"{key}: {value!r} differs from the run's {saved.get(key)!r} ({run / RECIPE_FILE}); "
-                               "resume with the run's recipe (moe-tune train RUN_FOLDER --resume)")
-    done = complete_checkpoints(run)
-    if not done:
-        raise MoeTuneError(f"output_dir: '{run}' has no complete checkpoint to resume from (sft.save_steps is "
-                           f"{save_steps}); start again with --overwrite")
-    return done[-1]
+    changed = first_difference(recipe, with_absolute_paths(load_recipe(run / RECIPE_FILE)))
+    if changed:
+        key, value, saved = changed
+        raise MoeTuneError(f"{key}: {value!r} differs from the run's {saved!r} ({run / RECIPE_FILE}); a resumed "
+                           f"run keeps every setting that changes its result (only {', '.join(RESUMABLE)} may "
+                           "change): resume with the run's recipe (moe-tune train RUN_FOLDER --resume)")
+    checkpoints = complete_checkpoints(run)
+    if "save" not in done and not checkpoints:
+        why = ("sft.save_strategy is 'no', so it kept no checkpoint" if args.save_strategy == "no" else
+               f"it stopped before its first checkpoint (sft.save_steps is {args.save_steps})")
+        raise MoeTuneError(f"output_dir: '{run}' has no complete checkpoint to resume from: {why}; start it again "
+                           "with --overwrite")
+    if distributed.is_main():  # what an interrupted phase left half-written
+        for leftover in [run / (MODEL_DIR + ".tmp")] * ("save" not in done) + [run / (EVAL_DIR + ".tmp")] * (
+                "evaluate" not in done):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for partial in (run / CHECKPOINTS).glob("checkpoint-*"):
+            if partial not in checkpoints:
+                shutil.rmtree(partial, ignore_errors=True)
+    return Resume(done, None if "save" in done else checkpoints[-1])
 
 
-def continue_run(recipe, checkpoint: Path):
-    """What a resumed run reuses: its expert selection (not scored again), and its metrics up to
-    the checkpoint (later lines would be logged twice). Returns the recipe to continue with."""
+def continue_run(recipe, resume: Resume):
+    """What a resumed run reuses: its expert selection (not scored again), and its metrics and
+    TensorBoard events up to the checkpoint it trains on from (later ones would be logged
+    twice). Returns the recipe to continue with."""
     run = Path(recipe.output_dir)
-    step = int(checkpoint.name.rsplit("-", 1)[1])
-    metrics = run / METRICS_FILE
-    if metrics.is_file() and distributed.is_main():
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        write_text(metrics, "".join(line + "\n" for line in kept))
+    if resume.checkpoint is not None and distributed.is_main():
+        step, last = checkpoint_step(resume.checkpoint)
+        if step < last:  # training goes on: its summary line comes again at the end
+            _drop_logs_after(run, step)
     selection = recipe.trainable.selection()
     if selection is not None and (run / SELECTION_FILE).is_file():
         recipe = recipe.model_copy(deep=True)
         recipe.trainable.expert_selection = selection.model_copy(update={"file": str(run / SELECTION_FILE)})
     return recipe
+
+
+def _drop_logs_after(run: Path, step: int) -> None:
+    metrics = run / METRICS_FILE
+    if metrics.is_file():
+        rows = [(line, json.loads(line)) for line in metrics.read_text().splitlines()]
+        kept = [line for line, row in rows if row.get("step", 0) <= step and "train_runtime" not in row]
+        write_text(metrics, "".join(line + "\n" for line in kept))
+    if (run / TENSORBOARD_DIR).is_dir():
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+
+        # an event at purge_step tells TensorBoard to hide earlier files' events from that step on
+        SummaryWriter(str(run / TENSORBOARD_DIR), purge_step=step + 1).close()
 
 
 # --- the run's model ------------------------------------------------------------------------------
@@ -186,11 +279,17 @@ def save_distributed(trainer, tokenizer, run: Path) -> Path:
     return run / MODEL_DIR
 
 
+def load_run_recipe(run: Path, overrides: list[str] | None = None):
+    """A run folder's recipe, with the folder as it is now for output_dir (it may have moved)."""
+    from moe_tune.recipe import load_recipe  # noqa: PLC0415
+
+    return load_recipe(run / RECIPE_FILE, [*(overrides or []), f"output_dir={run.resolve()}"])
+
+
 def load_run_model(target: Path, dtype: str, adapter: str | None = None):
     """(model, tokenizer, base path or None) of a run folder (full weights, or base + adapter),
     a model folder with ``adapter``, or a plain model folder."""
     from moe_tune.loading import load_adapter_model, load_model  # noqa: PLC0415
-    from moe_tune.recipe import load_recipe  # noqa: PLC0415
 
     if adapter:
         return (*load_adapter_model(str(target), Path(adapter), dtype), str(target))
@@ -199,7 +298,7 @@ def load_run_model(target: Path, dtype: str, adapter: str | None = None):
     saved = target / MODEL_DIR
     if not saved.is_dir():
         raise MoeTuneError(f"{target}: this run has no saved model yet (did training finish?)")
-    base_path = load_recipe(target / RECIPE_FILE).model.path
+    base_path = load_run_recipe(target).model.path
     if (saved / "adapter_config.json").is_file():
         return (*load_adapter_model(base_path, saved, dtype), base_path)
     return (*load_model(str(saved), dtype), base_path)

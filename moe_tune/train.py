@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import operator
+import shutil
 import time
 from pathlib import Path
 
@@ -33,19 +36,22 @@ from trl import SFTConfig
 from moe_tune import distributed, fast_experts
 from moe_tune.arch import MoeArch, describe, require_moe
 from moe_tune.data import check_lengths, read_chat_rows
-from moe_tune.errors import MoeTuneError
+from moe_tune.errors import Interrupted, MoeTuneError
 from moe_tune.expert_dropout import ExpertDropout
+from moe_tune.interrupts import Interrupts, StopOnInterrupt
 from moe_tune.expert_selection import check_selection, load_selection, restrict_full, restrict_lora, save_selection
 from moe_tune.expert_selection import select_experts
 from moe_tune.loading import build_meta_model, load_config, load_model, load_tokenizer
-from moe_tune.recipe import Recipe, dump_recipe
-from moe_tune.report import evaluate_and_report
+from moe_tune.recipe import Recipe, dump_recipe, with_absolute_paths
+from moe_tune.report import evaluate_files, write_report
 from moe_tune.router_losses import RouterRegularizer, check_router, coefficients
-from moe_tune.run_dir import (CHECKPOINTS, EVAL_DIR, MODEL_DIR, PLAN_FILE, RECIPE_FILE, SELECTION_FILE,
-                              check_run_dir, continue_run, folder_in_place, load_run_model, prepare_run_dir,
-                              resume_point, save_distributed, save_model, write_json, write_text)
-from moe_tune.trainable import Plan, apply_plan, check_parts_exist, format_plan, make_plan, plan_report, resolve_modes
-from moe_tune.trainer import MoeSFTTrainer, build_trainer, sft_config, train
+from moe_tune.run_dir import (CHECKPOINTS, EVAL_DIR, MODEL_DIR, PHASES, PLAN_FILE, RECIPE_FILE, REPORT_JSON, REPORT_MD,
+                              SELECTION_FILE, check_run_dir, checkpoint_step, complete_checkpoints, continue_run,
+                              load_run_model, mark_done, phases_done, prepare_run_dir, resume_point, save_distributed,
+                              save_model, write_json, write_text)
+from moe_tune.trainable import (Plan, apply_plan, check_parts_exist, format_plan, make_plan, plan_report,
+                                resolve_modes, unwrapped)
+from moe_tune.trainer import MoeSFTTrainer, build_trainer, sft_config, sft_warnings, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,10 @@ def plan_run(recipe: Recipe) -> RunSetup:
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
     sft_args = sft_config(recipe, Path(recipe.output_dir))
     report = plan_report(meta, arch, plan, recipe, selection, sft_args)
+    report["warnings"] += sft_warnings(sft_args)
+    if "lora" in recipe.model_fields_set and not plan.lora_targets:
+        report["warnings"].append("a lora section is given, but no part is in LoRA mode: it has no effect "
+                                  "(trainable.preset: lora_experts, or trainable.<part>: lora)")
     if cfg and not cfg.file:
         report["selection_note"] = (f"experts are selected (score {cfg.score}, top_p {cfg.top_p}) on "
                                     f"{cfg.rows} training rows when training starts; counts above are before it")
@@ -155,51 +165,118 @@ def trainer_for(setup: RunSetup, model, tokenizer) -> tuple[MoeSFTTrainer, MoeAr
     return build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, regularizer), arch
 
 
-def evaluate_run(recipe: Recipe, run: Path, model, tokenizer, arch: MoeArch | None) -> dict[str, dict]:
+def load_trained(setup: RunSetup):
+    """(model, tokenizer, architecture) of the run's saved model, set up as it trained: the
+    recipe's experts kernel, LoRA through it."""
+    model, tokenizer, _ = load_run_model(setup.run, setup.recipe.model.dtype)  # whole, whatever the sharding
+    set_experts_implementation(setup.recipe, unwrapped(model))
+    fast_experts.route_lora_through(model)
+    return model, tokenizer, describe(unwrapped(model))
+
+
+def train_and_save(setup: RunSetup, checkpoint: Path | None, interrupts: Interrupts):
+    """Train (from ``checkpoint`` when resuming) and save RUN/model; (model, tokenizer,
+    architecture) to evaluate, or None on the ranks that do not evaluate."""
+    recipe, run = setup.recipe, setup.run
+    set_seed(recipe.seed)
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits)
+    trainer, arch = trainer_for(setup, model, tokenizer)
+    trainer.add_callback(StopOnInterrupt(interrupts))
+    start = time.time()
+    with interrupts.gracefully():
+        if checkpoint is not None and operator.ge(*checkpoint_step(checkpoint)):
+            trainer.load_final_checkpoint(checkpoint)  # trained to the end: its weights, and no step more
+        else:
+            train(trainer, recipe, checkpoint)
+    if interrupts.requested:
+        step = trainer.state.global_step
+        raise Interrupted(f"{interrupts.requested} at step {step}: checkpoint {run / CHECKPOINTS}/checkpoint-{step} "
+                          f"saved; continue with: moe-tune train {run} --resume")
+    mark_done(run, "train")
+    with interrupts.gracefully():
+        if distributed.world_size() > 1:
+            save_distributed(trainer, tokenizer, run)
+        else:
+            save_model(trainer.model, tokenizer, run)
+    if (run / CHECKPOINTS).is_dir() and not any((run / CHECKPOINTS).iterdir()):
+        (run / CHECKPOINTS).rmdir()
+    mark_done(run, "save")
+    print(f"trained in {time.time() - start:.0f}s; model saved to {run / MODEL_DIR}")
+    if interrupts.requested:
+        raise Interrupted(f"{interrupts.requested} while saving: the model is saved in {run / MODEL_DIR}; "
+                          f"evaluate it with: moe-tune train {run} --resume")
+    if distributed.world_size() > 1:
+        return load_trained(setup) if distributed.is_main() else None
+    return trainer.model, tokenizer, arch
+
+
+def evaluate_run(recipe: Recipe, run: Path, model, tokenizer, arch: MoeArch | None, done: list[str]) -> None:
     """Held-out evaluation of the tuned model (and the base, if asked), with routing analytics
-    and the report, into RUN/eval (a run folder with eval/ is a finished run)."""
-    base = load_model(recipe.model.path, recipe.model.dtype)[0] if recipe.eval.compare_base else None
-    with folder_in_place(run / EVAL_DIR) as tmp:
-        return evaluate_and_report(model, tokenizer, recipe.eval, tmp, base=base, final_dir=run / EVAL_DIR,
-                                   arch=arch)
+    (phase evaluate), then the report and its plots (phase report), into RUN/eval.tmp, renamed
+    to RUN/eval at the end (a run folder with eval/ is a finished run)."""
+    tmp = run / (EVAL_DIR + ".tmp")
+    if "evaluate" in done:  # interrupted while reporting: the results are there
+        report = json.loads((tmp / REPORT_JSON).read_text()) if (tmp / REPORT_JSON).is_file() else {}
+    else:
+        tmp.mkdir(parents=True, exist_ok=True)
+        base = load_model(recipe.model.path, recipe.model.dtype)[0] if recipe.eval.compare_base else None
+        report = evaluate_files(model, tokenizer, recipe.eval, tmp, base=base, arch=arch)
+        mark_done(run, "evaluate")
+    if report:
+        write_report(tmp, report)
+        print(f"report: {run / EVAL_DIR / REPORT_MD}")
+    shutil.rmtree(run / EVAL_DIR, ignore_errors=True)
+    tmp.rename(run / EVAL_DIR)
+    mark_done(run, "report")
 
 
 def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path | None:
     """The run; under a multi-process launcher, every rank trains and rank 0 alone writes,
     reloads the saved model and evaluates (it returns None on the other ranks). With
-    ``resume``, an interrupted run continues from its last complete checkpoint."""
+    ``resume``, an interrupted run continues from the phase it did not complete."""
+    recipe = with_absolute_paths(recipe)
     setup = plan_run(recipe)
     check_data(setup)
-    checkpoint = resume_point(recipe, setup.sft_args.save_steps) if resume else None
+    resumed = resume_point(recipe, setup.sft_args) if resume else None
     if not resume:
         check_run_dir(recipe.output_dir, overwrite)  # every rank decides before any rank writes
     distributed.join(setup.sft_args)
     distributed.barrier()
     run = setup.run
-    if checkpoint is not None:
-        setup = dataclasses.replace(setup, recipe=continue_run(recipe, checkpoint))
-        print(f"resuming from {checkpoint}")
+    if resumed is not None:
+        setup = dataclasses.replace(setup, recipe=continue_run(recipe, resumed))
+        if distributed.is_main():
+            write_text(run / RECIPE_FILE, dump_recipe(recipe))  # RESUMABLE keys (output_dir) may have changed
+        print(f"resuming from {resumed.checkpoint}" if resumed.checkpoint else
+              f"resuming after phase {resumed.done[-1]}: {', '.join(p for p in PHASES if p not in resumed.done)} left")
     elif distributed.is_main():
         prepare_run_dir(recipe.output_dir, overwrite)
         write_text(run / RECIPE_FILE, dump_recipe(recipe))
     distributed.barrier()
-    set_seed(recipe.seed)
-    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits)
-    trainer, arch = trainer_for(setup, model, tokenizer)
-    start = time.time()
-    train(trainer, recipe, checkpoint)
-    if distributed.world_size() > 1:
-        save_distributed(trainer, tokenizer, run)
-        if not distributed.is_main():
-            return None
-        model, tokenizer, _ = load_run_model(run, recipe.model.dtype)  # whole, whatever the sharding
-        arch = None  # a model of its own, described where it is evaluated
-    else:
-        model = trainer.model
-        save_model(model, tokenizer, run)
-    if (run / CHECKPOINTS).is_dir() and not any((run / CHECKPOINTS).iterdir()):
-        (run / CHECKPOINTS).rmdir()
-    print(f"trained in {time.time() - start:.0f}s; model saved to {run / MODEL_DIR}")
-    evaluate_run(recipe, run, model, tokenizer, arch)
+    done = resumed.done if resumed is not None else []
+    with Interrupts() as interrupts:
+        try:
+            if "evaluate" in done:  # only the report is left: it needs no model
+                trained = (None, None, None)
+            elif "save" in done:
+                trained = load_trained(setup)
+            else:
+                trained = train_and_save(setup, resumed.checkpoint if resumed else None, interrupts)
+            if trained is None:
+                return None
+            evaluate_run(recipe, run, *trained, phases_done(run))
+        except KeyboardInterrupt:
+            raise Interrupted(stopped_message(run)) from None
     print(f"\nrun folder: {run}")
     return run
+
+
+def stopped_message(run: Path) -> str:
+    """What an interrupted run kept, and how to go on."""
+    done = phases_done(run)
+    if "save" in done:
+        return f"the model is saved in {run / MODEL_DIR}; finish the evaluation with: moe-tune train {run} --resume"
+    checkpoints = complete_checkpoints(run)
+    if checkpoints:
+        return f"the last complete checkpoint is {checkpoints[-1]}; continue with: moe-tune train {run} --resume"
+    return "no checkpoint was saved yet; start the run again with --overwrite"

@@ -250,7 +250,7 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
                 selection: dict[str, list[int]] | None = None, sft_args=None) -> dict:
     """What ``moe-tune plan --json`` prints and ``moe-tune train`` shows before it starts.
     With the run's SFTConfig, activations for one micro-batch are estimated too."""
-    from moe_tune.accounting import (DTYPE_BYTES, activation_bytes, plan_memory_bytes,  # noqa: PLC0415
+    from moe_tune.accounting import (DTYPE_BYTES, micro_batch_activations, plan_memory_bytes,  # noqa: PLC0415
                                      quantized_weights)
 
     rows = part_rows(model, arch, plan, recipe.lora, selection)
@@ -269,27 +269,24 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
         "lora_tensors": len(plan.lora_targets),
         "expert_selection": selection,
         "memory_gb": round(state / 1e9, 3),
+        "state_bytes": state,  # unrounded, for the per-device estimates (fit.py)
         "memory_dtype": dtype,
         "warnings": plan_warnings(arch, plan, recipe.trainable.preset, rows, selection),
     }
     if sft_args is not None:
-        autocast = bool(sft_args.bf16 or sft_args.fp16) and DTYPE_BYTES[dtype] == 4
-        tokens = sft_args.per_device_train_batch_size * (sft_args.max_length or 1024)
-        acts = activation_bytes(model, arch, tokens, 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4, autocast,
-                                bool(sft_args.gradient_checkpointing))
+        acts, basis = micro_batch_activations(model, arch, dtype, sft_args)
         report.update(activation_gb=round(acts / 1e9, 3), peak_gb=round((state + acts) / 1e9, 3),
-                      activation_basis=f"{tokens} tokens per micro-batch, "
-                                       f"{'bf16 autocast' if autocast else dtype}, "
-                                       f"checkpointing {'on' if sft_args.gradient_checkpointing else 'off'}")
+                      activation_bytes=acts, activation_basis=basis)
     return report
 
 
 def format_plan(report: dict) -> str:
     rows = report["parts"]
-    lines = [f"{'part':<15} {'params':>12} {'mode':>7} {'trainable':>12}"]
+    w = max(len("trainable"), *(len(f"{r[key]:,}") for r in rows for key in ("params", "trainable")))
+    lines = [f"{'part':<15} {'params':>{w}} {'mode':>7} {'trainable':>{w}}"]
     for r in rows:
         lora = f"  ({r['lora_tensors']} tensors with LoRA)" if r["mode"] == "lora" else ""
-        lines.append(f"{r['part']:<15} {r['params']:>12,} {r['mode']:>7} {r['trainable']:>12,}{lora}")
+        lines.append(f"{r['part']:<15} {r['params']:>{w},} {r['mode']:>7} {r['trainable']:>{w},}{lora}")
     lines.append(f"trainable: {report['trainable_params']:,} of {report['total_params']:,} base parameters "
                  f"({report['trainable_pct']:.2f}%)")
     if report["lora_tensors"]:

@@ -7,6 +7,7 @@ callbacks that guard and record a run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import defaultdict
@@ -56,6 +57,18 @@ def sft_config(recipe, run: Path) -> SFTConfig:
         return SFTConfig(output_dir=str(run / CHECKPOINTS), seed=recipe.seed, **args)
     except (ValueError, TypeError) as e:
         raise MoeTuneError(f"sft: TRL rejected the settings: {e}") from None
+
+
+def sft_warnings(args: SFTConfig) -> list[str]:
+    """Settings TRL accepts that make a run other than meant."""
+    warnings, steps = [], args.max_steps
+    if steps > 0 and args.get_warmup_steps(steps) >= steps:
+        warnings.append(f"sft.warmup_steps ({args.get_warmup_steps(steps)}) >= sft.max_steps ({steps}): the learning "
+                        "rate never leaves its warm-up")
+    if steps > 0 and args.logging_strategy == "steps" and args.logging_steps >= 1 and args.logging_steps > steps:
+        warnings.append(f"sft.logging_steps ({args.logging_steps:g}) > sft.max_steps ({steps}): no training loss "
+                        "will be logged before the end")
+    return warnings
 
 
 class GradientGuard(TrainerCallback):
@@ -114,7 +127,8 @@ class RoutingProbe:
     def __call__(self) -> dict[str, float]:
         now = routing_stats.profile(self.model, self.arch, self.tokenizer, self.rows)
         summary = routing_stats.summarize(now, self.base)["mean_over_layers"]
-        return {f"routing/{key}": value for key, value in summary.items()}
+        # eval_: TensorBoard files it under eval/, beside the validation loss it goes with
+        return {f"eval_routing/{key}": value for key, value in summary.items()}
 
 
 def non_finite_message(step: int, value: float, run: Path) -> str:
@@ -134,12 +148,12 @@ class MoeSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer
         self.routing_probe = routing_probe
-        # router terms per micro-batch since the last log, by mode; averaged into the next log
+        # cross-entropy and router terms per micro-batch since the last log, by mode; averaged into the next log
         self.router_terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """The router terms' means join the logged values, named as TRL names its own
-        (``eval_`` in front during evaluation)."""
+        """The means of the cross-entropy and the router terms join the logged values, named as
+        TRL names its own (``eval_`` in front during evaluation)."""
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
         logs.update({f"{prefix}{name}": sum(v) / len(v) for name, v in self.router_terms[mode].items()})
@@ -161,27 +175,29 @@ class MoeSFTTrainer(SFTTrainer):
         return result
 
     def _moe_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        reg = self.regularizer
-        if reg is None or not reg.active:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with reg:
+        """TRL's loss (the cross-entropy, logged as ``ce_loss``) plus the weighted router terms."""
+        reg = self.regularizer if self.regularizer is not None and self.regularizer.active else None
+        with reg or contextlib.nullcontext():
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        terms = reg.terms(inputs.get("attention_mask"))
+        mode = "train" if self.model.training else "eval"
+        # With token-count normalisation Trainer sums a step's micro-batch losses (each is a share of
+        # the step's tokens) and leaves accumulation to the loss: scaled by the accumulation steps,
+        # the mean over micro-batches is the per-step value Trainer logs as ``loss``; the router
+        # terms are per-micro-batch means, so they are averaged over the steps (as TRL does).
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and mode == "train" else 1
+        self.router_terms[mode]["ce_loss"].append((result[0] if return_outputs else result).item() * steps)
+        terms = reg.terms(inputs.get("attention_mask")) if reg is not None else {}
         if not terms:
             return result
-        mode = "train" if self.model.training else "eval"
         weighted = reg.weighted(terms)
         for name, value in terms.items():
             self.router_terms[mode][name].append(value.item())
         self.router_terms[mode]["router_loss"].append(weighted.item())
-        # per-micro-batch means: with token-count normalisation, Trainer leaves gradient
-        # accumulation to the loss, so average them over the accumulation steps (as TRL does)
-        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and mode == "train" else 1
         if return_outputs:
             return result[0] + weighted / steps, result[1]
         return result + weighted / steps
 
-    # --- the one reach into Trainer's internals (tests/test_trainer.py fails if it moves) ---
+    # --- the reach into Trainer's and TRL's internals (tests/test_trainer.py fails if they move) ---
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume with the checkpoint's weights read through transformers' own loading.
 
@@ -190,10 +206,24 @@ class MoeSFTTrainer(SFTTrainer):
         the experts and routers would silently stay at their base values. PEFT adapters keep
         their names and go through Trainer's own path."""
         model = model if model is not None else self.model
+        self._continue_token_count(Path(resume_from_checkpoint))
         if hasattr(model, "peft_config"):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
         model.load_state_dict(saved.state_dict(), strict=True)
+
+    def _continue_token_count(self, checkpoint: Path) -> None:
+        """TRL counts ``num_tokens`` from 0 in every process; a resumed run goes on from the
+        checkpoint's count."""
+        history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+        counts = [h["num_tokens"] for h in history if "num_tokens" in h]
+        if counts:
+            self._total_train_tokens = int(counts[-1])
+
+    def load_final_checkpoint(self, checkpoint: Path) -> None:
+        """The weights of a checkpoint saved at the last step, without training: resumed there,
+        Trainer would train one step past max_steps when the run ends mid-epoch."""
+        self._load_from_checkpoint(str(checkpoint))
 
 
 def load_data(recipe, run: Path):
@@ -203,7 +233,8 @@ def load_data(recipe, run: Path):
         if path is None:
             sets.append(None)
             continue
-        rows, bad = read_rows(path, limit, data.format, data.skip_bad_rows)
+        rows, bad, fmt = read_rows(path, limit, data.format, data.skip_bad_rows)
+        print(f"read {len(rows):,} rows of {path} ({fmt})")
         sets.append(messages_dataset(rows))
         if bad:
             skipped[path] = bad

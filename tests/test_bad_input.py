@@ -54,8 +54,16 @@ def files(tmp_path):
         "foreign_output": str(_folder(tmp_path / "someone", "notes.txt")),
         "selection_bad": write("sel.json", json.dumps({"selected": {"model.layers.0.mlp": [99]}})),
         "out": str(tmp_path / "never-written"),
+        "fake_run": str(_fake_run(tmp_path / "run")),
         "spec_bad": write("spec.yaml", f"base: {QUICKSTART}\noutput_dir: x\nseeds: [1]\nvariants: {{a: {{sft.max_stepz: 3}}}}\n"),
     }
+
+
+def _fake_run(path):
+    """A run folder as far as its recipe (training never started)."""
+    path.mkdir()
+    (path / "recipe.yaml").write_text((ROOT / "recipes" / "quickstart.yaml").read_text())
+    return path
 
 
 def _folder(path, file=None):
@@ -87,6 +95,8 @@ CASES = [
     ("recipe_empty", lambda f: ["train", f["empty_recipe"]], "empty.yaml"),
     ("recipe_not_a_mapping", lambda f: ["train", f["list_recipe"]], "list.yaml"),
     ("recipe_unknown_section", lambda f: ["train", f["unknown_top"]], "unknown key 'trainer'"),
+    ("recipe_key_outside_its_section", lambda f: train(f, "max_steps=3"),
+     "unknown key 'max_steps'; did you mean 'sft.max_steps'?"),
     ("recipe_missing_section", lambda f: ["train", f["no_model"]], "model"),
     ("recipe_unknown_nested_key", lambda f: train(f, "trainable.prest=full"), "trainable.prest"),
     ("recipe_misspelt_key_suggests", lambda f: train(f, "sft.learning_rat=1e-4"), "learning_rate"),
@@ -117,12 +127,23 @@ CASES = [
     ("cli_output_not_a_run", lambda f: train(f, f"output_dir={f['foreign_output']}"), "not a moe-tune run"),
     ("cli_compare_bad_variant", lambda f: ["compare", f["spec_bad"]], "variant 'a'"),
     ("cli_eval_missing_data", lambda f: ["eval", str(SHIPPED_MODEL), "--data", "no/such.jsonl"], "no/such.jsonl"),
+    ("cli_eval_model_without_data", lambda f: ["eval", str(SHIPPED_MODEL)], "give the held-out data with --data"),
+    ("cli_eval_out_taken", lambda f: ["eval", str(SHIPPED_MODEL), "--data", str(TRAIN), "--out", f["foreign_output"]],
+     "already exists and is not empty; pass --overwrite"),
+    ("cli_eval_out_not_an_evaluation", lambda f: ["eval", str(SHIPPED_MODEL), "--data", str(TRAIN), "--out",
+                                                  f["foreign_output"], "--overwrite"], "not a moe-tune evaluation"),
+    ("cli_export_merged_taken", lambda f: ["export", f["fake_run"], "--merged", f["foreign_output"]],
+     "already exists and is not empty; pass --overwrite"),
+    ("cli_resume_without_checkpoint", lambda f: ["train", f["fake_run"], "--resume"],
+     "sft.save_strategy is 'no', so it kept no checkpoint"),
+    ("model_hub_id_offline", lambda f: ["inspect", "org-x/no-such-moe"], "tests/model_configs"),
     # data files
     ("data_missing", lambda f: train(f, "data.train=no/such.jsonl"), "no/such.jsonl"),
     ("data_empty", lambda f: train(f, f"data.train={f['empty_data']}"), "empty.jsonl"),
     ("data_bad_json", lambda f: train(f, f"data.train={f['bad_json']}"), "badjson.jsonl"),
     ("data_missing_field", lambda f: train(f, f"data.train={f['no_messages']}"), "nomsg.jsonl"),
     ("data_unknown_role", lambda f: train(f, f"data.train={f['bad_role']}"), "role.jsonl"),
+    ("data_unknown_role_is_shown", lambda f: train(f, f"data.train={f['bad_role']}"), "got role 'robot'"),
     ("data_no_answer", lambda f: train(f, f"data.train={f['no_answer']}"), "noanswer.jsonl"),
     ("data_content_not_text", lambda f: train(f, f"data.train={f['empty_content']}"), "emptycontent.jsonl"),
     ("data_wrong_encoding", lambda f: train(f, f"data.train={f['latin1']}"), "not UTF-8"),
@@ -137,6 +158,15 @@ CASES = [
     ("model_not_moe", lambda f: train(f, f"model.path={f['dense']}"), "not a"),
     ("model_not_moe_inspect", lambda f: ["inspect", f["dense"]], "not a"),
     ("resume_nothing", lambda f: train(f, "--resume", "output_dir=/tmp/moe-tune-no-such-run"), "no moe-tune run to resume"),
+    # moe-tune plan's GPUs
+    ("plan_zero_gpus", lambda f: ["plan", QUICKSTART, "--gpus", "0", "--gpu-memory", "80GB"], "--gpus 0"),
+    ("plan_negative_gpus", lambda f: ["plan", QUICKSTART, "--gpus", "-2", "--gpu-memory", "80GB"], "--gpus -2"),
+    ("plan_gpu_memory_not_a_size", lambda f: ["plan", QUICKSTART, "--gpu-memory", "lots"], "--gpu-memory lots"),
+    ("plan_gpus_without_gpu_memory", lambda f: ["plan", QUICKSTART, "--gpus", "8"], "--gpus needs --gpu-memory"),
+    ("plan_accelerate_config_missing", lambda f: ["plan", QUICKSTART, "--gpu-memory", "80GB", "--accelerate-config",
+                                                  "no/such/fsdp.yaml"], "no/such/fsdp.yaml"),
+    ("plan_not_an_accelerate_config", lambda f: ["plan", QUICKSTART, "--gpu-memory", "80GB", "--accelerate-config",
+                                                 QUICKSTART], "not an accelerate config"),
 ]
 
 

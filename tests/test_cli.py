@@ -53,8 +53,8 @@ def test_train_writes_a_complete_run(trained_run):
     assert all({"learning_rate", "aux_loss"} <= set(m) for m in train_logs)
     assert any("eval_loss" in m for m in metrics)
     # after each evaluation: a routing summary with drift from the routing before training
-    routing = [m for m in metrics if "routing/js_from_base" in m]
-    assert [m["step"] for m in routing] == [2, 4] and all(m["routing/entropy"] > 0 for m in routing)
+    routing = [m for m in metrics if "eval_routing/js_from_base" in m]  # eval/routing/... in TensorBoard
+    assert [m["step"] for m in routing] == [2, 4] and all(m["eval_routing/entropy"] > 0 for m in routing)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard, offline
     result = json.loads((run / "eval" / "heldout.json").read_text())
     assert result["file"] == "data/heldout.jsonl"
@@ -94,7 +94,9 @@ def test_eval_on_a_run_and_on_a_model(trained_run, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "eval", str(trained_run), "--data", "data/valid.jsonl",
                            "--max-rows", "10", "--max-new-tokens", "4")
     assert code == 0 and "| **all** | 10 |" in out
-    saved = json.loads((trained_run / "eval" / "valid.json").read_text())
+    # other data than the run's own: a folder of its own, the run's final evaluation untouched
+    saved = json.loads((trained_run / "eval-valid" / "valid.json").read_text())
+    assert not (trained_run / "eval" / "valid.json").exists()
     assert set(saved["results"]) == {"base", "tuned"}  # the run knows its base: side by side
     assert saved["results"]["tuned"]["overall"]["n"] == 10
     code, _, _ = run_cli(capsys, "eval", str(trained_run), "--data", "data/valid.jsonl", "--max-rows", "4",
@@ -102,9 +104,9 @@ def test_eval_on_a_run_and_on_a_model(trained_run, tmp_path, capsys):
     assert code == 0
     assert set(json.loads((tmp_path / "nobase" / "valid.json").read_text())["results"]) == {"tuned"}
     code, out, _ = run_cli(capsys, "eval", "data/tiny-moe", "--data", "data/heldout.jsonl",
-                           "--max-rows", "5", "--out", str(tmp_path))
+                           "--max-rows", "5", "--out", str(tmp_path / "base"))
     assert code == 0
-    saved = json.loads((tmp_path / "heldout.json").read_text())
+    saved = json.loads((tmp_path / "base" / "heldout.json").read_text())
     assert saved["results"]["tiny-moe"]["overall"]["n"] == 5
 
 
@@ -171,3 +173,46 @@ def test_eval_options_are_checked_against_the_recipe_schema(capsys, option, expe
 
     code, _, err = run_cli(capsys, "eval", "data/tiny-moe", "--data", "data/heldout.jsonl", *option)
     assert code == 2 and len(err.strip().splitlines()) == 1 and re.search(expected, err), err
+
+
+@pytest.mark.slow
+def test_evaluations_are_never_overwritten_silently(trained_run, tmp_path, capsys):
+    """A second evaluation into the same folder needs --overwrite, and is refused before
+    anything loads; the run's own evaluation is what `eval RUN` redoes by default."""
+    final = (trained_run / "eval" / "report.json").read_text()
+    code, _, err = run_cli(capsys, "eval", str(trained_run), "--max-rows", "4")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "eval: already exists and is not empty; pass --overwrite" in err
+    assert (trained_run / "eval" / "report.json").read_text() == final
+    code, _, _ = run_cli(capsys, "eval", str(trained_run), "--max-rows", "4", "--no-base",
+                         "--out", str(tmp_path / "again"))
+    assert code == 0
+    saved = json.loads((tmp_path / "again" / "heldout.json").read_text())  # the run's own eval.files
+    assert saved["results"]["tuned"]["overall"]["n"] == 4
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "eval", str(trained_run), "--out", str(tmp_path / "mine"), "--overwrite")
+    assert code == 2 and "not a moe-tune evaluation, refusing to replace it" in err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_version_and_debug_after_the_command(capsys):
+    from moe_tune.errors import MoeTuneError
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("moe-tune 0.")
+    with pytest.raises(MoeTuneError):  # --debug after the command shows the traceback too
+        main(["train", "recipes/quickstart.yaml", "trainable.prest=full", "--debug"])
+
+
+def test_every_option_says_what_it_does():
+    import argparse
+
+    from moe_tune.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in [("moe-tune", parser), *commands.items()]:
+        for action in command._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, f"{name} {action.option_strings or action.dest}"

@@ -71,6 +71,11 @@ def test_interrupted_comparison_resumes(tmp_path, capsys):
     assert "± " in (tmp_path / "out" / "comparison.md").read_text()
     for plot in ("score_vs_trainable", "loss_curves"):
         assert (tmp_path / "out" / f"{plot}.png").stat().st_size > 0
+    # asked for something else now: the finished runs are not passed off as its result
+    assert main(["compare", str(write_spec(tmp_path, seeds=[1, 2])), "sft.max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "variant 'full' seed 1: sft.max_steps is 3 now but was 2 in the finished run" in err
+    assert "--overwrite" in err and first.stat().st_mtime == stamp
 
 
 def test_a_group_the_eval_file_lacks_is_refused_before_anything_runs(tmp_path):
@@ -83,18 +88,71 @@ def test_a_group_the_eval_file_lacks_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_scored_group_is_the_specs_and_the_whole_file_by_default(tmp_path):
-    from moe_tune.compare import measure
-
+def fake_run(tmp_path):
+    """A finished run's folder, as measure() reads it: 450 held-out rows, 360 of group new_phrasing."""
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
     (run / "plan.json").write_text(json.dumps({"trainable_params": 10}))
-    scores = lambda em, loss: {"exact_match": em, "loss": loss}  # noqa: E731
-    tuned = {"overall": scores(0.5, 1.0), "per_group": {"new_phrasing": scores(0.8, 0.3),
-                                                        "unseen_task": scores(0.0, 5.0)}}
+    scores = lambda em, loss, n: {"exact_match": em, "loss": loss, "n": n}  # noqa: E731
+    tuned = {"overall": scores(0.5, 1.0, 450), "per_group": {"new_phrasing": scores(0.8, 0.3, 360),
+                                                             "unseen_task": scores(0.0, 5.0, 90)}}
     (run / "eval" / "report.json").write_text(json.dumps(
         {"heldout.jsonl": {"results": {"tuned": tuned}, "routing": {}}}))
+    return run
+
+
+def test_the_scored_group_is_the_specs_and_the_whole_file_by_default(tmp_path):
+    from moe_tune.compare import measure
+
+    run = fake_run(tmp_path)
     assert measure(run, 1.0, 0.1)["heldout_exact_match"] == 0.5
     by_group = measure(run, 1.0, 0.1, "new_phrasing")
     assert by_group["heldout_exact_match"] == 0.8 and by_group["heldout_loss"] == 0.3
+
+
+def test_the_heldout_line_names_the_file_and_the_rows_scored(tmp_path):
+    from moe_tune.compare import heldout_line, measure
+
+    run = fake_run(tmp_path)
+    whole, group = measure(run, 1.0, 0.1), measure(run, 1.0, 0.1, "new_phrasing")
+    recorded = [whole[k] for k in ("heldout_file", "heldout_group", "heldout_rows")]
+    assert recorded == ["heldout.jsonl", None, 450]
+    assert heldout_line({"a": [whole], "b": [whole]}) == "Held-out columns: heldout.jsonl, all 450 rows."
+    assert (heldout_line({"a": [group, group]})
+            == "Held-out columns: heldout.jsonl, rows of group new_phrasing (360 rows).")
+    assert heldout_line({"a": [whole], "b": [group]}) == (
+        "Held-out columns: heldout.jsonl, all 450 rows (a); "
+        "heldout.jsonl, rows of group new_phrasing (360 rows) (b).")
+    assert heldout_line({"a": [{"heldout_exact_match": 0.5}]}) is None  # measured before rows were recorded
+
+
+def measured(em, wall, curve=True):
+    return {"heldout_exact_match": em, "wall_s": wall, "trainable_params": 1000, "routing_drift": 0.05,
+            "curve": [(1, 2.0), (2, 1.0)] if curve else [], "eval_curve": [(2, 1.5)],
+            "heldout_file": "data/heldout.jsonl", "heldout_group": "new_phrasing", "heldout_rows": 360}
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_comparison_shows_a_spread_only_over_several_seeds(tmp_path, seeds):
+    from moe_tune.compare import COLUMNS, write_outputs
+
+    runs = {"a": [measured(0.5 + 0.1 * i, 10 + 2 * i) for i in range(seeds)],
+            "b": [measured(0.2, 5, curve=False) for _ in range(seeds)]}
+    write_outputs(tmp_path, aggregate(runs), runs)
+    md = (tmp_path / "comparison.md").read_text().splitlines()
+    assert md[0] == "Held-out columns: data/heldout.jsonl, rows of group new_phrasing (360 rows)."
+    table = [line for line in md if line.startswith("| a |") or line.startswith("| b |")]
+    if seeds == 1:
+        assert md[1] == "One seed per variant." and "±" not in "\n".join(md)
+        assert table[0].startswith("| a | 50.0% | - | - | - | - | 1,000 | 10 | - | 0.050 | - |")
+    else:
+        assert md[1] == "Mean ± standard deviation over 3 seeds."
+        assert table[0].startswith("| a | 60.0% ± 10.0% | - |") and "| 12 ± 2 |" in table[0]
+        assert "| 20.0% ± 0.0% |" in table[1]
+    csv_rows = (tmp_path / "comparison.csv").read_text().splitlines()
+    assert csv_rows[0] == "variant,seeds," + ",".join(f"{c}_{s}" for c in COLUMNS for s in ("mean", "std"))
+    b = csv_rows[2].split(",")
+    assert b[:2] == ["b", str(seeds)] and float(b[2]) == pytest.approx(0.2) and b[3] == "0.0"  # std stays
+    for plot in ("score_vs_trainable", "loss_curves", "routing_drift"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 0

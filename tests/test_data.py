@@ -113,7 +113,7 @@ def save_dataset(tmp_path, rows):
     ([PROMPT_COMPLETION], [{"messages": USER_YO, "group": "g"}]),
 ], ids=["chat", "alpaca", "sharegpt", "prompt_completion"])
 def test_every_format_and_source_reads_to_chat_rows(tmp_path, write, source, expected):
-    rows, skipped = read_rows(write(tmp_path, source))
+    rows, skipped, _ = read_rows(write(tmp_path, source))
     assert rows == expected and skipped == []
 
 
@@ -195,7 +195,7 @@ def test_mixed_formats_name_the_row(tmp_path, write, where, origin):
 def test_skip_bad_rows_counts_and_reports(tmp_path):
     path = write_lines(tmp_path, ["{oops", json.dumps({"instruction": "x"}), json.dumps(ALPACA),
                                   json.dumps(GOOD), json.dumps({**ALPACA, "output": 5}), json.dumps(ALPACA)])
-    rows, skipped = read_rows(path, skip_bad_rows=True)
+    rows, skipped, _ = read_rows(path, skip_bad_rows=True)
     # The format comes from the first good row (line 3): line 2's partial Alpaca row does not count.
     assert rows == [ALPACA_EXPECTED[0]] * 2
     assert skipped == [
@@ -206,7 +206,7 @@ def test_skip_bad_rows_counts_and_reports(tmp_path):
         f"{path}:5: field 'output' must be a string, got int (Alpaca rows need 'instruction' and 'output')",
     ]
     # max_rows counts good rows; reading stops there, so later bad rows are not seen.
-    assert read_rows(path, max_rows=1, skip_bad_rows=True) == ([ALPACA_EXPECTED[0]], skipped[:2])
+    assert read_rows(path, max_rows=1, skip_bad_rows=True)[:2] == ([ALPACA_EXPECTED[0]], skipped[:2])
     assert read_chat_rows(path, skip_bad_rows=True) == rows
     assert len(messages_dataset(read_chat_rows(path, skip_bad_rows=True))) == 2
 

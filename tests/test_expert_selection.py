@@ -137,3 +137,21 @@ def test_selection_conflicts_are_refused(shipped, overrides, expected):
     plan = make_plan(model, arch, resolve_modes(recipe.trainable.preset, recipe.trainable.overrides()))
     with pytest.raises(MoeTuneError, match=expected):
         check_selection(recipe, plan)
+
+
+def test_select_experts_says_how_it_scored_and_what_its_columns_are(tmp_path, capsys):
+    from moe_tune.cli import main
+
+    out = tmp_path / "sel.json"
+    assert main(["select-experts", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(out),
+                 "trainable.expert_selection={rows: 16, top_p: 0.5, score: token}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("scoring experts by token score (share of the top-k slots) on 16 rows of "
+                        "data/train.jsonl; top_p 0.5")
+    assert lines[1].startswith("each line: MoE block: kept/all experts, the kept experts' share")
+    saved = json.loads(out.read_text())
+    assert set(saved) == {"method", "top_p", "selected", "shares"} and saved["method"] == "token"
+    for block, experts in saved["selected"].items():
+        line = next(line for line in lines if line.startswith(f"{block}: "))
+        kept = sum(saved["shares"][block][e] for e in experts)
+        assert f"{len(experts)}/8 experts, {kept:.2f} of the routing  " in line and kept >= 0.5 - 1e-9

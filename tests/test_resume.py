@@ -105,3 +105,109 @@ def test_lora_run_resumes_from_its_adapter_checkpoint(tmp_path):
     assert sorted(resumed) == list(range(1, 17))
     for step in range(9, 17):
         assert resumed[step] == pytest.approx(whole[step], rel=1e-4, abs=1e-5), step
+
+
+# --- interrupted in every phase: the resumed run ends as an uninterrupted one ------------------
+
+MATRIX = [str(ROOT / "recipes" / "quickstart.yaml"), "sft.max_steps=4", "sft.save_strategy=steps",
+          "sft.save_steps=2", "sft.logging_steps=1", "sft.warmup_steps=0", "sft.eval_strategy=no",
+          "data.valid=null", "data.max_train_rows=64", "eval.max_rows=6", "eval.compare_base=false",
+          "eval.retention_file=null"]
+PRESETS = {"full": ["trainable.preset=full"],
+           "lora": ["trainable.preset=lora_experts", "sft.learning_rate=5.0e-3"]}
+
+
+def run_files(run):
+    """What a finished run holds, checkpoints and TensorBoard's time-stamped files aside."""
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*")
+                  if p.parts[len(run.parts)] not in ("checkpoints", "tensorboard"))
+
+
+def final_scores(run):
+    report = json.loads((run / "eval" / "report.json").read_text())
+    return next(iter(report.values()))["results"]["tuned"]["overall"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    runs = {}
+    for name, preset in PRESETS.items():
+        runs[name] = tmp_path_factory.mktemp("whole") / name
+        assert main(["train", *MATRIX, *preset, f"output_dir={runs[name]}"]) == 0
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("phase", ["train", "save", "evaluate", "report"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_a_run_interrupted_in_any_phase_resumes_to_the_same_end(uninterrupted, tmp_path, capsys, preset, phase, sig):
+    run = tmp_path / "cut"
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "interrupt_run.py"), phase, sig, "train", *MATRIX,
+                          *PRESETS[preset], f"output_dir={run}"], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    if sig == "SIGKILL":
+        assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    else:  # one line: what was kept and the command that goes on
+        assert out.returncode == 130, out.stderr[-2000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("moe-tune: interrupted: ") and f"moe-tune train {run} --resume" in last, last
+    assert not (run / "eval").exists()  # nothing looks finished
+    if phase == "train" and sig == "SIGINT":  # the step in progress finished, with a checkpoint
+        assert (run / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
+    capsys.readouterr()
+    assert main(["train", str(run), "--resume"]) == 0, capsys.readouterr().err
+    whole = uninterrupted[preset]
+    assert run_files(run) == run_files(whole)
+    assert json.loads((run / "phases.json").read_text())["done"] == ["train", "save", "evaluate", "report"]
+    assert sorted(losses(run)) == [1, 2, 3, 4]  # every step once, none past max_steps
+    for step, loss in losses(whole).items():
+        assert losses(run)[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
+    assert not any(p.name.endswith(".tmp") for p in run.rglob("*"))
+    assert max(int(c.name.split("-")[1]) for c in (run / "checkpoints").glob("checkpoint-*")) == 4
+    cut, ref = final_scores(run), final_scores(whole)
+    assert cut["exact_match"] == ref["exact_match"] and cut["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    if phase == "train":  # the token count goes on from the checkpoint's; TensorBoard shows each step once
+        tokens = [{r["step"]: r["num_tokens"] for r in logged(r) if "num_tokens" in r and "loss" in r}
+                  for r in (run, whole)]
+        assert tokens[0] == tokens[1]
+        assert tensorboard_steps(run, "train/loss") == [1, 2, 3, 4]
+
+
+def logged(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_steps(run, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))  # honours the purge a resumed run writes
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_a_moved_run_folder_resumes_evaluates_and_exports_from_anywhere(tmp_path, monkeypatch, capsys):
+    """recipe.yaml keeps absolute paths and a run folder's location is where it is now: the
+    folder is moved to another directory, and used from a third one."""
+    import shutil
+
+    monkeypatch.chdir(ROOT)  # the recipe's paths are relative to the repository
+    first = tmp_path / "a" / "run"
+    assert main(["train", "recipes/quickstart.yaml", *MATRIX[1:], *PRESETS["lora"], f"output_dir={first}"]) == 0
+    for path in (first / "model", first / "eval", first / "checkpoints" / "checkpoint-4", first / "phases.json"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()  # as if it died after checkpoint 2
+    moved = tmp_path / "b" / "run"
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    elsewhere = tmp_path / "c"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["train", str(moved), "--resume"]) == 0, capsys.readouterr().err
+    assert "resuming from" in capsys.readouterr().out and (moved / "eval" / "report.json").is_file()
+    assert f"output_dir: {moved}" in (moved / "recipe.yaml").read_text()
+    assert main(["eval", str(moved), "--max-rows", "4", "--out", "again"]) == 0, capsys.readouterr().err
+    assert (elsewhere / "again" / "heldout.json").is_file()
+    assert main(["export", str(moved), "--merged", "merged", "--check-rows", "2"]) == 0, capsys.readouterr().err
+    assert (elsewhere / "merged" / "config.json").is_file()

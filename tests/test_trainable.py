@@ -189,3 +189,16 @@ def test_rank_per_part_on_expert_tensors_applies_without_warning():
         model = apply_plan(model, plan, arch, lora)
     a = [p for n, p in model.named_parameters() if "experts" in n and "lora_A" in n]
     assert a and all(p.shape[0] == 2 * 8 for p in a)  # rank 2 per expert, 8 experts
+
+
+def test_plan_table_aligns_large_counts():
+    """DeepSeek-V3's 653,908,770,816 expert parameters keep the columns in line."""
+    from moe_tune.trainable import format_plan
+
+    config = ROOT / "tests" / "model_configs" / "deepseek-v3"
+    setup = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"model.path={config}", "trainable.preset=full"]))
+    lines = format_plan(setup.report).splitlines()
+    table = lines[:len(setup.report["parts"]) + 1]  # the header and a row per part
+    assert any(len(f"{r['params']:,}") == len("653,908,770,816") for r in setup.report["parts"])
+    assert len({len(line) for line in table}) == 1  # every count right-aligned to the same column
+    assert {line.index(" train ") + len(" train") for line in table[1:]} == {table[0].index(" mode") + len(" mode")}

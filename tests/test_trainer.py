@@ -117,3 +117,24 @@ def test_resume_reads_back_the_experts_and_routers_trainer_would_miss(tmp_path):
     trainer.train(resume_from_checkpoint=str(checkpoint))  # at max_steps already: loads, trains no step
     for name in tensors:
         assert torch.equal(model.get_parameter(name), trained[name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_cross_entropy_is_logged_beside_the_loss_with_the_router_terms(tmp_path, accumulation):
+    from moe_tune.loading import load_model
+    from moe_tune.train import plan_run, trainer_for
+
+    recipe = load_recipe(QUICKSTART, [f"output_dir={tmp_path}", "sft.max_steps=3", "sft.logging_steps=1",
+                                      "sft.eval_strategy=no", "data.max_train_rows=96", "eval.files=[]",
+                                      "router.z_loss_coef=0.01", "sft.per_device_train_batch_size=16",
+                                      f"sft.gradient_accumulation_steps={accumulation}"])
+    trainer, _ = trainer_for(plan_run(recipe), *load_model(recipe.model.path))
+    trainer.train()
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(steps) == 3
+    for h in steps:  # loss = cross-entropy + weighted router terms, per optimizer step
+        assert h["loss"] == pytest.approx(h["ce_loss"] + h["router_loss"], rel=1e-4)
+        coef = trainer.regularizer.coef
+        assert h["router_loss"] == pytest.approx(coef["z_loss"] * h["z_loss"] + coef["aux_loss"] * h["aux_loss"],
+                                                 rel=1e-4)

@@ -1,0 +1,126 @@
+"""`moe-tune plan --gpu-memory`: peak memory per GPU under DDP, FSDP2 and ZeRO-3, checked by hand
+on the shipped model and on Qwen3-30B-A3B's published config (meta device, nothing downloaded)."""
+
+import json
+
+import pytest
+
+from moe_tune.cli import main
+from moe_tune.fit import GB, fit_report, parse_memory, per_device, target
+from moe_tune.recipe import load_recipe
+from moe_tune.train import plan_run
+
+from conftest import ROOT
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+QWEN = ROOT / "recipes" / "hub" / "qwen3-30b-a3b-lora-experts.yaml"
+QWEN_CONFIG = f"model.path={ROOT / 'tests' / 'model_configs' / 'qwen3-30b-a3b'}"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return plan_run(load_recipe(QUICKSTART))  # float32, no mixed precision, everything trains
+
+
+@pytest.fixture(scope="module")
+def qwen_lora():
+    return plan_run(load_recipe(QWEN, [QWEN_CONFIG]))  # bf16, LoRA r=8 on the experts
+
+
+@pytest.fixture(scope="module")
+def qwen_full():
+    return plan_run(load_recipe(QWEN, [QWEN_CONFIG, "trainable.preset=full"]))
+
+
+def test_ddp_is_the_single_device_plan(tiny, qwen_lora):
+    for setup in (tiny, qwen_lora):
+        ddp = per_device(setup, 8)["ddp"]
+        assert ddp["peak"] == setup.report["state_bytes"] + setup.report["activation_bytes"]
+        assert round(ddp["peak"] / GB, 3) == setup.report["peak_gb"]
+
+
+def test_sharded_by_hand_on_the_shipped_model(tiny):
+    # hidden 128, 4 layers; attention q, o 128x128 and k, v 64x128; router 8x128; experts
+    # 8 x (gate_up 512x128 + down 128x256); two norms of 128 per layer
+    attention, router, experts, norms = 2 * 128 * 128 + 2 * 64 * 128, 8 * 128, 8 * (512 * 128 + 128 * 256), 2 * 128
+    total = sum(r["params"] for r in tiny.report["parts"])
+    assert tiny.report["state_bytes"] == total * 16  # fp32 weight, gradient and 2 AdamW moments
+    rows = per_device(tiny, 4)
+    acts = tiny.report["activation_bytes"]
+    for key in ("fsdp2", "zero3"):
+        assert rows[key]["states"] == total * 16 / 4  # no upcast: the weights are fp32 already
+        assert rows[key]["activations"] == acts  # each GPU runs its own micro-batch
+    # gathered whole with its gradients (fp32, 4 + 4 bytes a parameter): a decoder layer, an MoE block
+    assert rows["fsdp2"]["gathered"] == (attention + router + experts + norms) * 8
+    assert rows["zero3"]["gathered"] == (router + experts) * 8
+    assert rows["fsdp2"]["peak"] == total * 4 + acts + (attention + router + experts + norms) * 8
+
+
+def test_sharded_by_hand_on_qwen3_30b(qwen_lora, qwen_full):
+    # per layer: attention q 4096x2048, k, v 512x2048, o 2048x4096; router 128x2048; 128 experts of
+    # gate_up 1536x2048 + down 2048x768; norms 2 x 2048 + q_norm, k_norm 128
+    attention, router = 2 * 4096 * 2048 + 2 * 512 * 2048, 128 * 2048
+    experts, norms = 128 * (1536 * 2048 + 2048 * 768), 2 * 2048 + 2 * 128
+    lora = 8 * 128 * (1536 + 2048) + 8 * 128 * (2048 + 768)  # r=8 per expert on both tensors
+    total = qwen_lora.report["total_params"]
+    assert qwen_lora.report["trainable_params"] == 48 * lora
+    rows = per_device(qwen_lora, 8)
+    state = total * 2 + 48 * lora * 16  # bf16 weights, fp32 adapters with gradient and moments
+    assert rows["fsdp2"]["states"] == pytest.approx(state / 8)
+    # the layer's bf16 weights, plus its adapters' fp32 weights and gradients
+    assert rows["fsdp2"]["gathered"] == pytest.approx((attention + router + experts + norms) * 2 + lora * 8)
+    assert rows["zero3"]["gathered"] == pytest.approx((router + experts) * 2 + lora * 8)
+    # full fine-tuning under bf16 mixed precision: sharded, each weight trains in fp32 (16 bytes)
+    # where DDP keeps bf16 weight, gradient and moments (8 bytes)
+    full = per_device(qwen_full, 8)
+    assert full["ddp"]["states"] == total * 8
+    assert full["fsdp2"]["states"] == total * 16 / 8
+    assert full["fsdp2"]["gathered"] == (attention + router + experts + norms) * (2 + 2)
+
+
+def test_qwen3_30b_full_fine_tune_on_8_x_80gb(qwen_full):
+    fit = fit_report(qwen_full, target("80GB", 8, None))
+    s = fit["strategies"]
+    assert not s["ddp"]["fits"] and s["ddp"]["peak_gb"] > 240  # 30.5B x 8 bytes on every GPU
+    assert s["fsdp2"]["fits"] and s["zero3"]["fits"]  # 30.5B x 16 bytes / 8 + activations + a layer
+    assert fit["fits"] and "DDP does not; use recipes/accelerate/fsdp2.yaml" in fit["verdict"]
+    ddp = fit_report(qwen_full, target("80GB", 8, str(ROOT / "recipes" / "accelerate" / "ddp.yaml")))
+    assert not ddp["fits"] and "first change: use recipes/accelerate/fsdp2.yaml" in ddp["verdict"]
+
+
+def test_what_to_change_when_it_does_not_fit(qwen_full, qwen_lora):
+    # four GPUs: the sharded states alone (122 GB each) do not fit; LoRA would, or 7 GPUs
+    fit = fit_report(qwen_full, target("80GiB", 4, None))
+    assert not fit["fits"]
+    assert "trainable.preset: lora_experts" in fit["verdict"] and "; or 7 GPUs of 85.899 GB" in fit["verdict"]
+    # activations dominate: checkpointing off, 4 rows of 2048 tokens take 89 GB
+    no_ckpt = plan_run(load_recipe(QWEN, [QWEN_CONFIG, "sft.activation_checkpointing=false"]))
+    fit = fit_report(no_ckpt, target("40GB", 2, None))
+    assert "first change: sft.activation_checkpointing: true and sft.per_device_train_batch_size: 1" in fit["verdict"]
+    assert fit_report(qwen_lora, target("80GB", 1, None))["verdict"].startswith("fits on one GPU")
+
+
+def test_gpu_memory_units():
+    assert parse_memory("80GB") == (80e9, "80 GB")
+    assert parse_memory("80") == (80e9, "80 GB")
+    assert parse_memory("141.5GB")[0] == 141.5e9
+    assert parse_memory("80GiB") == (80 * 2**30, "80 GiB = 85.899 GB")
+
+
+def test_accelerate_config_sets_the_strategy_and_the_gpus():
+    for name, strategy in (("ddp", "ddp"), ("fsdp2", "fsdp2"), ("zero3", "zero3")):
+        tgt = target("80GB", None, str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
+        assert (tgt.strategy, tgt.gpus, tgt.notes) == (strategy, 8, [])  # num_processes: 8
+    assert target("80GB", 16, str(ROOT / "recipes" / "accelerate" / "fsdp2.yaml")).gpus == 16
+
+
+def test_json_and_table(capsys):
+    assert main(["plan", str(QUICKSTART), "--gpus", "4", "--gpu-memory", "1GB",
+                 "--accelerate-config", str(ROOT / "recipes" / "accelerate" / "fsdp2.yaml"), "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)["per_device"]
+    assert (fit["gpus"], fit["strategy"], fit["fits"]) == (4, "fsdp2", True)
+    for row in fit["strategies"].values():
+        assert set(row) == {"states_gb", "activations_gb", "gathered_gb", "peak_gb", "fits"}
+    assert main(["plan", str(QUICKSTART), "--gpus", "4", "--gpu-memory", "1GB"]) == 0
+    out = capsys.readouterr().out
+    assert "per GPU, 4 GPUs of 1 GB" in out and "ZeRO-3" in out and out.strip().splitlines()[-1].startswith("fits")
