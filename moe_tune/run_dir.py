@@ -208,7 +208,7 @@ def resume_point(recipe, args) -> Resume:
     done = phases_done(run)
     if "report" in done or (run / EVAL_DIR).is_dir():
         raise MoeTuneError(f"output_dir: the run in '{run}' finished; nothing to resume (--overwrite starts it again)")
-    changed = first_difference(recipe, with_absolute_paths(load_recipe(run / RECIPE_FILE)))
+    changed = first_difference(with_absolute_paths(recipe), with_absolute_paths(load_recipe(run / RECIPE_FILE)))
     if changed:
         key, value, saved = changed
         raise MoeTuneError(f"{key}: {value!r} differs from the run's {saved!r} ({run / RECIPE_FILE}); a resumed "
