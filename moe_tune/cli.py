@@ -114,7 +114,7 @@ def cmd_eval(args) -> None:
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import ModelSection  # noqa: PLC0415
     from moe_tune.report import evaluate_and_report  # noqa: PLC0415
-    from moe_tune.run_dir import (EVAL_DIR, RECIPE_FILE, REPORT_MD, check_replaceable,  # noqa: PLC0415
+    from moe_tune.run_dir import (EVAL_DIR, MODEL_DIR, RECIPE_FILE, REPORT_MD, check_replaceable,  # noqa: PLC0415
                                   folder_in_place, is_evaluation, load_run_model, load_run_recipe)
 
     target = Path(args.model)
@@ -123,6 +123,8 @@ def cmd_eval(args) -> None:
         raise MoeTuneError(f"{target}: a run folder already knows its adapter; drop --adapter")
     if not is_run and not args.data:
         raise MoeTuneError(f"{target}: not a run folder, so give the held-out data with --data FILE")
+    if is_run and not (target / MODEL_DIR).is_dir():
+        raise MoeTuneError(f"{target}: this run has no saved model yet (did training finish?)")
     # a run is evaluated as it was (its own eval section and dtype) unless an option says otherwise
     recipe = load_run_recipe(target) if is_run else None
     cfg = eval_section(args, recipe.eval if recipe else None)

@@ -141,13 +141,16 @@ RESUMABLE = ("output_dir", "sft.logging_steps", "sft.logging_first_step", "sft.r
 
 
 def phases_done(run: Path) -> list[str]:
-    """Phases the run completed. A model/ folder is only ever renamed into place whole, so a run
-    that has one trained and saved (runs from before phases were recorded, too)."""
+    """Phases the run completed, as recorded and as its folder still shows: model/ and eval/ are
+    only ever renamed into place whole, so they mark save and report done (runs from before
+    phases were recorded, too), and a phase whose output was removed since is not done."""
     path = run / PHASES_FILE
-    done = json.loads(path.read_text())["done"] if path.is_file() else []
-    if (run / MODEL_DIR).is_dir():
-        done = sorted({*done, "train", "save"}, key=PHASES.index)
-    return done
+    recorded = set(json.loads(path.read_text())["done"]) if path.is_file() else set()
+    saved, reported = (run / MODEL_DIR).is_dir(), (run / EVAL_DIR).is_dir()
+    evaluated = reported or ("evaluate" in recorded and (run / (EVAL_DIR + ".tmp")).is_dir())
+    done = {"train": "train" in recorded or saved, "save": saved, "evaluate": saved and evaluated,
+            "report": saved and reported}
+    return [phase for phase in PHASES if done[phase]]
 
 
 def mark_done(run: Path, phase: str) -> None:

@@ -234,6 +234,9 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     """The run; under a multi-process launcher, every rank trains and rank 0 alone writes,
     reloads the saved model and evaluates (it returns None on the other ranks). With
     ``resume``, an interrupted run continues from the phase it did not complete."""
+    # local paths absolute: recipe.yaml works from anywhere, and a resumed run names its files
+    # (results, report) as the run did
+    recipe = with_absolute_paths(recipe)
     setup = plan_run(recipe)
     check_data(setup)
     resumed = resume_point(recipe, setup.sft_args) if resume else None
@@ -245,13 +248,12 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     if resumed is not None:
         setup = dataclasses.replace(setup, recipe=continue_run(recipe, resumed))
         if distributed.is_main():
-            # RESUMABLE keys (output_dir) may have changed; local paths absolute, to work from anywhere
-            write_text(run / RECIPE_FILE, dump_recipe(with_absolute_paths(recipe)))
+            write_text(run / RECIPE_FILE, dump_recipe(recipe))  # RESUMABLE keys (output_dir) may have changed
         print(f"resuming from {resumed.checkpoint}" if resumed.checkpoint else
               f"resuming after phase {resumed.done[-1]}: {', '.join(p for p in PHASES if p not in resumed.done)} left")
     elif distributed.is_main():
         prepare_run_dir(recipe.output_dir, overwrite)
-        write_text(run / RECIPE_FILE, dump_recipe(with_absolute_paths(recipe)))
+        write_text(run / RECIPE_FILE, dump_recipe(recipe))
     distributed.barrier()
     done = resumed.done if resumed is not None else []
     with Interrupts() as interrupts:

@@ -57,11 +57,11 @@ def test_train_writes_a_complete_run(trained_run):
     assert [m["step"] for m in routing] == [2, 4] and all(m["eval_routing/entropy"] > 0 for m in routing)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard, offline
     result = json.loads((run / "eval" / "heldout.json").read_text())
-    assert result["file"] == "data/heldout.jsonl"
+    assert result["file"] == str(ROOT / "data" / "heldout.jsonl")  # absolute: the run works from anywhere
     assert set(result["results"]) == {"base", "tuned"}
     assert result["results"]["tuned"]["overall"]["n"] == 24
     # the report with routing analytics and its plots
-    report = json.loads((run / "eval" / "report.json").read_text())["data/heldout.jsonl"]
+    report = json.loads((run / "eval" / "report.json").read_text())[str(ROOT / "data" / "heldout.jsonl")]
     assert set(report["routing"]) == {"base", "tuned"}
     assert "js_from_base" in report["routing"]["tuned"]["mean_over_layers"]
     for plot in ("expert_load", "metrics", "drift", "task_usage"):
