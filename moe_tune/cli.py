@@ -49,15 +49,18 @@ def cmd_plan(args) -> None:
 
         gpus = target(args.gpu_memory, args.gpus, args.accelerate_config)
     recipe = load_recipe(args.recipe, args.overrides)
+    from moe_tune.chat_template import first_training_row  # noqa: PLC0415
     from moe_tune.train import plan_run  # noqa: PLC0415
     from moe_tune.trainable import format_plan  # noqa: PLC0415
 
     setup = plan_run(recipe)
     report = setup.report if gpus is None else {**setup.report, "per_device": fit_report(setup, gpus)}
+    report = {**report, "first_row": first_training_row(recipe, setup.sft_args)}  # None: nothing to show
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_plan(report) + (f"\n{format_fit(report['per_device'])}" if gpus else ""))
+        print(format_plan(report) + (f"\n{format_fit(report['per_device'])}" if gpus else "")
+              + (f"\n{report['first_row']}" if report["first_row"] else ""))
 
 
 def cmd_select_experts(args) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from moe_tune import chat_template
 from moe_tune.data import split_prompt
 from moe_tune.loading import padding_side
 from moe_tune.run_dir import write_json
@@ -62,10 +63,10 @@ def _batches(items: list, size: int):
 
 def _answer_losses(model, tokenizer, rows: list[dict], batch_size: int) -> list[tuple[float, int]]:
     """Per row: (summed cross-entropy over the assistant tokens, number of those tokens)."""
-    out = []
+    out, how = [], chat_template.masking(tokenizer)  # the assistant tokens of any template
     for batch in _batches(rows, batch_size):
-        enc = [tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True,
-                                             return_assistant_tokens_mask=True) for r in batch]
+        enc = [dict(zip(("input_ids", "assistant_masks"), chat_template.tokenize_row(tokenizer, r["messages"], how)))
+               for r in batch]
         width = max(len(e["input_ids"]) for e in enc)
         pad = tokenizer.pad_token_id
         ids = torch.tensor([e["input_ids"] + [pad] * (width - len(e["input_ids"])) for e in enc])

@@ -33,7 +33,7 @@ from torch import nn
 from transformers import set_seed
 from trl import SFTConfig
 
-from moe_tune import distributed, fast_experts
+from moe_tune import chat_template, distributed, fast_experts
 from moe_tune.arch import MoeArch, describe, require_moe
 from moe_tune.data import check_lengths, read_chat_rows
 from moe_tune.errors import Interrupted, MoeTuneError
@@ -96,12 +96,18 @@ def plan_run(recipe: Recipe) -> RunSetup:
     return RunSetup(recipe, meta, arch, plan, sft_args, report)
 
 
-def check_data(setup: RunSetup) -> None:
-    """The tokenizer and every data file the run will read, before any weights load."""
+def check_data(setup: RunSetup) -> str | None:
+    """The tokenizer and every data file the run will read, before any weights load; returns
+    the first training row with its trained tokens marked (when only assistant tokens train)."""
     recipe = setup.recipe
     tokenizer = load_tokenizer(recipe.model.path)
     data = recipe.data
     rows = read_chat_rows(data.train, data.max_train_rows, data.format, data.skip_bad_rows)
+    shown = None
+    if setup.sft_args.assistant_only_loss:  # before check_lengths: it names a row the template cannot render
+        how = chat_template.masking(tokenizer)
+        chat_template.check_rows(data.train, rows, tokenizer, how)
+        shown = chat_template.first_row(tokenizer, rows, how)
     check_lengths(data.train, rows, tokenizer, setup.sft_args.max_length, data.skip_bad_rows)
     if data.valid:
         read_chat_rows(data.valid, None, data.format, data.skip_bad_rows)
@@ -109,6 +115,7 @@ def check_data(setup: RunSetup) -> None:
         read_chat_rows(path)
     if recipe.eval.retention_file and not Path(recipe.eval.retention_file).is_file():
         raise MoeTuneError(f"{recipe.eval.retention_file}: eval.retention_file not found")
+    return shown
 
 
 def set_experts_implementation(recipe: Recipe, model) -> None:
@@ -238,7 +245,9 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     # (results, report) as the run did
     recipe = with_absolute_paths(recipe)
     setup = plan_run(recipe)
-    check_data(setup)
+    shown = check_data(setup)
+    if shown and distributed.is_main():
+        print(shown)
     resumed = resume_point(recipe, setup.sft_args) if resume else None
     if not resume:
         check_run_dir(recipe.output_dir, overwrite)  # every rank decides before any rank writes

@@ -8,16 +8,18 @@ callbacks that guard and record a run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from moe_tune import distributed, routing, routing_stats
+from moe_tune import chat_template, distributed, routing, routing_stats
 from moe_tune.data import messages_dataset, read_chat_rows, read_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.router_losses import RouterRegularizer
@@ -226,16 +228,19 @@ class MoeSFTTrainer(SFTTrainer):
         self._load_from_checkpoint(str(checkpoint))
 
 
-def load_data(recipe, run: Path):
-    """(train, valid) datasets; rows skipped under data.skip_bad_rows are reported in the run."""
+def load_data(recipe, run: Path, tokenizer=None):
+    """(train, valid) datasets; rows skipped under data.skip_bad_rows are reported in the run.
+    With ``tokenizer``, rows come tokenized with their assistant mask (chat_template.py), for any
+    chat template; without, as chat ``messages`` for TRL to tokenize."""
     data, skipped, sets = recipe.data, {}, []
+    how = chat_template.masking(tokenizer) if tokenizer is not None else None
     for path, limit in ((data.train, data.max_train_rows), (data.valid, None)):
         if path is None:
             sets.append(None)
             continue
         rows, bad, fmt = read_rows(path, limit, data.format, data.skip_bad_rows)
         print(f"read {len(rows):,} rows of {path} ({fmt})")
-        sets.append(messages_dataset(rows))
+        sets.append(messages_dataset(rows) if how is None else masked_dataset(rows, tokenizer, how))
         if bad:
             skipped[path] = bad
             print(f"note: skipped {len(bad)} bad rows of {path} (see {DATA_REPORT_FILE}), e.g. {bad[0]}")
@@ -243,6 +248,12 @@ def load_data(recipe, run: Path):
         write_json(run / DATA_REPORT_FILE, {"skipped_rows": {p: len(b) for p, b in skipped.items()},
                                              "messages": skipped})
     return sets[0], sets[1]
+
+
+def masked_dataset(rows: list[dict], tokenizer, how) -> Dataset:
+    """``input_ids`` and ``assistant_masks`` (1: trained) per row, as TRL's own tokenization makes them."""
+    encoded = [chat_template.tokenize_row(tokenizer, r["messages"], how) for r in rows]
+    return Dataset.from_dict({"input_ids": [ids for ids, _ in encoded], "assistant_masks": [m for _, m in encoded]})
 
 
 def routing_probe(recipe, model, arch, tokenizer) -> RoutingProbe | None:
@@ -265,9 +276,12 @@ def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch,
                   regularizer: RouterRegularizer | None = None) -> MoeSFTTrainer:
     """The trainer of the run in ``recipe.output_dir``, for a model made trainable already."""
     run = Path(recipe.output_dir)
-    train, valid = load_data(recipe, run)
+    train, valid = load_data(recipe, run, tokenizer if args.assistant_only_loss else None)
     if "tensorboard" in (args.report_to or []):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / TENSORBOARD_DIR)  # read by transformers' TB callback
+    if args.assistant_only_loss:  # the mask is in the data, for any template: TRL would ask for markers
+        args = copy.copy(args)
+        args.assistant_only_loss = False
     trainer = MoeSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
                             processing_class=tokenizer, regularizer=regularizer,
                             routing_probe=routing_probe(recipe, model, arch, tokenizer),

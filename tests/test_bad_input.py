@@ -2,6 +2,7 @@
 no traceback (unless --debug), and nothing is loaded or written first. One case per test."""
 
 import json
+import shutil
 
 import pytest
 
@@ -56,6 +57,8 @@ def files(tmp_path):
         "out": str(tmp_path / "never-written"),
         "fake_run": str(_fake_run(tmp_path / "run")),
         "spec_bad": write("spec.yaml", f"base: {QUICKSTART}\noutput_dir: x\nseeds: [1]\nvariants: {{a: {{sft.max_stepz: 3}}}}\n"),
+        "prompts_only_model": str(_with_template(tmp_path / "prompts-only", "prompts_only")),
+        "sharegpt_model": str(_with_template(tmp_path / "sharegpt", "sharegpt_roles")),
     }
 
 
@@ -64,6 +67,16 @@ def _fake_run(path):
     path.mkdir()
     (path / "recipe.yaml").write_text((ROOT / "recipes" / "quickstart.yaml").read_text())
     return path
+
+
+def _with_template(dest, template):
+    """The shipped model with a broken chat_template.jinja from tests/chat_templates/broken/ (its weights
+    linked, not copied: the run refuses the data before any weights load)."""
+    shutil.copytree(SHIPPED_MODEL, dest, ignore=shutil.ignore_patterns("model.safetensors"))
+    (dest / "model.safetensors").symlink_to(SHIPPED_MODEL / "model.safetensors")
+    shutil.copy(ROOT / "tests" / "chat_templates" / "broken" / f"{template}.jinja",
+                dest / "chat_template.jinja")
+    return dest
 
 
 def _folder(path, file=None):
@@ -167,6 +180,11 @@ CASES = [
                                                   "no/such/fsdp.yaml"], "no/such/fsdp.yaml"),
     ("plan_not_an_accelerate_config", lambda f: ["plan", QUICKSTART, "--gpu-memory", "80GB", "--accelerate-config",
                                                  QUICKSTART], "not an accelerate config"),
+    # the model's chat template, on the shipped data (check_data renders every row before any weights load)
+    ("template_renders_no_answer", lambda f: train(f, f"model.path={f['prompts_only_model']}"),
+     "train.jsonl row 1: no token of it would be trained"),
+    ("template_raises_on_the_roles", lambda f: train(f, f"model.path={f['sharegpt_model']}"),
+     "train.jsonl row 1: the chat template cannot render it (Unknown role: user"),
 ]
 
 
