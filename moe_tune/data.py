@@ -287,7 +287,13 @@ def check_lengths(path: str, rows: list[dict], tokenizer, max_length: int | None
     """A row longer than sft.max_length would be cut, often through its answer: say which."""
     if not max_length:
         return
-    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    texts = []
+    for i, r in enumerate(rows, 1):
+        try:
+            texts.append(tokenizer.apply_chat_template(r["messages"], tokenize=False))
+        except Exception as e:  # noqa: BLE001 - the template raised (roles it rejects, a missing key): its message
+            raise MoeTuneError(f"{path} row {i}: the chat template cannot render it ({str(e).splitlines()[0]}); "
+                               "fix the row's roles, or give the checkpoint another template") from None
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     long = [(i, n) for i, n in enumerate(lengths, 1) if n > max_length]
     if not long:

@@ -185,6 +185,9 @@ CASES = [
      "train.jsonl row 1: no token of it would be trained"),
     ("template_raises_on_the_roles", lambda f: train(f, f"model.path={f['sharegpt_model']}"),
      "train.jsonl row 1: the chat template cannot render it (Unknown role: user"),
+    ("template_raises_without_assistant_only_loss", lambda f: train(f, f"model.path={f['sharegpt_model']}",
+                                                                    "sft.assistant_only_loss=false"),
+     "train.jsonl row 1: the chat template cannot render it (Unknown role: user"),
 ]
 
 
