@@ -59,8 +59,9 @@ def cmd_plan(args) -> None:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_plan(report) + (f"\n{format_fit(report['per_device'])}" if gpus else "")
-              + (f"\n{report['first_row']}" if report["first_row"] else ""))
+        # the verdict (fits, or what to change) stays the last line
+        print(format_plan(report) + (f"\n{report['first_row']}" if report["first_row"] else "")
+              + (f"\n{format_fit(report['per_device'])}" if gpus else ""))
 
 
 def cmd_select_experts(args) -> None:
