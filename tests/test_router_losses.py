@@ -133,7 +133,7 @@ def test_all_terms_off_gives_trls_plain_loss(tmp_path):
     from moe_tune.loading import load_model
     from moe_tune.recipe import load_recipe
     from moe_tune.train import attach_regularizers, plan_run
-    from moe_tune.trainer import build_trainer, sft_config
+    from moe_tune.trainer import build_trainer, load_data, sft_config
 
     from conftest import ROOT, SHIPPED_MODEL
 
@@ -146,7 +146,7 @@ def test_all_terms_off_gives_trls_plain_loss(tmp_path):
     ours = build_trainer(recipe, setup.sft_args, model, tokenizer, arch, reg)
     ours.train()
     model, tokenizer = load_model(str(SHIPPED_MODEL))
-    train = ours.train_dataset
+    train, _ = load_data(recipe, tmp_path / "b")  # the same rows, as chat messages: TRL tokenizes them itself
     plain = SFTTrainer(model=model, args=sft_config(recipe, tmp_path / "b"), train_dataset=train,
                        processing_class=tokenizer)
     plain.train()
