@@ -52,6 +52,11 @@ def sft_config(recipe, run: Path) -> SFTConfig:
     args.update(recipe.sft)
     if recipe.data.valid is None and args.get("eval_strategy", "no") != "no":
         raise MoeTuneError("sft.eval_strategy is set but data.valid is not; add a validation file")
+    packed = [key for key in ("packing", "padding_free") if args.get(key)]
+    if packed:  # tests/test_trainer.py::test_packed_rows_attend_to_each_other measures it
+        raise MoeTuneError(f"sft.{packed[0]}: transformers' attention here lets packed rows attend to each other "
+                           "(the loss of packed rows differs from the same rows apart), and the router terms would "
+                           "pool them; train without packing")
     if args.get("fsdp") and distributed.world_size() == 1:  # Trainer would stop with a traceback
         raise MoeTuneError("sft.fsdp: FSDP shards a model over several processes; launch with torchrun or "
                            "accelerate launch (recipes/accelerate/fsdp2.yaml sets FSDP up itself), or drop sft.fsdp")

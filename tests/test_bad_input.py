@@ -122,6 +122,7 @@ CASES = [
     ("recipe_two_checkpointing_names", lambda f: train(f, "sft.activation_checkpointing=false",
                                                        "sft.gradient_checkpointing=true"), "set only one of"),
     ("recipe_eval_without_valid", lambda f: train(f, "data.valid=null"), "data.valid"),
+    ("recipe_packing", lambda f: train(f, "sft.packing=true"), "sft.packing: transformers' attention here lets"),
     ("recipe_lora_dropout_on_fused_experts", lambda f: train(f, "trainable.preset=lora_experts", "lora.dropout=0.1"),
      "lora.dropout"),
     ("recipe_norms_in_lora", lambda f: train(f, "trainable.norms=lora"), "trainable.norms"),
