@@ -141,6 +141,14 @@ def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, f
     return table
 
 
+def _shown(path: str) -> str:
+    """A file under the working directory by its relative path (run recipes hold absolute ones)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
+
+
 def heldout_line(runs: dict[str, list[dict]]) -> str | None:
     """Which rows the held-out columns score, e.g. 'Held-out columns: data/heldout.jsonl, rows of
     group new_phrasing (360 rows)'; per variant where variants differ, None where no run says."""
@@ -151,7 +159,7 @@ def heldout_line(runs: dict[str, list[dict]]) -> str | None:
                 continue
             n, group = m["heldout_rows"], m["heldout_group"]
             rows = f"rows of group {group} ({n} rows)" if group is not None else f"all {n} rows"
-            variants = covered.setdefault(f"{m['heldout_file']}, {rows}", [])
+            variants = covered.setdefault(f"{_shown(m['heldout_file'])}, {rows}", [])
             if variant not in variants:
                 variants.append(variant)
     if not covered:
