@@ -45,14 +45,21 @@ COMPARE_FILE = "compare_run.json"  # written by compare last, when a run has fin
 
 # --- writing without half-files -------------------------------------------------------------------
 
-def _tmp(path: Path) -> Path:
+def tmp_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place."""
     return path.with_name(path.name + ".tmp")
+
+
+def put_in_place(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the complete folder ``tmp``."""
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
 
 
 def write_text(path: Path, text: str) -> None:
     """Write next to the final name first, then rename: a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
+    tmp = tmp_path(path)
     tmp.write_text(text)
     tmp.replace(path)
 
@@ -66,14 +73,13 @@ def folder_in_place(final: Path, rename: bool = True):
     """Yield an empty ``final.tmp`` to fill; once the block succeeds it replaces ``final``
     (the old folder stays until the new one is complete). ``rename=False``: fill only (the
     ranks of a multi-process run that do not write)."""
-    tmp = _tmp(final)
+    tmp = tmp_path(final)
     if rename:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     yield tmp
     if rename:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        put_in_place(tmp, final)
 
 
 def check_replaceable(out: Path, overwrite: bool, ours, what: str) -> None:
@@ -147,7 +153,7 @@ def phases_done(run: Path) -> list[str]:
     path = run / PHASES_FILE
     recorded = set(json.loads(path.read_text())["done"]) if path.is_file() else set()
     saved, reported = (run / MODEL_DIR).is_dir(), (run / EVAL_DIR).is_dir()
-    evaluated = reported or ("evaluate" in recorded and (run / (EVAL_DIR + ".tmp")).is_dir())
+    evaluated = reported or ("evaluate" in recorded and tmp_path(run / EVAL_DIR).is_dir())
     done = {"train": "train" in recorded or saved, "save": saved, "evaluate": saved and evaluated,
             "report": saved and reported}
     return [phase for phase in PHASES if done[phase]]
@@ -224,7 +230,7 @@ def resume_point(recipe, args) -> Resume:
         raise MoeTuneError(f"output_dir: '{run}' has no complete checkpoint to resume from: {why}; start it again "
                            "with --overwrite")
     if distributed.is_main():  # what an interrupted phase left half-written
-        for leftover in [run / (MODEL_DIR + ".tmp")] * ("save" not in done) + [run / (EVAL_DIR + ".tmp")] * (
+        for leftover in [tmp_path(run / MODEL_DIR)] * ("save" not in done) + [tmp_path(run / EVAL_DIR)] * (
                 "evaluate" not in done):
             shutil.rmtree(leftover, ignore_errors=True)
         for partial in (run / CHECKPOINTS).glob("checkpoint-*"):

@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import json
 import operator
-import shutil
 import time
 from pathlib import Path
 
@@ -47,8 +46,8 @@ from moe_tune.report import evaluate_files, write_report
 from moe_tune.router_losses import RouterRegularizer, check_router, coefficients
 from moe_tune.run_dir import (CHECKPOINTS, EVAL_DIR, MODEL_DIR, PHASES, PLAN_FILE, RECIPE_FILE, REPORT_JSON, REPORT_MD,
                               SELECTION_FILE, check_run_dir, checkpoint_step, complete_checkpoints, continue_run,
-                              load_run_model, mark_done, phases_done, prepare_run_dir, resume_point, save_distributed,
-                              save_model, write_json, write_text)
+                              load_run_model, mark_done, phases_done, prepare_run_dir, put_in_place, resume_point,
+                              save_distributed, save_model, tmp_path, write_json, write_text)
 from moe_tune.trainable import (Plan, apply_plan, check_parts_exist, format_plan, make_plan, plan_report,
                                 resolve_modes, unwrapped)
 from moe_tune.trainer import MoeSFTTrainer, build_trainer, sft_config, sft_warnings, train
@@ -221,7 +220,7 @@ def evaluate_run(recipe: Recipe, run: Path, model, tokenizer, arch: MoeArch | No
     """Held-out evaluation of the tuned model (and the base, if asked), with routing analytics
     (phase evaluate), then the report and its plots (phase report), into RUN/eval.tmp, renamed
     to RUN/eval at the end (a run folder with eval/ is a finished run)."""
-    tmp = run / (EVAL_DIR + ".tmp")
+    tmp = tmp_path(run / EVAL_DIR)
     if "evaluate" in done:  # interrupted while reporting: the results are there
         report = json.loads((tmp / REPORT_JSON).read_text()) if (tmp / REPORT_JSON).is_file() else {}
     else:
@@ -232,8 +231,7 @@ def evaluate_run(recipe: Recipe, run: Path, model, tokenizer, arch: MoeArch | No
     if report:
         write_report(tmp, report)
         print(f"report: {run / EVAL_DIR / REPORT_MD}")
-    shutil.rmtree(run / EVAL_DIR, ignore_errors=True)
-    tmp.rename(run / EVAL_DIR)
+    put_in_place(tmp, run / EVAL_DIR)
     mark_done(run, "report")
 
 
