@@ -69,25 +69,23 @@ def cmd_select_experts(args) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     from moe_tune.arch import describe  # noqa: PLC0415
-    from moe_tune.data import read_chat_rows  # noqa: PLC0415
-    from moe_tune.expert_selection import save_selection, score_experts, select_top_p  # noqa: PLC0415
+    from moe_tune.expert_selection import save_selection, scoring_rows, select_experts  # noqa: PLC0415
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import ExpertSelectionSection  # noqa: PLC0415
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise MoeTuneError(f"{out}: already exists; pass --overwrite or --out another file")
-    cfg = recipe.trainable.selection() or ExpertSelectionSection()  # always scores, even with a file set
-    rows = read_chat_rows(recipe.data.train, cfg.rows, recipe.data.format, recipe.data.skip_bad_rows)
+    cfg = recipe.trainable.selection() or ExpertSelectionSection()
+    recipe.trainable.expert_selection = cfg.model_copy(update={"file": None})  # always scores, even with a file set
+    rows = scoring_rows(recipe)
     method = {"gate": "gate score (router probability, averaged over tokens)",
               "token": "token score (share of the top-k slots)"}[cfg.score]
     print(f"scoring experts by {method} on {len(rows)} rows of {recipe.data.train}; top_p {cfg.top_p}")
     print("each line: MoE block: kept/all experts, the kept experts' share of the block's routing "
           "(at least top_p), then id:share per kept expert")
     model, tokenizer = load_model(recipe.model.path, recipe.model.dtype)
-    arch = describe(model)
-    shares = score_experts(model, arch, tokenizer, rows, cfg.score)
-    selection = select_top_p(shares, cfg.top_p)
+    shares, selection = select_experts(recipe, model, describe(model), tokenizer, rows)
     for block, experts in selection.items():
         top = ", ".join(f"{e}:{shares[block][e]:.2f}" for e in experts)
         kept = sum(shares[block][e] for e in experts)

@@ -62,12 +62,20 @@ def save_selection(path: Path, method: str, top_p: float, shares: dict, selectio
     write_json(path, {"method": method, "top_p": top_p, "selected": selection, "shares": shares})
 
 
-def select_experts(recipe, model: nn.Module, arch: MoeArch, tokenizer) -> tuple[dict, dict]:
-    """(shares, selection) from the recipe's saved file, or by scoring its training data."""
+def scoring_rows(recipe) -> list[dict]:
+    """The training rows experts are scored on."""
+    cfg = recipe.trainable.selection()
+    return read_chat_rows(recipe.data.train, cfg.rows, recipe.data.format, recipe.data.skip_bad_rows)
+
+
+def select_experts(recipe, model: nn.Module, arch: MoeArch, tokenizer,
+                   rows: list[dict] | None = None) -> tuple[dict, dict]:
+    """(shares, selection) from the recipe's saved file, or by scoring its training data
+    (``rows``, where the caller has read them already)."""
     cfg = recipe.trainable.selection()
     if cfg.file:
         return {}, load_selection(cfg.file, arch)
-    rows = read_chat_rows(recipe.data.train, cfg.rows, recipe.data.format, recipe.data.skip_bad_rows)
+    rows = rows if rows is not None else scoring_rows(recipe)
     shares = score_experts(model, arch, tokenizer, rows, cfg.score)
     return shares, select_top_p(shares, cfg.top_p)
 
