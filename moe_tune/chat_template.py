@@ -10,15 +10,25 @@ characters are trained. That needs a template that renders earlier turns the sam
 follows (prefix-preserving); one that is not, without a training version, is refused.
 
 Whitespace after a turn's end-of-turn token is the separator before the next turn: not trained.
+
+A base checkpoint often has no template: ``model.chat_template`` gives it one (a name of
+``TEMPLATES``, a ``.jinja`` file, or another tokenizer's folder). The special tokens it names that
+the tokenizer lacks are added, and the end of an assistant turn becomes the eos token, so that
+generation stops there; the model's embeddings grow to the new tokens (loading.py), whose rows
+train even where the embeddings are frozen (trainable.py).
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from moe_tune.errors import MoeTuneError
 
-TEMPLATE_FILE = "chat_template.jinja in the model folder"
+TEMPLATE_KEY = "model.chat_template"
+TEMPLATE_FILE = f"{TEMPLATE_KEY} in the recipe"
 PATHS = {"markers": "the template's {% generation %} markers",
          "trl": "TRL's training version of the template",
          "turns": "turn by turn (the template has no markers, and TRL ships no training version of it)"}
@@ -152,7 +162,7 @@ def first_row(tokenizer, rows: list[dict], how: Masking) -> str:
             f"by {PATHS[how.path]}):\n{show_trained(tokenizer, ids, mask)}")
 
 
-def first_training_row(recipe, args) -> str | None:
+def first_training_row(recipe, args, template: GivenTemplate | None = None) -> str | None:
     """``first_row`` of a recipe's training data, for ``moe-tune plan``; None where all tokens
     train (``args``, the run's SFTConfig, says), or there is no tokenizer or data to show (a
     published config alone, a hub dataset offline): a plan needs neither."""
@@ -162,8 +172,131 @@ def first_training_row(recipe, args) -> str | None:
     if not args.assistant_only_loss:
         return None
     try:
-        tokenizer = load_tokenizer(recipe.model.path)
+        tokenizer = load_tokenizer(recipe.model.path, template)
         rows = read_chat_rows(recipe.data.train, 1, recipe.data.format, recipe.data.skip_bad_rows)
     except MoeTuneError:
         return None
     return first_row(tokenizer, rows, masking(tokenizer))
+
+
+# --- giving a checkpoint a template (model.chat_template) ----------------------------------------
+
+TEMPLATES = Path(__file__).parent / "chat_templates"  # named templates, one .jinja file each
+NAMES = tuple(sorted(p.stem for p in TEMPLATES.glob("*.jinja")))
+# literals in a template that name a special token: ChatML's <|im_start|>, DeepSeek's <｜User｜>
+SPECIAL_LITERAL = re.compile(r"<\|[^\s|<>]+\|>|<｜[^\s｜<>]+｜>")
+PROBE = [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]
+
+
+@dataclass(frozen=True)
+class GivenTemplate:
+    """A chat template that ``model.chat_template`` gives the checkpoint's tokenizer."""
+
+    source: str               # as the recipe names it: a name, a .jinja file or a tokenizer folder
+    template: str             # the Jinja text
+    tokens: tuple[str, ...]   # the special tokens it names: added where the tokenizer lacks them
+
+
+def read_template(value: str) -> GivenTemplate:
+    """The template ``value`` names, checked to parse and to render a user/assistant exchange."""
+    path = Path(value)
+    if value in NAMES:
+        text = (TEMPLATES / f"{value}.jinja").read_text(encoding="utf-8")
+        tokens = SPECIAL_LITERAL.findall(text)
+    elif path.is_file():
+        if path.suffix not in (".jinja", ".j2"):
+            raise MoeTuneError(f"{value}: {TEMPLATE_KEY} names a file that is not a Jinja template (.jinja); "
+                               "give a .jinja file, a template name or a tokenizer folder")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise MoeTuneError(f"{value}: not UTF-8 text; save the template as UTF-8") from None
+        tokens = SPECIAL_LITERAL.findall(text)
+    elif path.suffix in (".jinja", ".j2"):
+        raise MoeTuneError(f"{value}: no such file ({TEMPLATE_KEY}); check the path (relative paths start "
+                           "from the working directory)")
+    elif path.is_dir() or ("/" in value and not value.startswith((".", "/"))):
+        text, tokens = _template_of_tokenizer(value)
+    else:
+        names = ", ".join(NAMES)
+        match = difflib.get_close_matches(value, NAMES, n=1, cutoff=0.5)
+        hint = f"; did you mean '{match[0]}'?" if match else ""
+        raise MoeTuneError(f"{TEMPLATE_KEY}: '{value}' is not a template name ({names}), a .jinja file or a "
+                           f"tokenizer folder{hint}")
+    _check_renders(value, text)
+    return GivenTemplate(value, text, tuple(dict.fromkeys(tokens)))
+
+
+def _template_of_tokenizer(value: str) -> tuple[str, list[str]]:
+    """(template, the tokenizer's added tokens that it names) of another tokenizer, as TRL's
+    clone_chat_template takes it, but adding only the tokens the template uses."""
+    from moe_tune.loading import hub_unreachable  # noqa: PLC0415
+
+    if not Path(value).is_dir() and (why := hub_unreachable()):
+        raise MoeTuneError(f"{TEMPLATE_KEY}: {value}: no such folder, and not reachable as a Hugging Face Hub id "
+                           f"offline ({why}); give a local tokenizer folder, a .jinja file or a template name")
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    try:
+        source = AutoTokenizer.from_pretrained(value)
+    except (OSError, ValueError) as e:
+        raise MoeTuneError(f"{value}: {TEMPLATE_KEY} names a folder without a tokenizer "
+                           f"({str(e).splitlines()[0]})") from None
+    text = source.chat_template
+    text = text.get("default") if isinstance(text, dict) else text
+    if not text:
+        raise MoeTuneError(f"{value}: that tokenizer has no chat template to copy ({TEMPLATE_KEY})")
+    named = [t.content for t in source.added_tokens_decoder.values() if t.content in text]
+    return text, named + SPECIAL_LITERAL.findall(text)
+
+
+def _check_renders(value: str, text: str) -> None:
+    import jinja2  # noqa: PLC0415
+    from transformers.utils.chat_template_utils import render_jinja_template  # noqa: PLC0415
+
+    try:
+        # the special-token names apply_chat_template passes; the checkpoint's own come later
+        render_jinja_template(conversations=[PROBE], chat_template=text,
+                              **dict.fromkeys(("bos_token", "eos_token", "pad_token", "unk_token"), ""))
+    except jinja2.TemplateSyntaxError as e:
+        raise MoeTuneError(f"{value}:{e.lineno}: the chat template does not parse ({e.message}); "
+                           f"fix it, or name another in {TEMPLATE_KEY}") from None
+    except Exception as e:  # noqa: BLE001 - the template's own raise_exception, or an undefined name
+        raise MoeTuneError(f"{value}: the chat template cannot render a user/assistant exchange "
+                           f"({str(e).splitlines()[0]}); name another in {TEMPLATE_KEY}") from None
+
+
+def recipe_template(model_section) -> GivenTemplate | None:
+    """The template a recipe's ``model`` section gives the checkpoint, or None."""
+    return read_template(model_section.chat_template) if model_section.chat_template else None
+
+
+def give_template(tokenizer, given: GivenTemplate) -> dict[str, int]:
+    """Give ``tokenizer`` the template: add the special tokens it lacks (returned with their ids)
+    and make the end of an assistant turn its eos token."""
+    from tokenizers import AddedToken  # noqa: PLC0415
+
+    tokenizer.chat_template = given.template
+    lacking = [t for t in given.tokens if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+    tokenizer.add_special_tokens({"extra_special_tokens": [AddedToken(t, special=True, normalized=False)
+                                                           for t in lacking]}, replace_extra_special_tokens=False)
+    ids, mask = tokenize_row(tokenizer, PROBE, masking(tokenizer))
+    trained = [i for i, m in zip(ids, mask) if m]
+    if not trained:
+        raise MoeTuneError(f"{given.source}: the chat template renders no assistant turn (nothing of a "
+                           f"user/assistant exchange would be trained); name another in {TEMPLATE_KEY}")
+    if trained[-1] in tokenizer.all_special_ids:  # e.g. <|im_end|>: generation stops where a turn ends
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(trained[-1])
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in lacking}
+
+
+def new_tokens(path: str, given: GivenTemplate, vocab_size: int) -> dict[str, int]:
+    """The tokens (and ids) the template adds to the checkpoint's tokenizer, for the plan; with
+    no tokenizer to ask (a published config alone), every token it names, after ``vocab_size``."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return {t: vocab_size + i for i, t in enumerate(given.tokens)}
+    return give_template(tokenizer, given)

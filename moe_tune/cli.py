@@ -55,7 +55,7 @@ def cmd_plan(args) -> None:
 
     setup = plan_run(recipe)
     report = setup.report if gpus is None else {**setup.report, "per_device": fit_report(setup, gpus)}
-    report = {**report, "first_row": first_training_row(recipe, setup.sft_args)}  # None: nothing to show
+    report = {**report, "first_row": first_training_row(recipe, setup.sft_args, setup.template)}  # None: nothing to show
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -69,6 +69,7 @@ def cmd_select_experts(args) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     from moe_tune.arch import describe  # noqa: PLC0415
+    from moe_tune.chat_template import recipe_template  # noqa: PLC0415
     from moe_tune.expert_selection import save_selection, scoring_rows, select_experts  # noqa: PLC0415
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import ExpertSelectionSection  # noqa: PLC0415
@@ -84,7 +85,7 @@ def cmd_select_experts(args) -> None:
     print(f"scoring experts by {method} on {len(rows)} rows of {recipe.data.train}; top_p {cfg.top_p}")
     print("each line: MoE block: kept/all experts, the kept experts' share of the block's routing "
           "(at least top_p), then id:share per kept expert")
-    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype)
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, template=recipe_template(recipe.model))
     shares, selection = select_experts(recipe, model, describe(model), tokenizer, rows)
     for block, experts in selection.items():
         top = ", ".join(f"{e}:{shares[block][e]:.2f}" for e in experts)
@@ -144,7 +145,7 @@ def cmd_eval(args) -> None:
     if cfg.retention_file and not Path(cfg.retention_file).is_file():
         raise MoeTuneError(f"{cfg.retention_file}: --retention file not found")
     model, tokenizer, base_path = load_run_model(target, dtype, args.adapter)
-    base = load_model(base_path, dtype)[0] if base_path and not args.no_base else None
+    base = load_model(base_path, dtype, tokenizer=tokenizer)[0] if base_path and not args.no_base else None
     label = "tuned" if base_path else target.name
     with folder_in_place(out) as tmp:  # an evaluation replaced (--overwrite) stays whole until the new one is
         reported = evaluate_and_report(model, tokenizer, cfg, tmp, base=base, label=label)

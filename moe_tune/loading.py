@@ -51,17 +51,36 @@ def load_config(path: str):
                            "id (offline?); point model.path at a local checkpoint") from None
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, template=None):
+    """The checkpoint's tokenizer; with ``template`` (chat_template.GivenTemplate, from
+    model.chat_template), given that template and the special tokens it needs."""
+    from moe_tune.chat_template import NAMES, TEMPLATE_KEY, give_template  # noqa: PLC0415
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise MoeTuneError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
-    if not tokenizer.chat_template:
-        raise MoeTuneError(f"{path}: the tokenizer has no chat template; instruction tuning on "
-                           "chat data needs one (tokenizer_config.json 'chat_template')")
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token is None:  # before a template changes eos: padding stays apart from turn ends
         tokenizer.pad_token = tokenizer.eos_token
+    if template is not None:
+        give_template(tokenizer, template)
+    if not tokenizer.chat_template:
+        raise MoeTuneError(f"{path}: the tokenizer has no chat template (a base checkpoint?); give it one with "
+                           f"{TEMPLATE_KEY}: {NAMES[0]} in the recipe (or a .jinja file, or a tokenizer folder "
+                           "whose template to copy)")
     return tokenizer
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Grow the embeddings (and an untied LM head) to a tokenizer given new tokens by a chat
+    template, the new rows initialised at the mean of the others (transformers' resize), and
+    stop generation where the tokenizer's turns end."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    stops = model.generation_config.eos_token_id
+    if tokenizer.eos_token_id not in (stops if isinstance(stops, list) else [stops]):
+        model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
 @contextlib.contextmanager
@@ -87,18 +106,23 @@ def quantization_config(bits: int | None, dtype: str):
                               bnb_4bit_compute_dtype=compute)
 
 
-def load_model(path: str, dtype: str = "float32", bits: int | None = None):
+def load_model(path: str, dtype: str = "float32", bits: int | None = None, template=None, tokenizer=None):
     """(model, tokenizer), after checking that ``path`` holds an MoE with a usable tokenizer.
-    ``bits`` 4 or 8 quantizes the nn.Linear layers with bitsandbytes."""
+    ``bits`` 4 or 8 quantizes the nn.Linear layers with bitsandbytes. ``template`` is given to
+    the checkpoint's tokenizer (model.chat_template); a ``tokenizer`` given instead (a tuned
+    run's, for its base model) is used as it is. The embeddings fit the tokenizer either way."""
     config = load_config(path)
     require_moe(config, path)
-    tokenizer = load_tokenizer(path)
+    refit = template is not None or tokenizer is not None  # a checkpoint's own tokenizer fits it already
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path, template)
     # a local folder by its absolute path: PEFT records it in adapter_config.json as the base
     # model, which must then load from any working directory
     source = str(Path(path).resolve()) if Path(path).is_dir() else path
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
                                                  quantization_config=quantization_config(bits, dtype))
     _point_base_model_at_backbone(model)
+    if refit:
+        fit_embeddings(model, tokenizer)
     if bits == 4:
         keep_4bit_trainable_on_cpu(model)
     return model, tokenizer
@@ -134,8 +158,11 @@ def build_meta_model(config):
 
 
 def load_adapter_model(base_path: str, adapter_dir: Path, dtype: str = "float32"):
-    """A base model with the PEFT adapter saved by a LoRA run (weights not merged)."""
+    """A base model with the PEFT adapter saved by a LoRA run (weights not merged), and the
+    tokenizer saved with the adapter where there is one (a run given a chat template has
+    grown its base's vocabulary)."""
     from peft import PeftModel  # noqa: PLC0415
 
-    model, tokenizer = load_model(base_path, dtype)
+    saved = load_tokenizer(str(adapter_dir)) if (adapter_dir / "tokenizer_config.json").is_file() else None
+    model, tokenizer = load_model(base_path, dtype, tokenizer=saved)
     return PeftModel.from_pretrained(model, adapter_dir), tokenizer

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from moe_tune.arch import PARTS
+from moe_tune.chat_template import NAMES
 from moe_tune.data import FORMATS
 from moe_tune.errors import MoeTuneError
 from moe_tune.loading import DTYPES
@@ -32,6 +33,11 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str
     """Local folder of a transformers MoE checkpoint (with its tokenizer), or a hub id when online."""
+    chat_template: str | None = None
+    """A chat template for a checkpoint that has none (a base model), or to replace its own: a
+    name of moe_tune/chat_templates (chatml), a .jinja file, or a tokenizer folder whose template
+    to copy. Special tokens it names that the tokenizer lacks are added; their embedding rows
+    train even where the embeddings are frozen or LoRA-adapted."""
     dtype: Literal[tuple(DTYPES)] = "float32"
     """Dtype the weights are loaded in. float32 is the fast and exact choice on CPU."""
     load_in_4bit: bool = False
@@ -189,7 +195,8 @@ class Recipe(Section):
 
 
 # SFTConfig keys that have one home elsewhere in the recipe.
-_SFT_OWNED_ELSEWHERE = {"output_dir": "output_dir", "seed": "seed", "router_aux_loss_coef": "router.aux_loss_coef"}
+_SFT_OWNED_ELSEWHERE = {"output_dir": "output_dir", "seed": "seed", "router_aux_loss_coef": "router.aux_loss_coef",
+                        "chat_template_path": "model.chat_template"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -356,6 +363,8 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     out = recipe.model_copy(deep=True)
     out.output_dir = str(Path(recipe.output_dir).resolve())
     out.model.path = absolute(recipe.model.path)
+    if recipe.model.chat_template not in NAMES:
+        out.model.chat_template = absolute(recipe.model.chat_template)
     out.data.train, out.data.valid = absolute(recipe.data.train), absolute(recipe.data.valid)
     out.eval.files = [absolute(f) for f in recipe.eval.files]
     out.eval.retention_file = absolute(recipe.eval.retention_file)

@@ -59,6 +59,7 @@ class RunSetup:
 
     recipe: Recipe
     meta: nn.Module      # the model's modules and parameter shapes, without weights (for counting)
+    template: chat_template.GivenTemplate | None  # model.chat_template, given to the tokenizer
     arch: MoeArch        # of ``meta``
     plan: Plan           # per parameter: train, LoRA or freeze
     sft_args: SFTConfig
@@ -73,10 +74,16 @@ def plan_run(recipe: Recipe) -> RunSetup:
     """The plan on a weightless (meta) copy of the model, LoRA coverage verified by wrapping it."""
     config = load_config(recipe.model.path)
     require_moe(config, recipe.model.path)
+    template = chat_template.recipe_template(recipe.model)
+    added = {}
+    if template is not None:  # the vocabulary grows by the tokens it adds
+        text = config.get_text_config()
+        added = chat_template.new_tokens(recipe.model.path, template, text.vocab_size)
+        text.vocab_size = max([text.vocab_size, *(i + 1 for i in added.values())])
     meta = build_meta_model(config)
     arch = describe(meta)
     modes = resolve_modes(recipe.trainable.preset, recipe.trainable.overrides())
-    plan = make_plan(meta, arch, modes, quantized=recipe.model.bits is not None)
+    plan = make_plan(meta, arch, modes, quantized=recipe.model.bits is not None, new_tokens=list(added.values()))
     check_selection(recipe, plan)
     check_router(recipe.router, modes["router"])
     check_parts_exist(recipe.trainable.overrides(), arch)
@@ -85,6 +92,8 @@ def plan_run(recipe: Recipe) -> RunSetup:
     sft_args = sft_config(recipe, Path(recipe.output_dir))
     report = plan_report(meta, arch, plan, recipe, selection, sft_args)
     report["warnings"] += sft_warnings(sft_args)
+    if added:
+        report.update(new_tokens=list(added), chat_template=f"{chat_template.TEMPLATE_KEY}: {template.source}")
     if "lora" in recipe.model_fields_set and not plan.lora_targets:
         report["warnings"].append("a lora section is given, but no part is in LoRA mode: it has no effect "
                                   "(trainable.preset: lora_experts, or trainable.<part>: lora)")
@@ -92,14 +101,14 @@ def plan_run(recipe: Recipe) -> RunSetup:
         report["selection_note"] = (f"experts are selected (score {cfg.score}, top_p {cfg.top_p}) on "
                                     f"{cfg.rows} training rows when training starts; counts above are before it")
     apply_plan(copy.deepcopy(meta), plan, arch, recipe.lora)  # the copy: ``meta`` stays unwrapped for counting
-    return RunSetup(recipe, meta, arch, plan, sft_args, report)
+    return RunSetup(recipe, meta, template, arch, plan, sft_args, report)
 
 
 def check_data(setup: RunSetup) -> str | None:
     """The tokenizer and every data file the run will read, before any weights load; returns
     the first training row with its trained tokens marked (when only assistant tokens train)."""
     recipe = setup.recipe
-    tokenizer = load_tokenizer(recipe.model.path)
+    tokenizer = load_tokenizer(recipe.model.path, setup.template)
     data = recipe.data
     rows = read_chat_rows(data.train, data.max_train_rows, data.format, data.skip_bad_rows)
     shown = None
@@ -168,7 +177,8 @@ def trainer_for(setup: RunSetup, model, tokenizer) -> tuple[MoeSFTTrainer, MoeAr
     distributed.register_moe_leaf_modules(model, arch)
     regularizer = attach_regularizers(setup, model, arch)  # the anchor is the base routing, also on resume
     model = make_trainable(setup, model, arch, tokenizer)
-    return build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, regularizer), arch
+    return build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, regularizer,
+                         no_decay=list(setup.plan.token_rows) if not setup.plan.lora_targets else []), arch
 
 
 def load_trained(setup: RunSetup):
@@ -185,7 +195,7 @@ def train_and_save(setup: RunSetup, checkpoint: Path | None, interrupts: Interru
     architecture) to evaluate, or None on the ranks that do not evaluate."""
     recipe, run = setup.recipe, setup.run
     set_seed(recipe.seed)
-    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits)
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits, setup.template)
     trainer, arch = trainer_for(setup, model, tokenizer)
     trainer.add_callback(StopOnInterrupt(interrupts))
     start = time.time()
@@ -225,7 +235,9 @@ def evaluate_run(recipe: Recipe, run: Path, model, tokenizer, arch: MoeArch | No
         report = json.loads((tmp / REPORT_JSON).read_text()) if (tmp / REPORT_JSON).is_file() else {}
     else:
         tmp.mkdir(parents=True, exist_ok=True)
-        base = load_model(recipe.model.path, recipe.model.dtype)[0] if recipe.eval.compare_base else None
+        # the base with the tuned tokenizer: tokens a chat template added get rows (untrained) there too
+        base = load_model(recipe.model.path, recipe.model.dtype, tokenizer=tokenizer)[0] \
+            if recipe.eval.compare_base else None
         report = evaluate_files(model, tokenizer, recipe.eval, tmp, base=base, arch=arch)
         mark_done(run, "evaluate")
     if report:

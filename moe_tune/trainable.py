@@ -4,6 +4,10 @@ The parts come from the architecture layer, so LoRA targets are derived, never h
 ``nn.Linear``/``nn.Embedding`` weights go to PEFT's ``target_modules``; fused expert tensors
 (E, out, in) and bare router weights go to ``target_parameters``. After wrapping, every tensor
 that should carry LoRA is checked to carry it.
+
+Tokens a chat template added (model.chat_template) have new embedding rows, which must train
+whatever the embeddings' mode: with LoRA through PEFT's ``trainable_token_indices``, otherwise by
+training the whole tensor with the gradient of every other row zeroed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from moe_tune.arch import PARTS, MoeArch, param_owners
@@ -42,6 +47,8 @@ class Plan:
     lora_parameters: list[str] = field(default_factory=list)  # fused expert / bare router tensors
     not_adapted: list[str] = field(default_factory=list)     # in a LoRA part, but no LoRA form (biases)
     frozen: list[str] = field(default_factory=list)
+    # (vocab, hidden) embedding / LM-head weights not trained in full whose new tokens' rows train
+    token_rows: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def lora_targets(self) -> list[str]:
@@ -55,7 +62,16 @@ def resolve_modes(preset: str, overrides: dict[str, str | None]) -> dict[str, st
     return modes
 
 
-def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized: bool = False) -> Plan:
+def embedding_weights(model: nn.Module) -> list[str]:
+    """Names of the input embedding and the LM head weights (one name when they are tied)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    layers = (model.get_input_embeddings(), model.get_output_embeddings())
+    return list(dict.fromkeys(names[id(layer.weight)] for layer in layers if layer is not None))
+
+
+def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized: bool = False,
+              new_tokens: list[int] = ()) -> Plan:
+    """The plan for ``modes``; ``new_tokens``, ids a chat template added, train their rows."""
     if modes.get("norms") == "lora":
         raise MoeTuneError("trainable.norms: norms have no LoRA form; use train or freeze")
     if modes.get("routed_experts") == "lora" and any(layer.flat for layer in arch.layers):
@@ -86,6 +102,13 @@ def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized:
             plan.lora_parameters.append(name)
         else:
             plan.not_adapted.append(name)
+    for name in embedding_weights(model) if new_tokens else ():
+        part = arch.parts[name]
+        if modes[part] == "lora":
+            raise MoeTuneError(f"trainable.{part}: LoRA on it cannot also train the rows of the tokens "
+                               "model.chat_template adds; use train or freeze (the new rows train either way)")
+        if modes[part] == "freeze":
+            plan.token_rows[name] = list(new_tokens)
     return plan
 
 
@@ -175,9 +198,11 @@ def _dodge_v4_renames(model: nn.Module, plan: Plan, lora) -> tuple[list[str], li
 def apply_plan(model: nn.Module, plan: Plan, arch: MoeArch, lora) -> nn.Module:
     """Freeze, unfreeze and LoRA-wrap as planned. ``lora`` is the recipe's LoraSection."""
     if not plan.lora_targets:
-        train = set(plan.train)
+        train = set(plan.train) | set(plan.token_rows)
         for name, p in model.named_parameters():
             p.requires_grad_(name in train)
+        for name, rows in plan.token_rows.items():
+            train_rows_only(model.get_parameter(name), rows)
         return model
     if lora.dropout and plan.lora_parameters:
         raise MoeTuneError("lora.dropout: PEFT cannot apply dropout to fused expert or router tensors "
@@ -190,6 +215,7 @@ def apply_plan(model: nn.Module, plan: Plan, arch: MoeArch, lora) -> nn.Module:
         target_modules=modules, target_parameters=parameters or None,
         rank_pattern=_rank_pattern(plan, arch, lora.rank_per_part),
         modules_to_save=_modules_to_save(plan) or None,
+        trainable_token_indices={_module_of(n): rows for n, rows in plan.token_rows.items()} or None,
     )
     with warnings.catch_warnings():
         # PEFT checks rank_pattern keys against the targeted module names only, so every key for
@@ -198,7 +224,31 @@ def apply_plan(model: nn.Module, plan: Plan, arch: MoeArch, lora) -> nn.Module:
                                 category=RuntimeWarning)
         model = get_peft_model(model, config)
     verify_coverage(model, plan)
+    if plan.token_rows:
+        _pass_head_bias_through(model)
     return model
+
+
+def _pass_head_bias_through(model: nn.Module) -> None:
+    """TRL's fused LM head reads ``lm_head.weight`` and ``lm_head.bias``. PEFT's wrapper of a head
+    with trainable tokens passes the weight through, its trained rows merged in, but not the bias
+    (MoE LM heads have none; PEFT's own forward would drop one: peft#3649)."""
+    from peft.utils.other import TrainableTokensWrapper  # noqa: PLC0415
+
+    for name, module in model.named_modules():
+        if isinstance(module, TrainableTokensWrapper) and isinstance(module.original_module, nn.Linear):
+            if module.original_module.bias is not None:
+                raise MoeTuneError(f"{base_name(name)}: an LM head with a bias cannot train new token rows beside "
+                                   "LoRA (PEFT drops the bias); set trainable.lm_head: train")
+            module.bias = None
+
+
+def train_rows_only(weight: nn.Parameter, rows: list[int]) -> None:
+    """Train ``rows`` of a (vocab, hidden) weight, the rest kept as they are: their gradient is
+    zeroed, so AdamW never moves them (weight decay is off for such a weight, trainer.py)."""
+    keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)  # (vocab, 1)
+    keep[rows] = 1
+    weight.register_hook(lambda grad: grad * keep)
 
 
 def part_rows(model: nn.Module, arch: MoeArch, plan: Plan, lora,
@@ -222,6 +272,7 @@ def part_rows(model: nn.Module, arch: MoeArch, plan: Plan, lora,
         rank = lora.rank_per_part.get(part, lora.r)
         trainable = round(sum(sizes[n] * share[n] for n in names if n in train))
         trainable += round(sum(lora_params(shapes[n], rank) * share[n] for n in names if n in targets))
+        trainable += sum(len(plan.token_rows[n]) * shapes[n][1] for n in names if n in plan.token_rows)
         rows.append({"part": part, "params": sum(sizes[n] for n in names), "mode": plan.modes[part],
                      "trainable": trainable, "lora_tensors": sum(n in targets for n in names)})
     return rows
@@ -257,15 +308,19 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
     total = sum(r["params"] for r in rows)
     full = sum(r["trainable"] for r in rows if r["mode"] == "train")
     lora = sum(r["trainable"] for r in rows if r["mode"] == "lora")
+    new_rows = sum(r["trainable"] for r in rows if r["mode"] == "freeze")  # new tokens' rows (token_rows)
     dtype = recipe.model.dtype if recipe.model.dtype in DTYPE_BYTES else "bfloat16"
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     quantized = sum(sizes.get(n, 0) for n in quantized_weights(model)) if recipe.model.bits else 0
-    state = plan_memory_bytes(total, full, lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits)
+    # the new rows: PEFT's own copy of them beside LoRA; otherwise the whole tensor has gradients and moments
+    memory_full, memory_lora = (full, lora + new_rows) if plan.lora_targets else \
+        (full + sum(sizes[n] for n in plan.token_rows), lora)
+    state = plan_memory_bytes(total, memory_full, memory_lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits)
     report = {
         "parts": rows,
         "total_params": total,
-        "trainable_params": full + lora,
-        "trainable_pct": 100 * (full + lora) / total,
+        "trainable_params": full + lora + new_rows,
+        "trainable_pct": 100 * (full + lora + new_rows) / total,
         "lora_tensors": len(plan.lora_targets),
         "expert_selection": selection,
         "memory_gb": round(state / 1e9, 3),
@@ -291,6 +346,9 @@ def format_plan(report: dict) -> str:
                  f"({report['trainable_pct']:.2f}%)")
     if report["lora_tensors"]:
         lines.append(f"LoRA coverage: all {report['lora_tensors']} planned tensors carry an adapter")
+    if report.get("new_tokens"):
+        lines.append(f"new tokens: {', '.join(report['new_tokens'])} ({report['chat_template']}); their embedding "
+                     "rows train, counted above")
     lines.append(f"memory estimate: {report['memory_gb']:.3f} GB ({report['memory_dtype']} weights, gradients, "
                  "AdamW states)")
     if "peak_gb" in report:

@@ -151,12 +151,17 @@ class MoeSFTTrainer(SFTTrainer):
     routing summary after each evaluation."""
 
     def __init__(self, *args, regularizer: RouterRegularizer | None = None,
-                 routing_probe: RoutingProbe | None = None, **kwargs):
+                 routing_probe: RoutingProbe | None = None, no_decay: list[str] = (), **kwargs):
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer
         self.routing_probe = routing_probe
+        self.no_decay = set(no_decay)  # weights trained on some rows only (trainable.train_rows_only)
         # cross-entropy and router terms per micro-batch since the last log, by mode; averaged into the next log
         self.router_terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """Trainer's, less the weights trained on some rows only: decay would shrink their frozen rows."""
+        return [n for n in super().get_decay_parameter_names(model) if n not in self.no_decay]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The means of the cross-entropy and the router terms join the logged values, named as
@@ -278,8 +283,9 @@ def fsdp_dropped(args: SFTConfig, trainer: SFTTrainer) -> bool:
 
 
 def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch,
-                  regularizer: RouterRegularizer | None = None) -> MoeSFTTrainer:
-    """The trainer of the run in ``recipe.output_dir``, for a model made trainable already."""
+                  regularizer: RouterRegularizer | None = None, no_decay: list[str] = ()) -> MoeSFTTrainer:
+    """The trainer of the run in ``recipe.output_dir``, for a model made trainable already;
+    ``no_decay``: weights trained on some rows only, kept out of weight decay."""
     run = Path(recipe.output_dir)
     train, valid = load_data(recipe, run, tokenizer if args.assistant_only_loss else None)
     if "tensorboard" in (args.report_to or []):
@@ -288,7 +294,7 @@ def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch,
         args = copy.copy(args)
         args.assistant_only_loss = False
     trainer = MoeSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
-                            processing_class=tokenizer, regularizer=regularizer,
+                            processing_class=tokenizer, regularizer=regularizer, no_decay=no_decay,
                             routing_probe=routing_probe(recipe, model, arch, tokenizer),
                             callbacks=[MetricsLog(run / METRICS_FILE), GradientGuard()])
     if fsdp_dropped(args, trainer) and distributed.is_main():

@@ -56,3 +56,12 @@ def tiny_checkpoint(model_type: str, dest: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(SHIPPED_MODEL / name, dest / name)
     return dest
+
+
+def without_template(dest: Path) -> Path:
+    """The shipped model as a base checkpoint is published: no chat template (its weights linked)."""
+    import shutil
+
+    shutil.copytree(SHIPPED_MODEL, dest, ignore=shutil.ignore_patterns("model.safetensors", "chat_template.jinja"))
+    (dest / "model.safetensors").symlink_to(SHIPPED_MODEL / "model.safetensors")
+    return dest

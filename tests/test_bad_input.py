@@ -8,7 +8,7 @@ import pytest
 
 from moe_tune.cli import main
 
-from conftest import ROOT, SHIPPED_MODEL
+from conftest import ROOT, SHIPPED_MODEL, without_template
 
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
 TRAIN = ROOT / "data" / "train.jsonl"
@@ -59,6 +59,11 @@ def files(tmp_path):
         "spec_bad": write("spec.yaml", f"base: {QUICKSTART}\noutput_dir: x\nseeds: [1]\nvariants: {{a: {{sft.max_stepz: 3}}}}\n"),
         "prompts_only_model": str(_with_template(tmp_path / "prompts-only", "prompts_only")),
         "sharegpt_model": str(_with_template(tmp_path / "sharegpt", "sharegpt_roles")),
+        "base_model": str(without_template(tmp_path / "base")),
+        "bad_jinja": write("bad.jinja", "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}\n"),
+        "ends_with_user": write("endsuser.jsonl", json.dumps({"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "and?"}]}) + "\n"),
     }
 
 
@@ -186,6 +191,24 @@ CASES = [
      "train.jsonl row 1: no token of it would be trained"),
     ("template_raises_on_the_roles", lambda f: train(f, f"model.path={f['sharegpt_model']}"),
      "train.jsonl row 1: the chat template cannot render it (Unknown role: user"),
+    # model.chat_template, for a base checkpoint (or to replace a template)
+    ("template_missing_on_a_base_model", lambda f: train(f, f"model.path={f['base_model']}"),
+     "base: the tokenizer has no chat template (a base checkpoint?); give it one with model.chat_template: chatml"),
+    ("template_name_unknown", lambda f: train(f, "model.chat_template=chatm"),
+     "model.chat_template: 'chatm' is not a template name (chatml), a .jinja file or a tokenizer folder; "
+     "did you mean 'chatml'?"),
+    ("template_file_does_not_parse", lambda f: train(f, f"model.chat_template={f['bad_jinja']}"),
+     "bad.jinja:2: the chat template does not parse (unexpected '}')"),
+    ("template_given_renders_no_assistant_turn", lambda f: train(
+        f, f"model.chat_template={ROOT / 'tests' / 'chat_templates' / 'broken' / 'prompts_only.jinja'}"),
+     "prompts_only.jinja: the chat template renders no assistant turn"),
+    ("template_new_tokens_with_lora_embeddings", lambda f: train(f, f"model.path={f['base_model']}",
+                                                                 "model.chat_template=chatml", "trainable.embeddings=lora"),
+     "trainable.embeddings: LoRA on it cannot also train the rows of the tokens model.chat_template adds"),
+    ("template_through_sft", lambda f: train(f, "sft.chat_template_path=chatml.jinja"),
+     "'sft.chat_template_path' is set by the recipe key 'model.chat_template'"),
+    ("data_ends_with_a_user_turn", lambda f: train(f, f"data.train={f['ends_with_user']}"),
+     "endsuser.jsonl:1: the last message must be the assistant's answer"),
     ("template_raises_without_assistant_only_loss", lambda f: train(f, f"model.path={f['sharegpt_model']}",
                                                                     "sft.assistant_only_loss=false"),
      "train.jsonl row 1: the chat template cannot render it (Unknown role: user"),

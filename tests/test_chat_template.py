@@ -13,11 +13,12 @@ import pytest
 import trl
 from transformers import AutoTokenizer
 
-from moe_tune.chat_template import check_rows, first_row, masking, show_trained, tokenize_row
+from moe_tune.chat_template import (check_rows, first_row, give_template, masking, read_template, show_trained,
+                                    tokenize_row)
 from moe_tune.data import read_chat_rows
 from moe_tune.errors import MoeTuneError
 
-from conftest import ROOT, SHIPPED_MODEL
+from conftest import ROOT, SHIPPED_MODEL, without_template
 
 FIXTURES = ROOT / "tests" / "chat_templates"
 BROKEN = FIXTURES / "broken"
@@ -122,7 +123,7 @@ def test_a_template_that_is_not_prefix_preserving_is_refused():
     assert how.path == "turns"
     with pytest.raises(MoeTuneError, match="not prefix-preserving") as e:
         tokenize_row(tokenizer, CONVERSATION, how)
-    assert "chat_template.jinja" in str(e.value) and "sft.assistant_only_loss: false" in str(e.value)
+    assert "model.chat_template" in str(e.value) and "sft.assistant_only_loss: false" in str(e.value)
 
 
 def check(template_path: Path, rows: list[list[dict]]) -> str:
@@ -177,3 +178,207 @@ def test_turn_by_turn_finds_what_the_markers_mark():
                               {"role": "user", "content": "And again?"}, {"role": "assistant", "content": "Same."}]})
     for row in rows:
         assert tokenize_row(tokenizer, row["messages"], turns) == tokenize_row(tokenizer, row["messages"], marked)
+
+
+# --- model.chat_template: a template for a base checkpoint -----------------------------------------
+
+def base_tokenizer(tmp_path):
+    return AutoTokenizer.from_pretrained(without_template(tmp_path / "base"))
+
+
+def test_chatml_adds_its_tokens_and_a_turn_ends_with_eos(tmp_path):
+    tokenizer = base_tokenizer(tmp_path)
+    assert not tokenizer.chat_template and len(tokenizer) == 1536
+    added = give_template(tokenizer, read_template("chatml"))
+    assert added == {"<|im_start|>": 1536, "<|im_end|>": 1537} and len(tokenizer) == 1538
+    assert tokenizer.eos_token == "<|im_end|>"  # generation stops where a turn ends
+    how = masking(tokenizer)
+    assert trained_runs(tokenizer, CONVERSATION, how) == ["4<|im_end|>", "It is 6.<|im_end|>"]
+    check_rows("chat.jsonl", [{"messages": CONVERSATION}], tokenizer, how)
+    ids, _ = tokenize_row(tokenizer, CONVERSATION, how)
+    assert ids[0] == tokenizer.bos_token_id and ids.count(1536) == 5  # pretraining's BOS, then ChatML
+    assert tokenizer.decode(ids).startswith("<|bos|><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert give_template(tokenizer, read_template("chatml")) == {}  # tokens it has are not added again
+
+
+def test_a_jinja_file_brings_the_special_tokens_it_names(tmp_path):
+    tokenizer = base_tokenizer(tmp_path)
+    given = read_template(str(FIXTURES / "jamba_instruct.jinja"))
+    assert given.tokens == ("<|startoftext|>", "<|bom|>", "<|system|>", "<|eom|>", "<|user|>", "<|assistant|>")
+    added = give_template(tokenizer, given)  # the shipped tokenizer has <|user|> and <|assistant|> already
+    assert list(added) == ["<|startoftext|>", "<|bom|>", "<|system|>", "<|eom|>"]
+    assert tokenizer.eos_token == "<|eom|>"
+    assert trained_runs(tokenizer, CONVERSATION, masking(tokenizer)) == [" 4<|eom|>", " It is 6.<|eom|>"]
+
+
+def test_a_tokenizer_folder_lends_its_template_and_tokens(tmp_path):
+    donor = base_tokenizer(tmp_path)
+    give_template(donor, read_template("chatml"))
+    donor.save_pretrained(tmp_path / "donor")
+    given = read_template(str(tmp_path / "donor"))
+    assert given.template == read_template("chatml").template and set(given.tokens) >= {"<|im_start|>", "<|im_end|>"}
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "base")
+    assert list(give_template(tokenizer, given)) == ["<|im_start|>", "<|im_end|>"]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("chatm", "model.chat_template: 'chatm' is not a template name (chatml), a .jinja file or a tokenizer folder; "
+              "did you mean 'chatml'?"),
+    ("data/train.jsonl", "data/train.jsonl: model.chat_template names a file that is not a Jinja template (.jinja); "
+                         "give a .jinja file, a template name or a tokenizer folder"),
+])
+def test_a_template_that_is_not_there(value, expected, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(MoeTuneError) as e:
+        read_template(value)
+    assert str(e.value) == expected
+
+
+def test_a_template_that_does_not_parse_names_its_line(tmp_path):
+    path = tmp_path / "mine.jinja"
+    path.write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}\n")
+    with pytest.raises(MoeTuneError, match=rf"^{path}:2: the chat template does not parse \(unexpected '}}'\)"):
+        read_template(str(path))
+
+
+def test_a_template_that_renders_no_assistant_turn(tmp_path):
+    given = read_template(str(BROKEN / "prompts_only.jinja"))
+    with pytest.raises(MoeTuneError, match="prompts_only.jinja: the chat template renders no assistant turn"):
+        give_template(base_tokenizer(tmp_path), given)
+
+
+def test_a_folder_whose_tokenizer_has_no_template(tmp_path):
+    with pytest.raises(MoeTuneError, match="base: that tokenizer has no chat template to copy"):
+        read_template(str(without_template(tmp_path / "base")))
+
+
+# --- model.chat_template end to end: the new rows train, and every later step keeps them --------------
+
+SMALL = [str(ROOT / "recipes" / "quickstart.yaml"), "model.chat_template=chatml", "sft.max_steps=4",
+         "sft.logging_steps=1", "sft.warmup_steps=0", "sft.eval_strategy=no", "data.valid=null",
+         "data.max_train_rows=64", "eval.max_rows=6", "eval.retention_file=null"]
+NEW_ROWS = slice(1536, 1538)  # <|im_start|>, <|im_end|>
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return without_template(tmp_path_factory.mktemp("checkpoints") / "base")
+
+
+def shipped_embeddings():
+    from safetensors.torch import load_file
+
+    return load_file(SHIPPED_MODEL / "model.safetensors")["model.embed_tokens.weight"]  # (1536, 128), tied
+
+
+def check_new_rows(weight):
+    """Rows of the old tokens as the base has them, to the bit; the new ones trained away from
+    their initialisation near the old rows' mean."""
+    import torch
+
+    old = shipped_embeddings()
+    assert weight.shape == (1538, 128) and torch.equal(weight[:1536], old)
+    assert (weight[NEW_ROWS] - old.mean(0)).abs().max() > 1e-2
+
+
+def plan_of(run):
+    import json
+
+    plan = json.loads((run / "plan.json").read_text())
+    return plan, {row["part"]: row for row in plan["parts"]}
+
+
+@pytest.mark.slow
+def test_frozen_embeddings_train_only_the_new_rows(base, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import GenerationConfig
+
+    from moe_tune.cli import main
+
+    run = tmp_path / "run"
+    # weight decay would shrink the frozen rows too, were it applied to the embeddings
+    assert main(["train", *SMALL, f"model.path={base}", "trainable.preset=experts_only", "sft.learning_rate=1.0e-2",
+                 "sft.weight_decay=0.1", f"output_dir={run}"]) == 0
+    plan, parts = plan_of(run)
+    assert plan["new_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    assert parts["embeddings"]["mode"] == "freeze" and parts["embeddings"]["trainable"] == 2 * 128
+    assert plan["trainable_params"] == parts["routed_experts"]["params"] + 2 * 128
+    check_new_rows(load_file(run / "model" / "model.safetensors")["model.embed_tokens.weight"])
+    saved = AutoTokenizer.from_pretrained(run / "model")
+    assert saved.chat_template == read_template("chatml").template and saved.eos_token == "<|im_end|>"
+    assert GenerationConfig.from_pretrained(run / "model").eos_token_id == 1537
+    assert (run / "eval" / "report.md").is_file()  # the base evaluated beside it, through the tuned tokenizer
+
+
+@pytest.mark.slow
+def test_lora_trains_the_new_rows_through_peft_and_the_export_keeps_them(base, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from moe_tune.cli import main
+
+    run, merged = tmp_path / "lora", tmp_path / "merged"
+    assert main(["train", *SMALL, f"model.path={base}", "trainable.preset=lora_experts", "sft.learning_rate=1.0e-2",
+                 f"output_dir={run}"]) == 0
+    _, parts = plan_of(run)
+    assert parts["embeddings"]["trainable"] == 2 * 128
+    adapter = json.loads((run / "model" / "adapter_config.json").read_text())
+    assert adapter["trainable_token_indices"] == {"model.embed_tokens": [1536, 1537]}
+    assert main(["eval", str(run), "--out", str(tmp_path / "eval")]) == 0  # base + adapter, and the base alone
+    assert main(["export", str(run), "--merged", str(merged)]) == 0  # checks the same logits first
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    check_new_rows(model.get_input_embeddings().weight.detach())
+    assert model.generation_config.eos_token_id == 1537
+    assert AutoTokenizer.from_pretrained(merged).chat_template == read_template("chatml").template
+    from peft import AutoPeftModelForCausalLM  # PEFT's own loader grows the base to the adapter's tokenizer
+
+    check_new_rows(AutoPeftModelForCausalLM.from_pretrained(run / "model").merge_and_unload()
+                   .get_input_embeddings().weight.detach())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["experts_only", "lora_experts"])
+def test_a_run_given_a_template_resumes_to_the_same_losses(base, tmp_path, preset):
+    import json
+    import shutil
+
+    from moe_tune.cli import main
+
+    def losses():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, f"model.path={base}", f"trainable.preset={preset}", "sft.learning_rate=5.0e-3",
+                 "sft.max_steps=6", "sft.save_strategy=steps", "sft.save_steps=3", "eval.compare_base=false",
+                 f"output_dir={run}"]) == 0
+    whole = losses()
+    for path in (run / "model", run / "eval", run / "checkpoints" / "checkpoint-6"):  # as if killed after step 3
+        shutil.rmtree(path)
+    assert main(["train", str(run), "--resume"]) == 0
+    assert sorted(losses()) == list(range(1, 7))
+    for step in range(4, 7):
+        assert losses()[step] == pytest.approx(whole[step], rel=1e-4, abs=1e-5), step
+
+
+def new_phrasing_exact_match(run):
+    import json
+
+    report = json.loads((run / "eval" / "report.json").read_text())
+    (result,) = report.values()
+    return result["results"]["tuned"]["per_group"]["new_phrasing"]["exact_match"]
+
+
+@pytest.mark.slow
+def test_a_base_model_given_chatml_learns_as_well_as_with_its_own_template(base, tmp_path):
+    """The quickstart recipe twice, side by side: the shipped model with its own template, and
+    the same model with the template removed and model.chat_template: chatml."""
+    from moe_tune.cli import main
+
+    quick = [str(ROOT / "recipes" / "quickstart.yaml"), "eval.compare_base=false", "eval.retention_file=null"]
+    assert main(["train", *quick, f"output_dir={tmp_path / 'own'}"]) == 0
+    assert main(["train", *quick, f"model.path={base}", "model.chat_template=chatml",
+                 f"output_dir={tmp_path / 'chatml'}"]) == 0
+    own, chatml = (new_phrasing_exact_match(tmp_path / name) for name in ("own", "chatml"))
+    assert own > 0.7 and chatml >= own - 0.05, (own, chatml)

@@ -44,7 +44,7 @@ def test_every_shipped_recipe_validates(path):
 
 HUB = ROOT / "recipes" / "hub"  # recipes for real checkpoints, on users' machines
 HUB_CONFIGS = {"mixtral-8x7b-qlora": "mixtral-8x7b", "qwen3-30b-a3b-lora-experts": "qwen3-30b-a3b",
-               "olmoe-1b-7b-freeze-experts": "olmoe-1b-7b"}
+               "olmoe-1b-7b-freeze-experts": "olmoe-1b-7b", "mixtral-8x7b-base-chatml": "mixtral-8x7b"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
@@ -92,6 +92,18 @@ def test_hub_recipe_headers_state_the_planned_memory(name, capsys):
     config = ROOT / "tests" / "model_configs" / HUB_CONFIGS[name]
     assert main(["plan", str(path), f"model.path={config}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["memory_gb"] == pytest.approx(stated, abs=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
+def test_hub_recipes_train_the_answers_only(name, tmp_path):
+    from moe_tune.trainer import sft_config
+
+    recipe = load_recipe(HUB / f"{name}.yaml")
+    assert recipe.sft["assistant_only_loss"] is True and sft_config(recipe, tmp_path).assistant_only_loss is True
+
+
+def test_every_hub_recipe_is_planned_from_a_published_config():
+    assert {p.stem for p in HUB.glob("*.yaml")} == set(HUB_CONFIGS)
 
 
 def test_minimal_recipe_defaults(tmp_path):

@@ -15,7 +15,7 @@ from moe_tune.loading import load_model
 from moe_tune.recipe import LoraSection, load_recipe
 from moe_tune.train import make_trainable, plan_run
 from moe_tune.trainer import build_trainer
-from moe_tune.trainable import PRESETS, adapted_tensors, apply_plan, make_plan, resolve_modes
+from moe_tune.trainable import PRESETS, adapted_tensors, apply_plan, make_plan, resolve_modes, unwrapped
 
 from conftest import ROOT, SHIPPED_MODEL
 
@@ -202,3 +202,40 @@ def test_plan_table_aligns_large_counts():
     assert any(len(f"{r['params']:,}") == len("653,908,770,816") for r in setup.report["parts"])
     assert len({len(line) for line in table}) == 1  # every count right-aligned to the same column
     assert {line.index(" train ") + len(" train") for line in table[1:]} == {table[0].index(" mode") + len(" mode")}
+
+
+@pytest.mark.parametrize("preset", ["experts_only", "lora_experts"])
+def test_new_token_rows_train_in_the_embeddings_and_an_untied_lm_head(preset):
+    """Tokens a chat template added: their rows of both (vocab, hidden) weights train, frozen or
+    beside LoRA (PEFT's trainable_token_indices), and no other row moves."""
+    from transformers import AutoModelForCausalLM
+
+    from families import tiny_config
+
+    config = tiny_config("mixtral")
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(vocab + 2)
+    arch = describe(model)
+    plan = make_plan(model, arch, resolve_modes(preset, {}), new_tokens=[vocab, vocab + 1])
+    assert plan.token_rows == {"model.embed_tokens.weight": [vocab, vocab + 1], "lm_head.weight": [vocab, vocab + 1]}
+    before = {n: model.get_parameter(n).detach().clone() for n in plan.token_rows}
+    model = apply_plan(model, plan, arch, LoraSection())
+    # no weight decay: trainer.py keeps such weights out of it (tested end to end in test_chat_template.py)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    ids = torch.tensor([[1, vocab, 5, 6, vocab + 1, 7]])
+    backbone, head = unwrapped(model).model, model.get_output_embeddings()
+    for _ in range(3):
+        # as TRL's fused LM head computes it: the backbone, then the head's weight and bias read directly
+        hidden = backbone(input_ids=ids).last_hidden_state[:, :-1]  # (1, 5, hidden)
+        logits = torch.nn.functional.linear(hidden, head.weight, head.bias)  # (1, 5, vocab + 2)
+        torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model = model.merge_and_unload() if preset == "lora_experts" else model
+    for name, old in before.items():
+        new = model.get_parameter(name).detach()
+        assert torch.equal(new[:vocab], old[:vocab]), name
+        assert (new[vocab:] - old[vocab:]).abs().min() > 0, name
