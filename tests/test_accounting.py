@@ -14,13 +14,15 @@ from conftest import ROOT, SHIPPED_MODEL
 
 CONFIGS = ROOT / "tests" / "model_configs"  # copies of the published config.json files
 # Published counts (model cards). Mistral and Qwen count the input embedding in "active";
-# DeepSeek leaves it out.
+# DeepSeek and OpenAI (gpt-oss) leave it out.
 PUBLISHED = {
     "mixtral-8x7b": (46.7e9, 12.9e9, "active_params"),
     "qwen3-235b-a22b": (235e9, 22e9, "active_params"),
     "deepseek-v3": (671e9, 37e9, "active_params_no_embed"),
     "qwen3-30b-a3b": (30.5e9, 3.3e9, "active_params"),
     "olmoe-1b-7b": (6.9e9, 1.3e9, "active_params"),
+    "deepseek-v2-lite": (15.7e9, 2.4e9, "active_params_no_embed"),
+    "gpt-oss-20b": (20.9e9, 3.6e9, "active_params_no_embed"),
 }
 
 
