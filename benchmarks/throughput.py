@@ -2,10 +2,13 @@
 
     python benchmarks/throughput.py                      # about 10 minutes on 2 CPU cores
     python benchmarks/throughput.py --strategies full --repeats 1 --steps 3   # a quick look
+    python benchmarks/throughput.py --shape qwen3-30b-a3b --layers 2          # real layer shapes
 
-On a benchmark-size Mixtral-style MoE (hidden 512, 8 experts, top-2, 4 layers, sequences of
-512 tokens, randomly initialised, the shipped tokenizer), for each strategy it trains a few
-steps with
+On a benchmark-size Mixtral-style MoE (hidden 512, 8 experts, top-2, 4 layers), or with
+``--shape NAME`` the layers of a published checkpoint (``tests/model_configs/NAME``: its widths,
+expert count, top-k and shared experts, truncated to ``--layers``), randomly initialised, with the
+shipped tokenizer's vocabulary so that the layers dominate the cost, on sequences of 512 tokens,
+for each strategy it trains a few steps with
 
 * moe_tune: ``moe-tune train``'s own steps (plan_run -> load_model -> trainer_for) on a
   recipe that sets only the model, data, batch and steps, so moe_tune's defaults decide the rest;
@@ -20,6 +23,9 @@ reports an exact, resettable peak, they run one after another in this process, w
 dozen process starts (most of the run time at this model size). The two paths alternate, and the
 median over repeats is kept. It also measures the machine's matmul throughput at the model's
 shapes and reports model FLOP utilisation, 6 x active parameters x tokens/s against that peak.
+A strategy whose planned peak (``moe-tune plan``) exceeds the memory this machine has available
+is refused up front, not left to the kernel's OOM killer. The CPU's model name, and the experts
+kernel, dtype and checkpointing each path trained with, are printed with the results.
 Prints one JSON object and writes a Markdown table (``--out``).
 """
 
@@ -45,21 +51,58 @@ STRATEGIES = ("full", "freeze_experts", "lora_attention", "lora_experts")
 LORA = {"r": 8, "alpha": 16}
 MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024)
+CONFIGS = ROOT / "tests" / "model_configs"  # published configs: the --shape names
+SHAPES = ("benchmark", *sorted(p.name for p in CONFIGS.iterdir() if (p / "config.json").is_file()))
 
 
 # ---- set-up, in the parent process ----
 
-def build_model(folder: Path) -> None:
-    """A randomly initialised benchmark MoE with the shipped tokenizer (no download)."""
+def shape_config(shape: str, layers: int | None, tokenizer):
+    """The config of ``shape``: the benchmark MoE, or a published one truncated to ``layers``,
+    either with the shipped tokenizer's vocabulary and special tokens."""
+    from transformers import AutoConfig, MixtralConfig  # noqa: PLC0415
+
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if shape == "benchmark":
+        return MixtralConfig(**special, **{**MODEL, **({"num_hidden_layers": layers} if layers else {})})
+    config = AutoConfig.from_pretrained(CONFIGS / shape)
+    text = config.get_text_config()
+    text.update(special)
+    if layers:
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):  # per-layer attention kinds (gpt-oss): the first N
+            text.layer_types = text.layer_types[:layers]
+    return config
+
+
+def build_model(folder: Path, shape: str = "benchmark", layers: int | None = None) -> None:
+    """A randomly initialised MoE of ``shape`` with the shipped tokenizer (no download)."""
     import torch  # noqa: PLC0415
-    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "tiny-moe")
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
-    MixtralForCausalLM(config).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(shape_config(shape, layers, tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def cpu_model() -> str:
+    """lscpu's model name (what a CPU result is only valid for), or the platform's processor."""
+    import platform  # noqa: PLC0415
+
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def available_gb() -> float:
+    """Memory the machine can give a new process now (MemAvailable), in GB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return float("inf")
 
 
 def build_data(path: Path, rows: int, seq: int) -> None:
@@ -79,12 +122,24 @@ def build_data(path: Path, rows: int, seq: int) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
-def matmul_peak(tokens: int, device: str) -> dict[str, float]:
+def layer_dims(work: Path) -> dict[str, int]:
+    """hidden, expert intermediate, experts and top-k of the benchmark model's MoE layers."""
+    from moe_tune.arch import describe, text_config  # noqa: PLC0415
+    from moe_tune.loading import build_meta_model, load_config  # noqa: PLC0415
+
+    config = load_config(str(work / "model"))
+    text, layer = text_config(config), describe(build_meta_model(config)).layers[0]
+    return {"hidden": text.hidden_size, "intermediate": getattr(text, "moe_intermediate_size", None)
+            or text.intermediate_size, "experts": layer.num_experts, "top_k": layer.top_k}
+
+
+def matmul_peak(tokens: int, device: str, dims: dict[str, int]) -> dict[str, float]:
     """Best measured TFLOP/s per dtype over the model's matmul shapes (tokens x in x out)."""
     import torch  # noqa: PLC0415
 
-    h, i = MODEL["hidden_size"], MODEL["intermediate_size"]
-    shapes = [(tokens, h, h), (tokens // 4, h, 2 * i), (tokens // 4, i, h)]  # attention; one expert's share
+    h, i = dims["hidden"], dims["intermediate"]
+    per_expert = max(1, tokens * dims["top_k"] // dims["experts"])  # an expert's tokens, on average
+    shapes = [(tokens, h, h), (per_expert, h, 2 * i), (per_expert, i, h)]  # attention; one expert's MLP
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
         rates = []
@@ -225,14 +280,17 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
     trainer.add_callback(timer)
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else sampler.stop() if sampler else float("nan")
+    model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     return {"tokens_per_s": batch * seq / statistics.median(timer.times), "peak_mem_gb": peak - before,
-            "bf16": bool(trainer.args.bf16), "checkpointing": bool(trainer.args.gradient_checkpointing)}
+            "bf16": bool(trainer.args.bf16), "checkpointing": bool(trainer.args.gradient_checkpointing),
+            "weights": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "experts": getattr(model.config, "_experts_implementation", None) or "the model's own"}
 
 
 # ---- the comparison ----
 
-def plan_memory_gb(strategy: str, work: Path, batch: int, seq: int, dtype: str) -> float:
-    """``moe-tune plan``'s peak (weights, gradients, optimizer states, activations) for the run."""
+def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str) -> dict:
+    """``moe-tune plan``'s report for the run: parts, trainable counts, peak memory."""
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
     from moe_tune.train import plan_run  # noqa: PLC0415
 
@@ -240,7 +298,20 @@ def plan_memory_gb(strategy: str, work: Path, batch: int, seq: int, dtype: str) 
         "output_dir": str(work / "plan"), "model": {"path": str(work / "model"), "dtype": dtype},
         "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": strategy}, "lora": LORA,
         "sft": {"per_device_train_batch_size": batch, "max_length": seq}}))
-    return plan_run(load_recipe(work / "plan.yaml")).report["peak_gb"]
+    return plan_run(load_recipe(work / "plan.yaml")).report
+
+
+def flops_per_token(report: dict, n_active: int, dims: dict[str, int]) -> float:
+    """Matmul FLOPs a training step needs per token for the planned strategy: the forward and the
+    activation gradients of every active weight (2 + 2 per weight, LoRA factors included), and
+    weight gradients (2 per weight) only for trained tensors: a routed expert's share is top-k of
+    the experts; the input embedding is a lookup, not a matmul."""
+    routed = dims["top_k"] / dims["experts"]
+    trained = sum(r["trainable"] * (routed if r["part"] == "routed_experts" else 1)
+                  for r in report["parts"] if r["part"] != "embeddings")
+    lora = sum(r["trainable"] * (routed if r["part"] == "routed_experts" else 1)
+               for r in report["parts"] if r["mode"] == "lora")
+    return 4 * (n_active + lora) + 2 * trained
 
 
 def active_params(work: Path) -> int:
@@ -277,13 +348,21 @@ def compare(args) -> dict:
     device = args.device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp(prefix="moe-tune-bench-"))
     try:
-        build_model(work / "model")
+        build_model(work / "model", args.shape, args.layers)
         build_data(work / "train.jsonl", rows=args.batch * (args.steps + args.warmup), seq=args.seq)
-        peak = matmul_peak(args.batch * args.seq, device)
+        dims = layer_dims(work)
+        peak = matmul_peak(args.batch * args.seq, device, dims)
         n_active = active_params(work)
-        runs = {(s, p): [] for s in args.strategies for p in ("moe_tune", "trl")}
+        plans = {s: plan_report(s, work, args.batch, args.seq, args.dtype) for s in args.strategies}
+        free = torch.cuda.mem_get_info()[0] / 1e9 if device == "cuda" else available_gb()
+        refused = {s: f"planned peak {plans[s]['peak_gb']:.1f} GB > {free:.1f} GB available"
+                   for s in args.strategies if plans[s]["peak_gb"] > free}
+        for strategy, why in refused.items():
+            print(f"{strategy}: refused by moe-tune plan ({why})", file=sys.stderr)
+        strategies = [s for s in args.strategies if s not in refused]
+        runs = {(s, p): [] for s in strategies for p in ("moe_tune", "trl")}
         for repeat in range(args.repeats):
-            for strategy in args.strategies:
+            for strategy in strategies:
                 # alternate which path goes first, so drift in machine speed hits both alike
                 for path in (("trl", "moe_tune") if repeat % 2 == 0 else ("moe_tune", "trl")):
                     runs[strategy, path].append(measure(path, strategy, work, args))
@@ -293,44 +372,55 @@ def compare(args) -> dict:
             memory = {key: max(r["peak_mem_gb"] for r in found) for key, found in runs.items()}
         else:
             memory = {(s, p): measure(p, s, work, args, memory=True)["peak_mem_gb"]
-                      for s in args.strategies for p in ("moe_tune", "trl")}
-        results = {}
-        for strategy in args.strategies:
+                      for s in strategies for p in ("moe_tune", "trl")}
+        results, settings = {}, {}
+        for strategy in strategies:
             ours, base = runs[strategy, "moe_tune"], runs[strategy, "trl"]
             tps = statistics.median(r["tokens_per_s"] for r in ours)
             base_tps = statistics.median(r["tokens_per_s"] for r in base)
-            used_peak = peak["bfloat16"] if ours[0]["bf16"] or args.dtype == "bfloat16" else peak["float32"]
-            plan = plan_memory_gb(strategy, work, args.batch, args.seq, args.dtype)
+            plan = plans[strategy]["peak_gb"]
             mem = memory[strategy, "moe_tune"]
+            flops = flops_per_token(plans[strategy], n_active, dims)
             results[strategy] = {
                 "tokens_per_s": round(tps), "baseline_tokens_per_s": round(base_tps), "speedup": round(tps / base_tps, 2),
                 "peak_mem_gb": round(mem, 2), "baseline_peak_mem_gb": round(memory[strategy, "trl"], 2),
                 "plan_mem_gb": plan, "mem_vs_plan": round(mem / plan, 2),
-                "mfu": round(6 * n_active * tps / (used_peak * 1e12), 3),
-                "baseline_mfu": round(6 * n_active * base_tps / (used_peak * 1e12), 3)}
-        return {"device": device, "torch_threads": torch.get_num_threads(), "active_params": n_active,
-                "batch_tokens": args.batch * args.seq, "matmul_peak_tflops": {k: round(v, 3) for k, v in peak.items()},
-                "moe_tune_settings": {k: ours[0][k] for k in ("bf16", "checkpointing")},
-                "trl_settings": {k: base[0][k] for k in ("bf16", "checkpointing")}, "strategies": results}
+                # the FLOPs this strategy needs, against each dtype's measured matmul peak
+                "mfu_fp32": round(flops * tps / (peak["float32"] * 1e12), 3),
+                "mfu_bf16": round(flops * tps / (peak["bfloat16"] * 1e12), 3),
+                "baseline_mfu_bf16": round(flops * base_tps / (peak["bfloat16"] * 1e12), 3)}
+            settings[strategy] = {path: {k: found[0][k] for k in ("weights", "bf16", "checkpointing", "experts")}
+                                  for path, found in (("moe_tune", ours), ("trl", base))}
+        return {"cpu": cpu_model() if device == "cpu" else torch.cuda.get_device_name(), "device": device,
+                "torch_threads": torch.get_num_threads(), "shape": args.shape, "layers": args.layers,
+                "layer_dims": dims, "active_params": n_active, "batch_tokens": args.batch * args.seq,
+                "matmul_peak_tflops": {k: round(v, 3) for k, v in peak.items()}, "settings": settings,
+                "refused": refused, "strategies": results}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def markdown(result: dict, command: str) -> str:
     cols = ["tokens_per_s", "baseline_tokens_per_s", "speedup", "peak_mem_gb", "baseline_peak_mem_gb",
-            "plan_mem_gb", "mem_vs_plan", "mfu", "baseline_mfu"]
-    lines = [f"`{command}` on {result['device']} ({result['torch_threads']} threads); "
-             f"{result['batch_tokens']} tokens per step; matmul peak {result['matmul_peak_tflops']} TFLOP/s; "
-             f"moe_tune {result['moe_tune_settings']}, TRL {result['trl_settings']}", "",
-             "| strategy | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+            "plan_mem_gb", "mem_vs_plan", "mfu_fp32", "mfu_bf16", "baseline_mfu_bf16"]
+    lines = [f"`{command}` on {result['cpu']} ({result['device']}, {result['torch_threads']} threads); shape "
+             f"{result['shape']} ({result['layer_dims']}); {result['batch_tokens']} tokens per step; matmul peak "
+             f"{result['matmul_peak_tflops']} TFLOP/s", "",
+             "| strategy | " + " | ".join(cols) + " | moe_tune | TRL |", "|---|" + "---|" * (len(cols) + 2)]
     for strategy, row in result["strategies"].items():
-        lines.append(f"| {strategy} | " + " | ".join(str(row[c]) for c in cols) + " |")
+        paths = [", ".join(f"{k} {v}" for k, v in result["settings"][strategy][p].items()) for p in ("moe_tune", "trl")]
+        lines.append(f"| {strategy} | " + " | ".join(str(row[c]) for c in cols) + f" | {paths[0]} | {paths[1]} |")
+    lines += [f"| {strategy} | refused: {why} |" for strategy, why in result["refused"].items()]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--strategies", type=lambda s: s.split(","), default=list(STRATEGIES))
+    parser.add_argument("--shape", choices=SHAPES, default="benchmark",
+                        help="the benchmark MoE, or a published config's layers (tests/model_configs/)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the benchmark's 4; "
+                        "for a published shape, give a number: its real depth rarely fits a CPU)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -351,8 +441,11 @@ def main() -> None:
         print(json.dumps(worker(path, strategy, args.work, args.steps, args.warmup, args.batch, args.seq, args.dtype,
                                 args.memory)))
         return
+    if args.shape != "benchmark" and not args.layers:
+        parser.error(f"--shape {args.shape} needs --layers N (e.g. 2)")
     result = compare(args)
-    out = args.out or ROOT / "benchmarks" / "results" / f"throughput-{result['device']}.md"
+    name = result["device"] if args.shape == "benchmark" else f"{result['device']}-{args.shape}-{args.layers}l"
+    out = args.out or ROOT / "benchmarks" / "results" / f"throughput-{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(result, "python benchmarks/throughput.py " + " ".join(sys.argv[1:])))
     print(json.dumps(result))

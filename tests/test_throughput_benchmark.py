@@ -1,0 +1,51 @@
+"""benchmarks/throughput.py's set-up: the real layer shapes it builds, and the FLOPs it counts."""
+
+import importlib.util
+
+import pytest
+from transformers import AutoTokenizer
+
+from moe_tune.arch import describe
+from moe_tune.loading import build_meta_model
+
+from conftest import ROOT, SHIPPED_MODEL
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXPERTS = {"mixtral-8x7b": (8, 2, 14336), "qwen3-30b-a3b": (128, 8, 768), "olmoe-1b-7b": (64, 8, 1024),
+           "deepseek-v2-lite": (64, 6, 1408), "gpt-oss-20b": (32, 4, 2880)}
+
+
+@pytest.mark.parametrize("shape", sorted(EXPERTS))
+def test_a_published_shape_keeps_its_layers_and_takes_the_shipped_vocabulary(bench, shape):
+    assert shape in bench.SHAPES
+    config = bench.shape_config(shape, 2, AutoTokenizer.from_pretrained(SHIPPED_MODEL))
+    model = build_meta_model(config)
+    arch = describe(model)
+    text = config.get_text_config()
+    assert text.num_hidden_layers == 2 and text.vocab_size == 1536
+    assert model.get_input_embeddings().weight.shape[0] == 1536
+    layer = arch.layers[0]
+    intermediate = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
+    assert (layer.num_experts, layer.top_k, intermediate) == EXPERTS[shape]
+
+
+def test_flops_count_weight_gradients_only_where_weights_train(bench):
+    dims = {"hidden": 64, "intermediate": 32, "experts": 8, "top_k": 2}
+    rows = [{"part": "attention", "params": 100, "mode": "train", "trainable": 100},
+            {"part": "routed_experts", "params": 800, "mode": "train", "trainable": 800},
+            {"part": "embeddings", "params": 50, "mode": "train", "trainable": 50}]
+    active = 100 + 800 * 2 // 8
+    assert bench.flops_per_token({"parts": rows}, active, dims) == 6 * active  # full: 2 + 2 + 2 per weight
+    frozen = [dict(r, mode="freeze", trainable=0) if r["part"] == "routed_experts" else r for r in rows]
+    assert bench.flops_per_token({"parts": frozen}, active, dims) == 4 * active + 2 * 100
+    lora = [dict(r, mode="freeze", trainable=0) for r in rows]
+    lora[1] = dict(rows[1], mode="lora", trainable=16)  # LoRA factors of all 8 experts; 2 are active
+    assert bench.flops_per_token({"parts": lora}, active, dims) == 4 * (active + 4) + 2 * 4
