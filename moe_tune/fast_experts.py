@@ -7,8 +7,9 @@ then computes the full (E, out, in) weight gradient only to project it onto the 
 
 ``experts_forward`` sorts the (token, expert) pairs by expert and applies LoRA to the grouped
 inputs, ``y += s * B_e (A_e x)``: no weight delta is built, and a frozen base weight gets no
-gradient. On a CPU each expert's MLP runs as plain matmuls on its slice of tokens (which
-autocast also reaches, unlike ``grouped_mm``); on CUDA it uses transformers' grouped kernel.
+gradient. On a CPU each projection runs as plain matmuls on each expert's slice of tokens, in
+the compute dtype (bf16 under autocast, which ``grouped_mm`` ignores), inside one autograd node
+per projection (``_ExpertsMatmul``); on CUDA it uses transformers' grouped kernel.
 PEFT keeps owning the LoRA factors (saving, loading and merging for export are PEFT's); see
 ``route_lora_through``. Numerics equal transformers' and PEFT's (tests/test_fast_experts.py).
 """
@@ -52,12 +53,6 @@ def _grouped(x: torch.Tensor) -> bool:
 ROW_BLOCK = 64  # see _padded_rows
 
 
-def _low_precision(x: torch.Tensor) -> bool:
-    device = x.device.type
-    return x.dtype in (torch.bfloat16, torch.float16) or (
-        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.bfloat16, torch.float16))
-
-
 def _padded_rows(n: int, low_precision: bool) -> int:
     """The row count an expert's n tokens are zero-padded to. oneDNN's bf16 (AMX) matmuls compile
     a kernel per shape, and with a new token count per expert on every step that compile costs
@@ -69,6 +64,71 @@ def _padded_rows(n: int, low_precision: bool) -> int:
         return n
     block = min(ROW_BLOCK, 1 << (n - 1).bit_length())
     return n + -n % block
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _expert_rows(x: torch.Tensor, w: torch.Tensor, low_precision: bool) -> torch.Tensor:
+    """x (n, k) @ w (k, m) -> (n, m), x zero-padded to ``_padded_rows`` rows first (and cut back)."""
+    n = x.shape[0]
+    padded = _padded_rows(n, low_precision)
+    return (F.pad(x, (0, 0, 0, padded - n)) @ w)[:n] if padded > n else x @ w
+
+
+def _rows_contracted(a: torch.Tensor, b: torch.Tensor, low_precision: bool) -> torch.Tensor:
+    """a (n, p), b (n, q) -> a.T @ b (p, q): a weight gradient, summed over an expert's n rows
+    (zero-padded like ``_expert_rows``, which adds nothing to the sum)."""
+    n = a.shape[0]
+    pad = _padded_rows(n, low_precision) - n
+    return F.pad(a, (0, 0, 0, pad)).t() @ F.pad(b, (0, 0, 0, pad)) if pad else a.t() @ b
+
+
+class _ExpertsMatmul(torch.autograd.Function):
+    """Each expert's rows of x times its weight, as one autograd node: x (S, in) grouped by expert
+    (``counts`` rows each), weight (E, out, in), or (E, in, out) when transposed, bias (E, out) ->
+    (S, out), in ``dtype``. Autograd through per-expert slices of the weight would stack their E
+    gradients into one tensor after the backward, a copy of every expert weight per step; here
+    each expert's gradient goes straight into its slice, and each tensor is cast once."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, counts, transposed, dtype):
+        xc, w = x.to(dtype), weight.to(dtype)  # (S, in), (E, out, in): no copy when already dtype
+        low = dtype in (torch.bfloat16, torch.float16)
+        y = xc.new_empty(x.shape[0], w.shape[2] if transposed else w.shape[1])  # (S, out)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                y[start:start + n] = _expert_rows(xc[start:start + n], w[e] if transposed else w[e].t(), low)
+            start += n
+        if bias is not None:
+            y += bias.to(dtype).repeat_interleave(torch.tensor(counts, device=x.device), dim=0)
+        ctx.save_for_backward(xc, w)
+        ctx.counts, ctx.transposed, ctx.low, ctx.x_dtype, ctx.w_dtype = counts, transposed, low, x.dtype, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xc, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = grad_y.to(w.dtype)  # (S, out)
+        grad_x = torch.empty_like(xc) if need_x else None  # (S, in)
+        grad_w = torch.empty(w.shape, dtype=ctx.w_dtype, device=w.device) if need_w else None
+        grad_b = torch.zeros(w.shape[0], g.shape[1], dtype=ctx.w_dtype, device=w.device) if need_b else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            ge, xe = g[start:start + n], xc[start:start + n]  # (n, out), (n, in)
+            if need_x and n:
+                grad_x[start:start + n] = _expert_rows(ge, w[e].t() if ctx.transposed else w[e], ctx.low)
+            if need_w:  # (out, in), or (in, out) transposed; an expert without tokens gets zeros
+                grad_w[e] = (_rows_contracted(xe, ge, ctx.low) if ctx.transposed else
+                             _rows_contracted(ge, xe, ctx.low)) if n else 0
+            if need_b and n:
+                grad_b[e] = ge.sum(0, dtype=torch.float32)
+            start += n
+        return (grad_x.to(ctx.x_dtype) if need_x else None), grad_w, grad_b, None, None, None
 
 
 class _Projection:
@@ -84,20 +144,18 @@ class _Projection:
         parametrized = parametrize.is_parametrized(experts)
         self.lora = None if parametrized or name not in wrappers else _lora_factors(wrappers[name])
 
-    def per_expert(self):
-        """[(weight (out, in), bias, (A (r, in), B (out, r)) or None)] per expert. unbind's
-        backward stacks the slices' gradients into one tensor, not E zero-filled ones."""
-        weights = [w.t() if self.transposed else w for w in self.weight.unbind(0)]
-        biases = self.bias.unbind(0) if self.bias is not None else [None] * len(weights)
-        factors = list(zip(self.lora[0].unbind(0), self.lora[1].unbind(0))) if self.lora else [None] * len(weights)
-        return list(zip(weights, biases, factors))
-
-    def apply(self, x: torch.Tensor, w, b, ab) -> torch.Tensor:
-        """x (n, in) -> (n, out); bf16 under autocast. LoRA on the input, no weight delta."""
-        y = F.linear(x, w, b)
-        if ab is not None:
-            y = y + F.linear(F.linear(x, ab[0]), ab[1]) * self.lora[2]  # (n, r) -> (n, out)
-        return y
+    def rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x (S, in) grouped by expert -> (S, out), in the compute dtype (bf16 under autocast).
+        LoRA on the input, no weight delta: y += s * B_e (A_e x)."""
+        dtype = _compute_dtype(x)
+        y = _ExpertsMatmul.apply(x, self.weight, self.bias, counts, self.transposed, dtype)
+        if self.lora is None:
+            return y
+        a, b, scaling = self.lora  # (E, r, in), (E, out, r)
+        low, xc = dtype in (torch.bfloat16, torch.float16), x.to(dtype)
+        outs = [_expert_rows(_expert_rows(xe, ae.to(dtype).t(), low), be.to(dtype).t(), low)  # (n, r) -> (n, out)
+                for xe, ae, be, n in zip(xc.split(counts), a.unbind(0), b.unbind(0), counts) if n]
+        return y + torch.cat(outs) * scaling
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return _project_grouped(x, self.weight, self.bias, self.lora, offsets, self.transposed)
@@ -137,15 +195,10 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
         h = self._apply_gate(up.grouped(x, offsets)) if self.has_gate else self.act_fn(up.grouped(x, offsets))
         y = down.grouped(h, offsets)  # (S, H)
     else:
-        # each expert's whole MLP in one step: the only concatenation is the (S, H) result
-        outs, low = [], _low_precision(x)
-        for xe, u, d in zip(x.split(counts_t.tolist()), up.per_expert(), down.per_expert()):
-            if n := xe.shape[0]:
-                xe = F.pad(xe, (0, 0, 0, _padded_rows(n, low) - n))  # (m_e, H), zero rows appended
-                h = up.apply(xe, *u)  # (m_e, 2I) or (m_e, I)
-                h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (m_e, I)
-                outs.append(down.apply(h, *d)[:n])  # (n_e, H): padding rows dropped, so get no gradient
-        y = torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])  # (S, H)
+        counts = counts_t.tolist()
+        h = up.rows(x, counts)  # (S, 2I) or (S, I)
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (S, I), every expert at once
+        y = down.rows(h, counts)  # (S, H)
     if self.has_post_expert_norm:
         y = self.post_expert_norm(y)
     weights = top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # (S, 1), routing weights

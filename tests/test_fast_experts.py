@@ -121,14 +121,14 @@ def test_bf16_autocast_runs_expert_matmuls_in_bf16(monkeypatch):
     """transformers' grouped kernel stays fp32 under CPU autocast; this path does not."""
     model = tiny("mixtral")
     fast_experts.use_fast_experts(model)
-    dtypes, apply = [], fast_experts._Projection.apply
+    dtypes, rows = [], fast_experts._expert_rows
 
-    def spy(self, *args):
-        out = apply(self, *args)
+    def spy(x, w, low):
+        out = rows(x, w, low)
         dtypes.append(out.dtype)
         return out
 
-    monkeypatch.setattr(fast_experts._Projection, "apply", spy)
+    monkeypatch.setattr(fast_experts, "_expert_rows", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(**batch(model))
     # two projections per expert that received tokens, in every layer
@@ -144,24 +144,22 @@ def test_bf16_pads_each_expert_to_few_shapes_without_changing_numbers(model_type
     fast = copy.deepcopy(ref)
     fast_experts.use_fast_experts(ref)
     fast_experts.use_fast_experts(fast)
-    rows, apply = [], fast_experts._Projection.apply
+    counts, padded_rows = [], fast_experts._padded_rows
 
-    def spy(self, x, *args):
-        rows.append(x.shape[0])
-        return apply(self, x, *args)
+    def spy(n, low):
+        counts.append(padded_rows(n, low))
+        return counts[-1]
 
-    monkeypatch.setattr(fast_experts._Projection, "apply", spy)
     ids = torch.randint(3, ref.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "labels": ids}  # 512 (token, expert) pairs: counts above and below 64
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        monkeypatch.setattr(fast_experts, "_low_precision", lambda x: False)
+        monkeypatch.setattr(fast_experts, "_padded_rows", lambda n, low: spy(n, False))  # no padding
         ref_logits, ref_grads = loss_and_grads(ref, inputs)
-        unpadded, rows[:] = list(rows), []
-        monkeypatch.undo()
-        monkeypatch.setattr(fast_experts._Projection, "apply", spy)
+        unpadded, counts[:] = list(counts), []
+        monkeypatch.setattr(fast_experts, "_padded_rows", spy)
         logits, grads = loss_and_grads(fast, inputs)
     assert any(n & (n - 1) for n in unpadded)  # some count is not a power of two
-    assert all(n % 64 == 0 or (n < 64 and n & (n - 1) == 0) for n in rows) and max(rows) > 64
+    assert all(n % 64 == 0 or (n < 64 and n & (n - 1) == 0) for n in counts) and max(counts) > 64
     torch.testing.assert_close(logits, ref_logits, atol=1e-2, rtol=1e-2)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:  # bf16 rounding of the per-row partial sums, nothing more
