@@ -46,6 +46,19 @@ STRATEGIES = {"ddp": "DDP", "fsdp2": "FSDP2", "zero3": "ZeRO-3"}  # key -> name;
 DISTRIBUTED_TYPES = {"MULTI_GPU": "ddp", "FSDP": "fsdp2", "DEEPSPEED": "zero3"}  # accelerate's distributed_type
 
 
+def available_bytes() -> float:
+    """Memory this machine can give the run now: the GPU's free memory, or on a CPU the
+    kernel's MemAvailable (what a new allocation can get without swapping)."""
+    import torch  # noqa: PLC0415
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.mem_get_info()[0])
+    for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").is_file() else []:
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024.0
+    return math.inf
+
+
 def config_path(strategy: str) -> str:
     return f"recipes/accelerate/{strategy}.yaml"
 

@@ -284,6 +284,8 @@ def check_sft(sft: dict[str, Any], source: str) -> None:
         if key not in fields:
             raise MoeTuneError(f"{source}: unknown key 'sft.{key}' (not a TRL SFTConfig field)"
                                f"{_nearest(key, fields)}")
+        if key in ("activation_checkpointing", "gradient_checkpointing") and value == "auto":
+            continue  # moe_tune's own value: on where the planned peak exceeds the machine (train.plan_run)
         try:
             adapter = TypeAdapter(hints[key])
         except Exception:  # an annotation pydantic cannot check; TRL checks it itself

@@ -28,6 +28,7 @@ import operator
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import set_seed
 from trl import SFTConfig
@@ -40,6 +41,7 @@ from moe_tune.expert_dropout import ExpertDropout
 from moe_tune.interrupts import Interrupts, StopOnInterrupt
 from moe_tune.expert_selection import check_selection, load_selection, restrict_full, restrict_lora, save_selection
 from moe_tune.expert_selection import select_experts
+from moe_tune.fit import available_bytes
 from moe_tune.loading import build_meta_model, load_config, load_model, load_tokenizer
 from moe_tune.recipe import Recipe, dump_recipe, with_absolute_paths
 from moe_tune.report import evaluate_files, write_report
@@ -50,7 +52,8 @@ from moe_tune.run_dir import (CHECKPOINTS, EVAL_DIR, MODEL_DIR, PHASES, PLAN_FIL
                               save_distributed, save_model, tmp_path, write_json, write_text)
 from moe_tune.trainable import (Plan, apply_plan, check_parts_exist, format_plan, make_plan, plan_report,
                                 resolve_modes, unwrapped)
-from moe_tune.trainer import MoeSFTTrainer, build_trainer, sft_config, sft_warnings, train
+from moe_tune.trainer import (BF16_PAYS, MoeSFTTrainer, bf16_speedup, build_trainer, checkpointing_is_auto,
+                              sft_config, sft_warnings, train)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +92,20 @@ def plan_run(recipe: Recipe) -> RunSetup:
     check_parts_exist(recipe.trainable.overrides(), arch)
     cfg = recipe.trainable.selection()
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
-    sft_args = sft_config(recipe, Path(recipe.output_dir))
+    bf16, bf16_note = cpu_bf16(recipe, config)
+    sft_args = sft_config(recipe, Path(recipe.output_dir), cpu_bf16=bf16)
     report = plan_report(meta, arch, plan, recipe, selection, sft_args)
+    if bf16_note:
+        report["bf16_note"] = bf16_note
+    if checkpointing_is_auto(recipe):  # on only where the planned peak exceeds the machine
+        free, without = available_bytes(), report["peak_gb"]
+        if without * 1e9 > free:
+            sft_args = sft_config(recipe, Path(recipe.output_dir), checkpointing=True, cpu_bf16=bf16)
+            report = {**plan_report(meta, arch, plan, recipe, selection, sft_args),
+                      **({"bf16_note": bf16_note} if bf16_note else {})}
+        report["checkpointing_note"] = (
+            f"sft.activation_checkpointing: auto -> {'on' if sft_args.gradient_checkpointing else 'off'} (planned "
+            f"peak {without:.3f} GB without it, {free / 1e9:.3f} GB available)")
     report["warnings"] += sft_warnings(sft_args)
     if added:
         report.update(new_tokens=list(added), chat_template=f"{chat_template.TEMPLATE_KEY}: {template.source}")
@@ -102,6 +117,19 @@ def plan_run(recipe: Recipe) -> RunSetup:
                                     f"{cfg.rows} training rows when training starts; counts above are before it")
     apply_plan(copy.deepcopy(meta), plan, arch, recipe.lora)  # the copy: ``meta`` stays unwrapped for counting
     return RunSetup(recipe, meta, template, arch, plan, sft_args, report)
+
+
+def cpu_bf16(recipe: Recipe, config) -> tuple[bool, str | None]:
+    """(bf16 autocast by default, and why) on a CPU where the recipe leaves sft.bf16 and sft.fp16
+    unset: on where this CPU's bf16 matmuls are measured BF16_PAYS times faster than fp32 at the
+    model's layer shapes. (False, None) on a GPU or where the recipe decides."""
+    if torch.cuda.is_available() or {"bf16", "fp16"} & set(recipe.sft):
+        return False, None
+    text = config.get_text_config()
+    speedup = bf16_speedup(text.hidden_size, getattr(text, "moe_intermediate_size", None) or text.intermediate_size)
+    on = speedup >= BF16_PAYS
+    return on, (f"bf16 autocast {'on' if on else 'off'}: this CPU's bf16 matmuls run {speedup:.1f}x fp32 at the "
+                f"model's shapes (measured; on from {BF16_PAYS}x); sft.bf16 decides otherwise")
 
 
 def check_data(setup: RunSetup) -> str | None:

@@ -330,8 +330,12 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
     }
     if sft_args is not None:
         acts, basis = micro_batch_activations(model, arch, dtype, sft_args)
+        checkpointing = bool(sft_args.gradient_checkpointing)
+        other, _ = micro_batch_activations(model, arch, dtype, sft_args, checkpointing=not checkpointing)
         report.update(activation_gb=round(acts / 1e9, 3), peak_gb=round((state + acts) / 1e9, 3),
-                      activation_bytes=acts, activation_basis=basis)
+                      activation_bytes=acts, activation_basis=basis, checkpointing=checkpointing,
+                      # the peak with activation checkpointing the other way: memory against speed
+                      other_peak_gb=round((state + other) / 1e9, 3))
     return report
 
 
@@ -354,6 +358,12 @@ def format_plan(report: dict) -> str:
     if "peak_gb" in report:
         lines.append(f"  + activations {report['activation_gb']:.3f} GB ({report['activation_basis']}) "
                      f"= peak {report['peak_gb']:.3f} GB")
+        lines.append(f"  with activation checkpointing {'off' if report['checkpointing'] else 'on'}: peak "
+                     f"{report['other_peak_gb']:.3f} GB ({'faster' if report['checkpointing'] else 'slower'}: "
+                     "the forward runs once more in backward when it is on)")
+    for note in ("bf16_note", "checkpointing_note"):
+        if report.get(note):
+            lines.append(report[note])
     if report.get("selection_note"):
         lines.append(report["selection_note"])
     lines += [f"warning: {w}" for w in report["warnings"]]

@@ -8,9 +8,11 @@ callbacks that guard and record a run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import copy
 import json
 import os
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,11 +31,13 @@ from moe_tune.run_dir import (CHECKPOINTS, DATA_REPORT_FILE, METRICS_FILE, TENSO
 
 # Where the recipe leaves them unset. On a CPU: no activation checkpointing (it recomputes the
 # forward to save memory a CPU run rarely lacks), torch's fused AdamW (one pass over each tensor:
-# 0.06 s against 0.3 s per step for 80M parameters), and bf16 autocast only where the CPU has AMX
-# tiles, whose bf16 matmuls run 2-4x fp32 (benchmarks/throughput.py measures it); without them
-# bf16 matmuls are emulated and slower than fp32. On a GPU, TRL's own.
-CPU_DEFAULTS = {"use_cpu": True, "bf16": torch.cpu._is_amx_tile_supported(), "activation_checkpointing": False,
-                "dataloader_pin_memory": False, "optim": "adamw_torch_fused"}
+# 0.06 s against 0.3 s per step for 80M parameters), and bf16 autocast only where this CPU's bf16
+# matmuls are measured BF16_PAYS times faster than fp32 at the model's shapes (bf16_speedup): AMX
+# runs them about 4x fp32, AVX512-BF16 about 2x, and other CPUs emulate them, slower than fp32.
+# On a GPU, TRL's own.
+CPU_DEFAULTS = {"use_cpu": True, "activation_checkpointing": False, "dataloader_pin_memory": False,
+                "optim": "adamw_torch_fused"}
+BF16_PAYS = 1.5  # autocast casts every weight and activation it multiplies: its matmuls must win by this much
 _CHECKPOINTING_NAMES = {"activation_checkpointing", "gradient_checkpointing"}  # new and deprecated name
 # router_aux_loss_coef: moe_tune computes the load-balancing loss itself (router_losses.py), once,
 # for every family; TRL's (and with it the model's own) stays off.
@@ -44,12 +48,40 @@ DEFAULTS = {"assistant_only_loss": True, "report_to": "tensorboard", "logging_st
             "save_strategy": "steps", "save_steps": 200, "save_total_limit": 2, "router_aux_loss_coef": 0.0}
 
 
-def sft_config(recipe, run: Path) -> SFTConfig:
-    """TRL's SFTConfig for the recipe: moe_tune's defaults, then the recipe's ``sft`` section."""
-    args = dict(DEFAULTS, **({} if torch.cuda.is_available() else CPU_DEFAULTS))
+@functools.lru_cache
+def bf16_speedup(hidden: int, intermediate: int) -> float:
+    """bf16 over fp32 matmul throughput on this CPU, measured at a layer's shapes (512 tokens x
+    hidden x intermediate, each capped at 2048 so that it takes a fraction of a second)."""
+    m, k, n = 512, min(hidden, 2048), min(intermediate, 2048)
+    rates = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        for _ in range(2):  # oneDNN compiles a kernel per shape on its first call
+            a @ b
+        reps, start = 5, time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        rates.append(reps / (time.perf_counter() - start))
+    return rates[1] / rates[0]
+
+
+def checkpointing_is_auto(recipe) -> bool:
+    """``sft.activation_checkpointing: auto``: on only where the planned peak exceeds the memory
+    the machine has (decided in train.plan_run)."""
+    return any(recipe.sft.get(name) == "auto" for name in _CHECKPOINTING_NAMES)
+
+
+def sft_config(recipe, run: Path, checkpointing: bool = False, cpu_bf16: bool = False) -> SFTConfig:
+    """TRL's SFTConfig for the recipe: moe_tune's defaults, then the recipe's ``sft`` section;
+    ``checkpointing`` is what ``activation_checkpointing: auto`` comes to, and ``cpu_bf16`` the
+    CPU's bf16 default (train.plan_run measures it)."""
+    args = dict(DEFAULTS, **({} if torch.cuda.is_available() else {**CPU_DEFAULTS, "bf16": cpu_bf16}))
     if _CHECKPOINTING_NAMES & set(recipe.sft):  # the recipe's choice, under either name, wins
         args.pop("activation_checkpointing", None)
     args.update(recipe.sft)
+    for name in _CHECKPOINTING_NAMES & set(args):
+        if args[name] == "auto":
+            args[name] = checkpointing
     if recipe.data.valid is None and args.get("eval_strategy", "no") != "no":
         raise MoeTuneError("sft.eval_strategy is set but data.valid is not; add a validation file")
     packed = [key for key in ("packing", "padding_free") if args.get(key)]

@@ -124,6 +124,8 @@ CASES = [
     ("recipe_two_quantizations", lambda f: train(f, "model.load_in_4bit=true", "model.load_in_8bit=true"),
      "only one of load_in_4bit and load_in_8bit"),
     ("recipe_sft_output_dir", lambda f: train(f, "sft.output_dir=/tmp/x"), "output_dir"),
+    ("recipe_checkpointing_neither_bool_nor_auto", lambda f: train(f, "sft.activation_checkpointing=sometimes"),
+     "sft.activation_checkpointing"),
     ("recipe_two_checkpointing_names", lambda f: train(f, "sft.activation_checkpointing=false",
                                                        "sft.gradient_checkpointing=true"), "set only one of"),
     ("recipe_eval_without_valid", lambda f: train(f, "data.valid=null"), "data.valid"),

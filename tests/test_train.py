@@ -73,3 +73,38 @@ def test_the_architecture_is_found_once_per_model(tmp_path, capsys, monkeypatch)
     assert code == 0, capsys.readouterr().err
     assert len(built) == 3  # the meta copy, the model trained, the base evaluated beside it
     assert [id(m) for m in described] == [id(m) for m in built]
+
+
+def test_activation_checkpointing_auto_is_on_only_where_the_plan_exceeds_the_machine(monkeypatch):
+    from moe_tune import train
+    from moe_tune.recipe import load_recipe
+
+    recipe = load_recipe(QUICKSTART, ["sft.activation_checkpointing=auto"])
+    monkeypatch.setattr(train, "available_bytes", lambda: 1e12)
+    setup = train.plan_run(recipe)
+    without, other = setup.report["peak_gb"], setup.report["other_peak_gb"]
+    assert setup.sft_args.gradient_checkpointing is False and other < without
+    assert "auto -> off" in setup.report["checkpointing_note"]
+    monkeypatch.setattr(train, "available_bytes", lambda: (without - 0.001) * 1e9)  # just short of the peak
+    setup = train.plan_run(recipe)
+    assert setup.sft_args.gradient_checkpointing is True
+    assert setup.report["peak_gb"] == pytest.approx(other) and setup.report["other_peak_gb"] == pytest.approx(without)
+    assert f"auto -> on (planned peak {without:.3f} GB without it" in setup.report["checkpointing_note"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU default")
+def test_bf16_on_a_cpu_is_chosen_by_measuring_its_matmuls(tmp_path, monkeypatch):
+    from moe_tune import train
+    from moe_tune.recipe import load_recipe
+    from moe_tune.trainer import bf16_speedup
+
+    assert bf16_speedup(128, 256) > 0  # measured here, whatever this CPU is
+    path = tmp_path / "r.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{path: {ROOT}/data/tiny-moe}}\n"
+                    f"data: {{train: {ROOT}/data/train.jsonl}}\nsft: {{max_steps: 2}}\n")
+    for speedup, on in ((3.9, True), (1.2, False)):  # AMX; a CPU that emulates bf16
+        monkeypatch.setattr(train, "bf16_speedup", lambda hidden, intermediate, s=speedup: s)
+        setup = train.plan_run(load_recipe(path))
+        assert setup.sft_args.bf16 is on and setup.report["bf16_note"].startswith(f"bf16 autocast {'on' if on else 'off'}")
+    setup = train.plan_run(load_recipe(path, ["sft.bf16=false"]))  # the recipe decides: nothing measured
+    assert setup.sft_args.bf16 is False and "bf16_note" not in setup.report
