@@ -214,7 +214,8 @@ def _timer(warmup: int):
     return StepTimer()
 
 
-def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dtype: str):
+def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dtype: str,
+                     checkpointing: bool = False):
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
     from moe_tune.train import plan_run, trainer_for  # noqa: PLC0415
@@ -224,7 +225,8 @@ def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int
               "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": strategy}, "lora": LORA,
               "sft": {"max_steps": steps, "per_device_train_batch_size": batch, "max_length": seq,
                       "learning_rate": 1e-4, "logging_steps": 1000, "report_to": "none",
-                      "assistant_only_loss": False, "dataloader_num_workers": 0},
+                      "assistant_only_loss": False, "dataloader_num_workers": 0,
+                      **({"activation_checkpointing": True} if checkpointing else {})},
               "eval": {"files": []}}
     (work / "recipe.yaml").write_text(json.dumps(recipe))
     recipe = load_recipe(work / "recipe.yaml")
@@ -261,7 +263,7 @@ def trl_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dty
 
 
 def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch: int, seq: int, dtype: str,
-           memory: bool = False) -> dict:
+           memory: bool = False, checkpointing: bool = False) -> dict:
     import torch  # noqa: PLC0415
 
     import moe_tune.train  # noqa: F401, PLC0415  (libraries imported before the baseline is taken,
@@ -274,8 +276,10 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() / 1e9 if cuda else _anon_gb()
     sampler = AnonPeak() if memory and not cuda else None  # the sampling thread would slow timed runs
-    build = moe_tune_trainer if path == "moe_tune" else trl_trainer
-    trainer = build(strategy, work, steps + warmup, batch, seq, dtype)
+    if path == "moe_tune":
+        trainer = moe_tune_trainer(strategy, work, steps + warmup, batch, seq, dtype, checkpointing)
+    else:
+        trainer = trl_trainer(strategy, work, steps + warmup, batch, seq, dtype)
     timer = _timer(warmup)
     trainer.add_callback(timer)
     trainer.train()
@@ -289,7 +293,7 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
 
 # ---- the comparison ----
 
-def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str) -> dict:
+def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str, checkpointing: bool = False) -> dict:
     """``moe-tune plan``'s report for the run: parts, trainable counts, peak memory."""
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
     from moe_tune.train import plan_run  # noqa: PLC0415
@@ -297,7 +301,7 @@ def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str) -> 
     (work / "plan.yaml").write_text(json.dumps({
         "output_dir": str(work / "plan"), "model": {"path": str(work / "model"), "dtype": dtype},
         "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": strategy}, "lora": LORA,
-        "sft": {"per_device_train_batch_size": batch, "max_length": seq}}))
+        "sft": {"per_device_train_batch_size": batch, "max_length": seq, "activation_checkpointing": checkpointing}}))
     return plan_run(load_recipe(work / "plan.yaml")).report
 
 
@@ -326,10 +330,11 @@ def active_params(work: Path) -> int:
 def measure(path, strategy, work, args, memory: bool = False) -> dict:
     steps, warmup = (1, 1) if memory else (args.steps, args.warmup)
     if args.device == "cuda":  # in this process: CUDA's peak resets, a CPU's peak RSS does not
-        return worker(path, strategy, work, steps, warmup, args.batch, args.seq, args.dtype)
+        return worker(path, strategy, work, steps, warmup, args.batch, args.seq, args.dtype,
+                      checkpointing=args.checkpointing)
     cmd = [sys.executable, __file__, "--worker", path, strategy, "--work", str(work), "--steps", str(steps),
            "--warmup", str(warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype]
-    cmd += ["--memory"] if memory else []
+    cmd += (["--memory"] if memory else []) + (["--checkpointing"] if args.checkpointing else [])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if memory:
         # a separate, short run with big allocations straight from mmap (no dynamic threshold):
@@ -353,7 +358,7 @@ def compare(args) -> dict:
         dims = layer_dims(work)
         peak = matmul_peak(args.batch * args.seq, device, dims)
         n_active = active_params(work)
-        plans = {s: plan_report(s, work, args.batch, args.seq, args.dtype) for s in args.strategies}
+        plans = {s: plan_report(s, work, args.batch, args.seq, args.dtype, args.checkpointing) for s in args.strategies}
         free = torch.cuda.mem_get_info()[0] / 1e9 if device == "cuda" else available_gb()
         refused = {s: f"planned peak {plans[s]['peak_gb']:.1f} GB > {free:.1f} GB available"
                    for s in args.strategies if plans[s]["peak_gb"] > free}
@@ -428,6 +433,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", default=None, help="weights' dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="Markdown table (default: benchmarks/results/)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="moe_tune with activation checkpointing too, as TRL trains by default")
     parser.add_argument("--worker", nargs=2, metavar=("PATH", "STRATEGY"), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
@@ -439,12 +446,13 @@ def main() -> None:
     if args.worker:
         path, strategy = args.worker
         print(json.dumps(worker(path, strategy, args.work, args.steps, args.warmup, args.batch, args.seq, args.dtype,
-                                args.memory)))
+                                args.memory, args.checkpointing)))
         return
     if args.shape != "benchmark" and not args.layers:
         parser.error(f"--shape {args.shape} needs --layers N (e.g. 2)")
     result = compare(args)
     name = result["device"] if args.shape == "benchmark" else f"{result['device']}-{args.shape}-{args.layers}l"
+    name += "-checkpointing" if args.checkpointing else ""
     out = args.out or ROOT / "benchmarks" / "results" / f"throughput-{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(markdown(result, "python benchmarks/throughput.py " + " ".join(sys.argv[1:])))
