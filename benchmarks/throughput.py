@@ -97,14 +97,6 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def available_gb() -> float:
-    """Memory the machine can give a new process now (MemAvailable), in GB."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024 / 1e9
-    return float("inf")
-
-
 def build_data(path: Path, rows: int, seq: int) -> None:
     """Chat rows whose answers run past ``seq`` tokens, so every row is truncated to exactly seq."""
     from transformers import AutoTokenizer  # noqa: PLC0415
@@ -124,13 +116,14 @@ def build_data(path: Path, rows: int, seq: int) -> None:
 
 def layer_dims(work: Path) -> dict[str, int]:
     """hidden, expert intermediate, experts and top-k of the benchmark model's MoE layers."""
+    from moe_tune.accounting import expert_intermediate  # noqa: PLC0415
     from moe_tune.arch import describe, text_config  # noqa: PLC0415
     from moe_tune.loading import build_meta_model, load_config  # noqa: PLC0415
 
-    config = load_config(str(work / "model"))
-    text, layer = text_config(config), describe(build_meta_model(config)).layers[0]
-    return {"hidden": text.hidden_size, "intermediate": getattr(text, "moe_intermediate_size", None)
-            or text.intermediate_size, "experts": layer.num_experts, "top_k": layer.top_k}
+    model = build_meta_model(load_config(str(work / "model")))
+    arch = describe(model)
+    return {"hidden": text_config(model.config).hidden_size, "intermediate": expert_intermediate(model, arch),
+            "experts": arch.layers[0].num_experts, "top_k": arch.layers[0].top_k}
 
 
 def matmul_peak(tokens: int, device: str, dims: dict[str, int]) -> dict[str, float]:
@@ -359,7 +352,9 @@ def compare(args) -> dict:
         peak = matmul_peak(args.batch * args.seq, device, dims)
         n_active = active_params(work)
         plans = {s: plan_report(s, work, args.batch, args.seq, args.dtype, args.checkpointing) for s in args.strategies}
-        free = torch.cuda.mem_get_info()[0] / 1e9 if device == "cuda" else available_gb()
+        from moe_tune.fit import available_bytes  # noqa: PLC0415
+
+        free = available_bytes() / 1e9
         refused = {s: f"planned peak {plans[s]['peak_gb']:.1f} GB > {free:.1f} GB available"
                    for s in args.strategies if plans[s]["peak_gb"] > free}
         for strategy, why in refused.items():

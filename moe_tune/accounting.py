@@ -89,8 +89,7 @@ def _activation_terms(model, arch, tokens, act_bytes, autocast):
     a = act_bytes
     # sum over layers of (experts a token visits) and of (their intermediate sizes)
     visits = sum(layer.top_k for layer in arch.layers)
-    width = sum(sum(sizes[n] for n in layer.expert_params) / layer.num_experts * layer.top_k
-                for layer in arch.layers) / (3 * hidden)
+    width = sum(_expert_width(sizes, layer, hidden) * layer.top_k for layer in arch.layers)
     for part in ("shared_experts", "dense_mlp"):
         params = sum(sizes[n] for n in arch.params_in(part) if len(model.get_parameter(n).shape) > 1)
         width += params / (3 * hidden)
@@ -101,6 +100,17 @@ def _activation_terms(model, arch, tokens, act_bytes, autocast):
                  and len(model.get_parameter(n).shape) > 1)
     copies = 2 * matmul / layers if autocast else 0
     return per_token, copies, layers, tokens * (10 * hidden + 4 * vocab)
+
+
+def _expert_width(sizes: dict[str, int], layer, hidden: int) -> float:
+    """One routed expert's intermediate size: its parameters / 3H (gate, up and down projections)."""
+    return sum(sizes[n] for n in layer.expert_params) / layer.num_experts / (3 * hidden)
+
+
+def expert_intermediate(model: nn.Module, arch: MoeArch) -> int:
+    """The intermediate size of the first MoE layer's routed experts, read off their parameters
+    (families name it differently in their configs)."""
+    return round(_expert_width(_numel(model), arch.layers[0], text_config(model.config).hidden_size))
 
 
 def _numel(model: nn.Module) -> dict[str, int]:

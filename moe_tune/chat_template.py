@@ -230,18 +230,15 @@ def read_template(value: str) -> GivenTemplate:
 def _template_of_tokenizer(value: str) -> tuple[str, list[str]]:
     """(template, the tokenizer's added tokens that it names) of another tokenizer, as TRL's
     clone_chat_template takes it, but adding only the tokens the template uses."""
-    from moe_tune.loading import hub_unreachable  # noqa: PLC0415
+    from moe_tune.loading import hub_unreachable, read_tokenizer  # noqa: PLC0415
 
     if not Path(value).is_dir() and (why := hub_unreachable()):
         raise MoeTuneError(f"{TEMPLATE_KEY}: {value}: no such folder, and not reachable as a Hugging Face Hub id "
                            f"offline ({why}); give a local tokenizer folder, a .jinja file or a template name")
-    from transformers import AutoTokenizer  # noqa: PLC0415
-
     try:
-        source = AutoTokenizer.from_pretrained(value)
-    except (OSError, ValueError) as e:
-        raise MoeTuneError(f"{value}: {TEMPLATE_KEY} names a folder without a tokenizer "
-                           f"({str(e).splitlines()[0]})") from None
+        source = read_tokenizer(value)
+    except MoeTuneError as e:
+        raise MoeTuneError(f"{TEMPLATE_KEY}: {e}") from None
     text = source.chat_template
     text = text.get("default") if isinstance(text, dict) else text
     if not text:
@@ -293,10 +290,10 @@ def give_template(tokenizer, given: GivenTemplate) -> dict[str, int]:
 def new_tokens(path: str, given: GivenTemplate, vocab_size: int) -> dict[str, int]:
     """The tokens (and ids) the template adds to the checkpoint's tokenizer, for the plan; with
     no tokenizer to ask (a published config alone), every token it names, after ``vocab_size``."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from moe_tune.loading import read_tokenizer  # noqa: PLC0415
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
+        tokenizer = read_tokenizer(path)
+    except MoeTuneError:
         return {t: vocab_size + i for i, t in enumerate(given.tokens)}
     return give_template(tokenizer, given)

@@ -51,15 +51,20 @@ def load_config(path: str):
                            "id (offline?); point model.path at a local checkpoint") from None
 
 
+def read_tokenizer(path: str):
+    """The tokenizer saved at ``path``, as it is; one line when there is none to load."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MoeTuneError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
 def load_tokenizer(path: str, template=None):
     """The checkpoint's tokenizer; with ``template`` (chat_template.GivenTemplate, from
     model.chat_template), given that template and the special tokens it needs."""
     from moe_tune.chat_template import NAMES, TEMPLATE_KEY, give_template  # noqa: PLC0415
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise MoeTuneError(f"{path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    tokenizer = read_tokenizer(path)
     if tokenizer.pad_token is None:  # before a template changes eos: padding stays apart from turn ends
         tokenizer.pad_token = tokenizer.eos_token
     if template is not None:

@@ -34,7 +34,8 @@ from transformers import set_seed
 from trl import SFTConfig
 
 from moe_tune import chat_template, distributed, fast_experts
-from moe_tune.arch import MoeArch, describe, require_moe
+from moe_tune.accounting import expert_intermediate
+from moe_tune.arch import MoeArch, describe, require_moe, text_config
 from moe_tune.data import check_lengths, read_chat_rows
 from moe_tune.errors import Interrupted, MoeTuneError
 from moe_tune.expert_dropout import ExpertDropout
@@ -92,20 +93,19 @@ def plan_run(recipe: Recipe) -> RunSetup:
     check_parts_exist(recipe.trainable.overrides(), arch)
     cfg = recipe.trainable.selection()
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
-    bf16, bf16_note = cpu_bf16(recipe, config)
+    bf16, bf16_note = cpu_bf16(recipe, meta, arch)
     sft_args = sft_config(recipe, Path(recipe.output_dir), cpu_bf16=bf16)
     report = plan_report(meta, arch, plan, recipe, selection, sft_args)
-    if bf16_note:
-        report["bf16_note"] = bf16_note
     if checkpointing_is_auto(recipe):  # on only where the planned peak exceeds the machine
         free, without = available_bytes(), report["peak_gb"]
         if without * 1e9 > free:
             sft_args = sft_config(recipe, Path(recipe.output_dir), checkpointing=True, cpu_bf16=bf16)
-            report = {**plan_report(meta, arch, plan, recipe, selection, sft_args),
-                      **({"bf16_note": bf16_note} if bf16_note else {})}
+            report = plan_report(meta, arch, plan, recipe, selection, sft_args)
         report["checkpointing_note"] = (
             f"sft.activation_checkpointing: auto -> {'on' if sft_args.gradient_checkpointing else 'off'} (planned "
             f"peak {without:.3f} GB without it, {free / 1e9:.3f} GB available)")
+    if bf16_note:
+        report["bf16_note"] = bf16_note
     report["warnings"] += sft_warnings(sft_args)
     if added:
         report.update(new_tokens=list(added), chat_template=f"{chat_template.TEMPLATE_KEY}: {template.source}")
@@ -119,14 +119,13 @@ def plan_run(recipe: Recipe) -> RunSetup:
     return RunSetup(recipe, meta, template, arch, plan, sft_args, report)
 
 
-def cpu_bf16(recipe: Recipe, config) -> tuple[bool, str | None]:
+def cpu_bf16(recipe: Recipe, meta: nn.Module, arch: MoeArch) -> tuple[bool, str | None]:
     """(bf16 autocast by default, and why) on a CPU where the recipe leaves sft.bf16 and sft.fp16
     unset: on where this CPU's bf16 matmuls are measured BF16_PAYS times faster than fp32 at the
     model's layer shapes. (False, None) on a GPU or where the recipe decides."""
     if torch.cuda.is_available() or {"bf16", "fp16"} & set(recipe.sft):
         return False, None
-    text = config.get_text_config()
-    speedup = bf16_speedup(text.hidden_size, getattr(text, "moe_intermediate_size", None) or text.intermediate_size)
+    speedup = bf16_speedup(text_config(meta.config).hidden_size, expert_intermediate(meta, arch))
     on = speedup >= BF16_PAYS
     return on, (f"bf16 autocast {'on' if on else 'off'}: this CPU's bf16 matmuls run {speedup:.1f}x fp32 at the "
                 f"model's shapes (measured; on from {BF16_PAYS}x); sft.bf16 decides otherwise")

@@ -5,6 +5,7 @@ import importlib.util
 import pytest
 from transformers import AutoTokenizer
 
+from moe_tune.accounting import expert_intermediate
 from moe_tune.arch import describe
 from moe_tune.loading import build_meta_model
 
@@ -32,9 +33,8 @@ def test_a_published_shape_keeps_its_layers_and_takes_the_shipped_vocabulary(ben
     text = config.get_text_config()
     assert text.num_hidden_layers == 2 and text.vocab_size == 1536
     assert model.get_input_embeddings().weight.shape[0] == 1536
-    layer = arch.layers[0]
-    intermediate = getattr(text, "moe_intermediate_size", None) or text.intermediate_size
-    assert (layer.num_experts, layer.top_k, intermediate) == EXPERTS[shape]
+    layer = arch.layers[0]  # the expert width read off the parameters, as plan and the benchmark read it
+    assert (layer.num_experts, layer.top_k, expert_intermediate(model, arch)) == EXPERTS[shape]
 
 
 def test_flops_count_weight_gradients_only_where_weights_train(bench):
