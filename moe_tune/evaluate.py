@@ -82,8 +82,9 @@ def _answer_losses(model, tokenizer, rows: list[dict], batch_size: int) -> list[
     return out
 
 
-def _generate(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int,
-              progress: bool) -> list[str]:
+def greedy_answers(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int,
+                   progress: bool = False) -> list[str]:
+    """Each row's greedy completion of its conversation up to the final answer, decoded."""
     outputs = []
     with padding_side(tokenizer, "left"):
         for batch in tqdm(list(_batches(rows, batch_size)), desc="generating", disable=not progress):
@@ -140,7 +141,7 @@ def evaluate(model, tokenizer, rows: list[dict], batch_size: int = 64, max_new_t
     """Loss and exact match over ``rows``, overall, per ``task`` and per ``group`` field."""
     with inference_mode(model):
         losses = _answer_losses(model, tokenizer, rows, batch_size)
-        predictions = _generate(model, tokenizer, rows, batch_size, max_new_tokens, progress)
+        predictions = greedy_answers(model, tokenizer, rows, batch_size, max_new_tokens, progress)
     references = [split_prompt(r)[1] for r in rows]
     hits = [exact_match(p, ref) for p, ref in zip(predictions, references)]
     rouge = rouge_l(predictions, references)

@@ -1,12 +1,18 @@
-"""``moe-tune export RUN --merged OUT``: a standard checkpoint from a run.
+"""``moe-tune export RUN --merged OUT`` / ``--gguf OUT.gguf``: a standard checkpoint from a run.
 
-LoRA is merged into the weights it adapts (fused experts included) by PEFT. Before anything
-is written, the merged model must give the same logits and the same routing as the adapter
-model on sample prompts; otherwise the export is refused.
+LoRA is merged into the weights it adapts (fused experts included) by PEFT; a fully fine-tuned
+run's weights are written as they are. Before anything is kept, the merged model must give the
+same logits and the same routing as the adapter model on sample prompts, and, where a serving
+engine is asked for (``--verify vllm``, or llama.cpp for every GGUF file), the engine's greedy
+answers on held-out prompts must equal transformers' (``serving``); otherwise the export is
+refused and nothing is left at OUT.
 """
 
 from __future__ import annotations
 
+import gc
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -14,7 +20,7 @@ import torch
 from moe_tune.arch import describe
 from moe_tune.errors import MoeTuneError
 from moe_tune.routing import chat_batches
-from moe_tune.run_dir import check_replaceable, save_pretrained
+from moe_tune.run_dir import check_replaceable, folder_in_place, write_pretrained
 from moe_tune.trainable import unwrapped
 
 # The merged weight W + BA rounds differently from x@W + x@A@B: tolerances per weight dtype.
@@ -96,6 +102,85 @@ def check_destination(out: Path, overwrite: bool) -> None:
     check_replaceable(out, overwrite, lambda folder: (folder / "config.json").is_file(), "a checkpoint folder")
 
 
-def write_checkpoint(model, tokenizer, out: Path, overwrite: bool) -> Path:
-    check_destination(out, overwrite)
-    return save_pretrained(model, tokenizer, out)
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def check_gguf_destination(out: Path, overwrite: bool) -> None:
+    if out.suffix != ".gguf":
+        raise MoeTuneError(f"--gguf {out}: give a file name ending in .gguf")
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise MoeTuneError(f"{out}: already exists; pass --overwrite or choose another file name")
+    if out.exists() and not _is_gguf(out):
+        raise MoeTuneError(f"{out}: not a GGUF file, refusing to replace it; choose another file name")
+
+
+def _serving_rows(recipe, data: str | None, count: int) -> tuple[list[dict], str]:
+    """(held-out rows spread through the file(s), where they came from) for a serving check."""
+    from moe_tune.data import read_chat_rows  # noqa: PLC0415
+    from moe_tune.serving import spread  # noqa: PLC0415
+
+    files = [data] if data else (recipe.eval.files or [recipe.data.valid or recipe.data.train])
+    rows = [row for path in files for row in read_chat_rows(path)]
+    return spread(rows, count), ", ".join(str(f) for f in files)
+
+
+def export_run(run: Path, merged: Path | None, gguf: Path | None, quant: str = "f16", verify: str | None = None,
+               data: str | None = None, verify_rows: int = 100, min_identical: float | None = None,
+               check_rows: int = 8, overwrite: bool = False) -> None:
+    """Merge (or copy) a run's model, check it, and write it as a checkpoint folder or a GGUF file."""
+    from moe_tune import serving  # noqa: PLC0415
+    from moe_tune.data import read_chat_rows  # noqa: PLC0415
+    from moe_tune.run_dir import RECIPE_FILE, load_run_model, load_run_recipe  # noqa: PLC0415
+
+    if not (run / RECIPE_FILE).is_file():
+        raise MoeTuneError(f"{run}: not a moe-tune run folder (no {RECIPE_FILE})")
+    if verify and not merged:
+        raise MoeTuneError("--verify vllm checks a --merged checkpoint; a --gguf file is always checked in llama.cpp")
+    if verify_rows < 1:
+        raise MoeTuneError(f"--verify-rows: give a positive number of prompts (got {verify_rows})")
+    if min_identical is not None and not 0 <= min_identical <= 1:
+        raise MoeTuneError(f"--min-identical: give a share between 0 and 1 (got {min_identical})")
+    # everything that can be refused is refused before minutes of loading and merging
+    if merged:
+        check_destination(merged, overwrite)
+    else:
+        check_gguf_destination(gguf, overwrite)
+        serving.llama_cpp_home()
+    if verify:
+        serving.vllm_python()
+    recipe = load_run_recipe(run)
+    sample = (recipe.eval.files or [recipe.data.valid or recipe.data.train])[0]
+    rows = read_chat_rows(sample, check_rows)
+    held_out, source = _serving_rows(recipe, data, verify_rows) if (verify or gguf) else ([], "")
+    dtype, max_new_tokens = recipe.model.dtype, recipe.eval.max_new_tokens
+    if min_identical is None:
+        min_identical = serving.MIN_IDENTICAL if (merged or quant in serving.UNQUANTIZED) else 0.0
+
+    model, tokenizer, _ = load_run_model(run, dtype)
+    model = merge_and_check(model, tokenizer, rows)
+    checked = f"merged and checked on {len(rows)} rows of {sample}: same logits and routing"
+    if merged:
+        with folder_in_place(merged) as tmp:
+            write_pretrained(model, tokenizer, tmp)
+            del model
+            gc.collect()
+            if verify:
+                agreement = serving.verify_vllm(tmp, held_out, max_new_tokens, dtype)
+                agreement.check(min_identical)
+                checked += f"; {agreement.summary()} on {len(held_out)} prompts of {source}"
+        print(f"{checked}; written to {merged}")
+        return
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=gguf.parent, prefix=f".{gguf.name}.") as tmp:
+        checkpoint, converted = write_pretrained(model, tokenizer, Path(tmp)), Path(tmp) / gguf.name
+        del model
+        gc.collect()
+        serving.convert_gguf(checkpoint, converted, quant)
+        agreement = serving.verify_llama_cpp(checkpoint, converted, held_out, max_new_tokens, dtype)
+        agreement.check(min_identical)
+        os.replace(converted, gguf)
+    made = "llama.cpp's converter" + ("" if quant in serving.CONVERTER_TYPES else " and llama-quantize")
+    print(f"{checked}; {quant} GGUF by {made}; {agreement.summary()} on {len(held_out)} prompts "
+          f"of {source}; written to {gguf}")

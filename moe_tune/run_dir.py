@@ -77,7 +77,12 @@ def folder_in_place(final: Path, rename: bool = True):
     if rename:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if rename:  # what failed leaves nothing behind; ``final`` is as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rename:
         put_in_place(tmp, final)
 
@@ -102,12 +107,18 @@ def is_evaluation(folder: Path) -> bool:
     return (folder / REPORT_JSON).is_file() or any(results(p) for p in folder.glob("*.json"))
 
 
+def write_pretrained(model, tokenizer, folder: Path) -> Path:
+    """Weights (or a PEFT adapter) and tokenizer into ``folder``."""
+    model.config.use_cache = True
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_pretrained(model, tokenizer, final: Path) -> Path:
     """Weights (or a PEFT adapter) and tokenizer into ``final``, renamed into place."""
-    model.config.use_cache = True
     with folder_in_place(final) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write_pretrained(model, tokenizer, tmp)
     return final
 
 
