@@ -1,0 +1,165 @@
+"""Exports served where users serve them: vLLM's CPU engine on the merged checkpoint and
+llama.cpp on the GGUF file, after a full fine-tune and after LoRA on the experts, answering 100
+held-out prompts greedily as transformers does.
+
+The engines come from ``make serving-env`` and ``make llama-cpp``; ``make test`` builds both
+and points MOE_TUNE_SERVE_ENV and MOE_TUNE_LLAMA_CPP at them. A plain ``pytest`` without them
+skips these tests with the command to run; with the variables set, a missing engine fails.
+"""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from moe_tune import serving
+from moe_tune.cli import main
+from moe_tune.data import read_chat_rows
+from moe_tune.errors import MoeTuneError
+from moe_tune.evaluate import greedy_answers
+from moe_tune.gguf_convert import declared_family
+from moe_tune.loading import load_model
+
+from conftest import ROOT, SHIPPED_MODEL
+
+HELDOUT = ROOT / "data" / "heldout.jsonl"
+# long enough that the answers move away from the base model's; no evaluation at the end
+TUNE = ["sft.max_steps=150", "sft.eval_strategy=no", "eval.files=[]", "eval.retention_file=null",
+        f"data.train={ROOT / 'data' / 'train.jsonl'}", f"data.valid={ROOT / 'data' / 'valid.jsonl'}"]
+AGREEMENT = re.compile(r"(vLLM|llama\.cpp): (\d+)/(\d+) greedy answers identical to transformers'")
+
+
+def _engine(variable: str, find, make: str):
+    if variable not in os.environ:
+        try:
+            find()
+        except MoeTuneError:
+            pytest.skip(f"run `make {make}` (make test does)")
+    return find()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A full fine-tune and a LoRA-on-experts run of the shipped model (the quickstart recipe)."""
+    folder = tmp_path_factory.mktemp("serving")
+    made = {}
+    for name, preset in (("full", "full"), ("lora_experts", "lora_experts")):
+        made[name] = folder / name
+        assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={made[name]}",
+                     f"trainable.preset={preset}", *TUNE]) == 0
+    return made
+
+
+@pytest.fixture(scope="module")
+def base_answers():
+    model, tokenizer = load_model(str(SHIPPED_MODEL))
+    rows = serving.spread(read_chat_rows(HELDOUT), 100)
+    return greedy_answers(model.eval(), tokenizer, rows, batch_size=32, max_new_tokens=12)
+
+
+def _agreement(output: str) -> tuple[int, int]:
+    engine, identical, total = AGREEMENT.search(output).groups()
+    return int(identical), int(total)
+
+
+def _served_answers_differ_from_base(checkpoint, base_answers) -> int:
+    """How many of the 100 prompts the exported model answers unlike the untuned base."""
+    model, tokenizer = load_model(str(checkpoint))
+    rows = serving.spread(read_chat_rows(HELDOUT), 100)
+    tuned = greedy_answers(model.eval(), tokenizer, rows, batch_size=32, max_new_tokens=12)
+    return sum(a != b for a, b in zip(tuned, base_answers))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["full", "lora_experts"])
+def test_vllm_answers_as_transformers_does(run, runs, base_answers, tmp_path, capsys):
+    _engine("MOE_TUNE_SERVE_ENV", serving.vllm_python, "serving-env")
+    out = tmp_path / "merged"
+    assert main(["export", str(runs[run]), "--merged", str(out), "--verify", "vllm"]) == 0
+    identical, total = _agreement(capsys.readouterr().out)
+    assert total == 100 and identical >= 95
+    # what vLLM served is the tuned model: the expert deltas reached it
+    assert _served_answers_differ_from_base(out, base_answers) >= 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["full", "lora_experts"])
+def test_llama_cpp_answers_as_transformers_does(run, runs, base_answers, tmp_path, capsys):
+    _engine("MOE_TUNE_LLAMA_CPP", serving.llama_cpp_home, "llama-cpp")
+    gguf = tmp_path / "model.gguf"
+    assert main(["export", str(runs[run]), "--gguf", str(gguf)]) == 0
+    identical, total = _agreement(capsys.readouterr().out)
+    assert total == 100 and identical >= 95
+    assert gguf.read_bytes()[:4] == b"GGUF"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # the side folder is gone
+
+
+@pytest.mark.slow
+def test_a_quantized_gguf_is_reported_and_replaced_only_with_overwrite(runs, tmp_path, capsys):
+    _engine("MOE_TUNE_LLAMA_CPP", serving.llama_cpp_home, "llama-cpp")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 16)  # an earlier export
+    assert main(["export", str(runs["full"]), "--gguf", str(gguf), "--quant", "q4_k_m", "--verify-rows", "20"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(runs["full"]), "--gguf", str(gguf), "--quant", "q4_k_m", "--verify-rows", "20",
+                 "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "q4_k_m GGUF by llama.cpp's converter and llama-quantize" in out and _agreement(out)[1] == 20
+    assert gguf.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_refused_export_leaves_nothing(runs, tmp_path, capsys):
+    """Agreement below --min-identical (here: every answer must match on a 4-bit file, and the
+    tiny model's 4-bit answers do not all match) refuses the export with one line."""
+    _engine("MOE_TUNE_LLAMA_CPP", serving.llama_cpp_home, "llama-cpp")
+    gguf = tmp_path / "model.gguf"
+    code = main(["export", str(runs["lora_experts"]), "--gguf", str(gguf), "--quant", "q2_k", "--min-identical", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    last = err.splitlines()[-1]  # after the loading bars: the one line that says why
+    assert "export refused: llama.cpp:" in last and "below 100%; first difference:" in last, last
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_shipped_tokenizer_is_declared_as_gpt2(tmp_path):
+    """llama.cpp's converter does not know the shipped vocabulary's hash; its pre-tokenizer is
+    GPT-2's exactly, which is what gguf_convert registers it by."""
+    assert declared_family(SHIPPED_MODEL) == "gpt-2"
+    spec = json.loads((SHIPPED_MODEL / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True  # another split: not GPT-2's any more
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert declared_family(tmp_path) is None
+
+
+@pytest.mark.parametrize("variable, option", [("MOE_TUNE_SERVE_ENV", ["--merged", "out", "--verify", "vllm"]),
+                                              ("MOE_TUNE_LLAMA_CPP", ["--gguf", "out.gguf"])])
+def test_a_missing_engine_is_one_line_before_anything_loads(variable, option, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text((ROOT / "recipes" / "quickstart.yaml").read_text())
+    monkeypatch.setenv(variable, str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(run), *option]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("make serving-env" in err or "make llama-cpp" in err), err
+    assert not (tmp_path / option[1]).exists()
+
+
+def test_agreement_counts_and_refuses():
+    agreement = serving.Agreement("vLLM", ["q1", "q2", "q3", "q4"], [" a", " b", " c", " d"], [" a", " b", " c", " x"])
+    assert agreement.identical == 3 and agreement.share == 0.75
+    agreement.check(0.75)
+    with pytest.raises(MoeTuneError, match=r"vLLM: 3/4 .* below 95%; first difference: 'q4': transformers ' d', "
+                                           r"vLLM ' x'"):
+        agreement.check(0.95)
+
+
+def test_spread_takes_rows_from_every_part_of_a_file():
+    rows = [{"i": i} for i in range(450)]
+    picked = serving.spread(rows, 100)
+    assert len(picked) == 100 and picked[0]["i"] == 0 and picked[-1]["i"] >= 445
+    assert serving.spread(rows[:7], 100) == rows[:7]
+    assert torch.tensor([r["i"] for r in picked]).diff().min() >= 4
