@@ -155,6 +155,9 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     from moe_tune import export  # noqa: PLC0415
 
+    if args.adapter:
+        export.export_adapter(Path(args.run), Path(args.adapter), args.engine, args.overwrite)
+        return
     export.export_run(Path(args.run), merged=args.merged and Path(args.merged), gguf=args.gguf and Path(args.gguf),
                       quant=args.quant, verify=args.verify, data=args.data, verify_rows=args.verify_rows,
                       min_identical=args.min_identical, check_rows=args.check_rows, overwrite=args.overwrite)
@@ -280,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--merged", help="folder for the merged checkpoint (transformers, vLLM, SGLang)")
     where.add_argument("--gguf", help="a .gguf file for llama.cpp (ollama, LM Studio): llama.cpp's converter writes "
                                       "it and llama.cpp's greedy answers are checked against transformers'")
+    where.add_argument("--adapter", help="with --for vllm: the run's LoRA adapter, unmerged, in the layout that "
+                                         "engine loads for fused experts")
+    exp.add_argument("--for", dest="engine", choices=["vllm"], help="the engine --adapter is converted for")
     exp.add_argument("--quant", default="f16", type=_one_of("moe_tune.serving", "GGUF_TYPES"),
                      help="GGUF type (default f16)")
     exp.add_argument("--verify", choices=["vllm"], help="with --merged: check the checkpoint's greedy answers in vLLM")

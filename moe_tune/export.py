@@ -11,6 +11,7 @@ refused and nothing is left at OUT.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -184,3 +185,26 @@ def export_run(run: Path, merged: Path | None, gguf: Path | None, quant: str = "
     made = "llama.cpp's converter" + ("" if quant in serving.CONVERTER_TYPES else " and llama-quantize")
     print(f"{checked}; {quant} GGUF by {made}; {agreement.summary()} on {len(held_out)} prompts "
           f"of {source}; written to {gguf}")
+
+
+def export_adapter(run: Path, out: Path, engine: str | None, overwrite: bool) -> None:
+    """A LoRA run's adapter, unmerged, converted for ``engine`` (vllm_adapter)."""
+    from moe_tune.loading import build_meta_model, load_config  # noqa: PLC0415
+    from moe_tune.run_dir import MODEL_DIR, RECIPE_FILE, load_run_recipe  # noqa: PLC0415
+    from moe_tune.vllm_adapter import write_vllm_adapter  # noqa: PLC0415
+
+    if not (run / RECIPE_FILE).is_file():
+        raise MoeTuneError(f"{run}: not a moe-tune run folder (no {RECIPE_FILE})")
+    if engine is None:
+        raise MoeTuneError("--adapter needs --for vllm (the engine whose layout to write)")
+    adapter = run / MODEL_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        raise MoeTuneError(f"{run}: not a LoRA run (no {MODEL_DIR}/adapter_config.json); its weights serve as they "
+                           "are: use --merged")
+    check_replaceable(out, overwrite, lambda folder: (folder / "adapter_config.json").is_file(), "an adapter folder")
+    base = load_run_recipe(run).model.path
+    with folder_in_place(out) as tmp:
+        modules = write_vllm_adapter(adapter, build_meta_model(load_config(base)), tmp)
+    rank = json.loads((out / "adapter_config.json").read_text())["r"]
+    print(f"{modules} LoRA modules in vLLM's per-expert layout written to {out}; on a GPU server: "
+          f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules tuned={out}")
