@@ -117,12 +117,26 @@ def check_gguf_destination(out: Path, overwrite: bool) -> None:
         raise MoeTuneError(f"{out}: not a GGUF file, refusing to replace it; choose another file name")
 
 
+def _run_recipe(run: Path):
+    """The recipe a run folder was trained with; one line when ``run`` is not a run."""
+    from moe_tune.run_dir import RECIPE_FILE, load_run_recipe  # noqa: PLC0415
+
+    if not (run / RECIPE_FILE).is_file():
+        raise MoeTuneError(f"{run}: not a moe-tune run folder (no {RECIPE_FILE})")
+    return load_run_recipe(run)
+
+
+def _held_out_files(recipe) -> list[str]:
+    """Where a run's held-out rows are: its eval files, else its validation (or training) data."""
+    return recipe.eval.files or [recipe.data.valid or recipe.data.train]
+
+
 def _serving_rows(recipe, data: str | None, count: int) -> tuple[list[dict], str]:
     """(held-out rows spread through the file(s), where they came from) for a serving check."""
     from moe_tune.data import read_chat_rows  # noqa: PLC0415
     from moe_tune.serving import spread  # noqa: PLC0415
 
-    files = [data] if data else (recipe.eval.files or [recipe.data.valid or recipe.data.train])
+    files = [data] if data else _held_out_files(recipe)
     rows = [row for path in files for row in read_chat_rows(path)]
     return spread(rows, count), ", ".join(str(f) for f in files)
 
@@ -133,10 +147,9 @@ def export_run(run: Path, merged: Path | None, gguf: Path | None, quant: str = "
     """Merge (or copy) a run's model, check it, and write it as a checkpoint folder or a GGUF file."""
     from moe_tune import serving  # noqa: PLC0415
     from moe_tune.data import read_chat_rows  # noqa: PLC0415
-    from moe_tune.run_dir import RECIPE_FILE, load_run_model, load_run_recipe  # noqa: PLC0415
+    from moe_tune.run_dir import load_run_model  # noqa: PLC0415
 
-    if not (run / RECIPE_FILE).is_file():
-        raise MoeTuneError(f"{run}: not a moe-tune run folder (no {RECIPE_FILE})")
+    recipe = _run_recipe(run)
     if verify and not merged:
         raise MoeTuneError("--verify vllm checks a --merged checkpoint; a --gguf file is always checked in llama.cpp")
     if verify_rows < 1:
@@ -151,8 +164,7 @@ def export_run(run: Path, merged: Path | None, gguf: Path | None, quant: str = "
         serving.llama_cpp_home()
     if verify:
         serving.vllm_python()
-    recipe = load_run_recipe(run)
-    sample = (recipe.eval.files or [recipe.data.valid or recipe.data.train])[0]
+    sample = _held_out_files(recipe)[0]
     rows = read_chat_rows(sample, check_rows)
     held_out, source = _serving_rows(recipe, data, verify_rows) if (verify or gguf) else ([], "")
     dtype, max_new_tokens = recipe.model.dtype, recipe.eval.max_new_tokens
@@ -190,11 +202,10 @@ def export_run(run: Path, merged: Path | None, gguf: Path | None, quant: str = "
 def export_adapter(run: Path, out: Path, engine: str | None, overwrite: bool) -> None:
     """A LoRA run's adapter, unmerged, converted for ``engine`` (vllm_adapter)."""
     from moe_tune.loading import build_meta_model, load_config  # noqa: PLC0415
-    from moe_tune.run_dir import MODEL_DIR, RECIPE_FILE, load_run_recipe  # noqa: PLC0415
+    from moe_tune.run_dir import MODEL_DIR  # noqa: PLC0415
     from moe_tune.vllm_adapter import write_vllm_adapter  # noqa: PLC0415
 
-    if not (run / RECIPE_FILE).is_file():
-        raise MoeTuneError(f"{run}: not a moe-tune run folder (no {RECIPE_FILE})")
+    recipe = _run_recipe(run)
     if engine is None:
         raise MoeTuneError("--adapter needs --for vllm (the engine whose layout to write)")
     adapter = run / MODEL_DIR
@@ -202,7 +213,7 @@ def export_adapter(run: Path, out: Path, engine: str | None, overwrite: bool) ->
         raise MoeTuneError(f"{run}: not a LoRA run (no {MODEL_DIR}/adapter_config.json); its weights serve as they "
                            "are: use --merged")
     check_replaceable(out, overwrite, lambda folder: (folder / "adapter_config.json").is_file(), "an adapter folder")
-    base = load_run_recipe(run).model.path
+    base = recipe.model.path
     with folder_in_place(out) as tmp:
         modules = write_vllm_adapter(adapter, build_meta_model(load_config(base)), tmp)
     rank = json.loads((out / "adapter_config.json").read_text())["r"]

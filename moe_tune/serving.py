@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from moe_tune.data import split_prompt
 from moe_tune.errors import MoeTuneError
 
 MIN_IDENTICAL = 0.95  # share of identical greedy answers below which an unquantized export is refused
@@ -98,7 +99,7 @@ class Agreement:
 
 
 def _question(row: dict) -> str:
-    return row["messages"][-2]["content"]
+    return split_prompt(row)[0][-1]["content"]
 
 
 def transformers_answers(checkpoint: Path, rows: list[dict], max_new_tokens: int, dtype: str) -> list[str]:
@@ -132,7 +133,7 @@ def vllm_answers(checkpoint: Path, rows: list[dict], max_new_tokens: int, dtype:
         request, answers = Path(tmp) / "request.json", Path(tmp) / "answers.json"
         request.write_text(json.dumps({"model": str(checkpoint.resolve()), "dtype": dtype,
                                        "max_new_tokens": max_new_tokens,
-                                       "conversations": [r["messages"][:-1] for r in rows]}))
+                                       "conversations": [split_prompt(r)[0] for r in rows]}))
         env = {**os.environ, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
         _run([str(python), str(VLLM_SCRIPT), str(request), str(answers)], "vLLM", env=env, cwd=tmp)
         return json.loads(answers.read_text())
@@ -183,7 +184,7 @@ def verify_llama_cpp(checkpoint: Path, gguf: Path, rows: list[dict], max_new_tok
     from moe_tune.loading import load_tokenizer  # noqa: PLC0415
 
     tokenizer = load_tokenizer(str(checkpoint))
-    prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    prompts = [tokenizer.apply_chat_template(split_prompt(r)[0], tokenize=False, add_generation_prompt=True)
                for r in rows]
     special = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
     return Agreement("llama.cpp", [_question(r) for r in rows],

@@ -23,19 +23,30 @@ from pathlib import Path
 
 import torch
 
+from moe_tune.arch import describe
 from moe_tune.errors import MoeTuneError
 
 PREFIX = "base_model.model."
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # model types whose vLLM class loads PEFT's fused-expert layout as it is (vLLM 0.32: is_3d_moe_weight)
 FUSED_LORA_FAMILIES = ("gpt_oss", "qwen3_5_moe", "qwen3_vl_moe", "qwen3_omni_moe")
+# the parts (arch.PARTS) whose nn.Linear projections vLLM's LoRA adapts under the checkpoint's names
+SERVED_PARTS = ("attention", "shared_experts", "dense_mlp")
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
+LORA_KEY = re.compile(re.escape(PREFIX) + r"(.+)\.lora_([AB])\.weight")
 
 
 def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module path (without PEFT's prefix) -> (lora_A, lora_B)."""
-    modules = {key.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for key in tensors if ".lora_" in key}
-    return {m: (tensors[f"{PREFIX}{m}.lora_A.weight"], tensors[f"{PREFIX}{m}.lora_B.weight"]) for m in sorted(modules)}
+    """module path (without PEFT's prefix) -> (lora_A, lora_B); anything else PEFT saved (LoRA on
+    embeddings, biases, weights trained in full) is refused."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        found = LORA_KEY.fullmatch(key)
+        if found is None:
+            raise MoeTuneError(f"--for vllm: the adapter holds {key}, which vLLM's LoRA does not load; serve "
+                               "`export --merged`")
+        factors.setdefault(found.group(1), {})[found.group(2)] = tensor
+    return {m: (f["A"], f["B"]) for m, f in sorted(factors.items())}
 
 
 def _fused_pairs(pairs, target: str, shape: torch.Size):
@@ -49,6 +60,19 @@ def _fused_pairs(pairs, target: str, shape: torch.Size):
     if len(found) != 1:
         raise MoeTuneError(f"--for vllm: cannot tell which LoRA factors adapt {target} (shape {tuple(shape)})")
     return found[0]
+
+
+def _adapted_parameters(entries: list[str], params: dict) -> list[str]:
+    """The parameter names ``target_parameters`` entries match, as PEFT matches them: the whole
+    name or its ending after a dot (PEFT also moves a target_modules entry such as ``down_proj``
+    there when only a parameter has that name)."""
+    names = []
+    for entry in entries:
+        matched = [n for n in params if n == entry or n.endswith("." + entry)]
+        if not matched:
+            raise MoeTuneError(f"--for vllm: {entry} (adapter_config.json target_parameters) is not in the model")
+        names += [n for n in matched if n not in names]
+    return names
 
 
 def vllm_layout(adapter_dir: Path, model) -> tuple[dict[str, torch.Tensor], dict]:
@@ -72,9 +96,7 @@ def vllm_layout(adapter_dir: Path, model) -> tuple[dict[str, torch.Tensor], dict
     params = dict(model.named_parameters())
     out_tensors: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for target in config.get("target_parameters") or []:
-        if target not in params:
-            raise MoeTuneError(f"--for vllm: {target} (adapter_config.json target_parameters) is not in the model")
+    for target in _adapted_parameters(config.get("target_parameters") or [], params):
         module, a, b = _fused_pairs(pairs, target, params[target].shape)
         used.add(module)
         experts, rank = params[target].shape[0], a.shape[0] // params[target].shape[0]
@@ -88,12 +110,15 @@ def vllm_layout(adapter_dir: Path, model) -> tuple[dict[str, torch.Tensor], dict
             path = name.removesuffix(".weight")
             out_tensors[f"{PREFIX}{path}.lora_A.weight"] = a3[int(index.group(1))].clone()
             out_tensors[f"{PREFIX}{path}.lora_B.weight"] = piece.contiguous()
+    arch = describe(model)
+    served = {name.rsplit(".", 1)[0] for part in SERVED_PARTS for name in arch.params_in(part)}
     for module, (a, b) in pairs.items():
         if module in used:
             continue
-        if ".self_attn." not in module:
-            raise MoeTuneError(f"--for vllm: the adapter adapts {module}; vLLM's LoRA serves attention and expert "
-                               "projections only; serve `export --merged`")
+        if module not in served:
+            raise MoeTuneError(f"--for vllm: the adapter adapts {module} ({arch.parts.get(module + '.weight')}); "
+                               f"vLLM's LoRA serves the {', '.join(SERVED_PARTS)} and routed experts' projections "
+                               "only; serve `export --merged`")
         (name,) = revert_weight_conversion(model, {module + ".weight": torch.empty(0)})
         out_tensors[f"{PREFIX}{name.removesuffix('.weight')}.lora_A.weight"] = a
         out_tensors[f"{PREFIX}{name.removesuffix('.weight')}.lora_B.weight"] = b

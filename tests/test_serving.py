@@ -134,9 +134,11 @@ def test_the_shipped_tokenizer_is_declared_as_gpt2(tmp_path):
     assert declared_family(tmp_path) is None
 
 
-@pytest.mark.parametrize("variable, option", [("MOE_TUNE_SERVE_ENV", ["--merged", "out", "--verify", "vllm"]),
-                                              ("MOE_TUNE_LLAMA_CPP", ["--gguf", "out.gguf"])])
-def test_a_missing_engine_is_one_line_before_anything_loads(variable, option, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("variable, option, expected", [
+    ("MOE_TUNE_SERVE_ENV", ["--merged", "out", "--verify", "vllm"], "vLLM's environment is missing"),
+    ("MOE_TUNE_LLAMA_CPP", ["--gguf", "out.gguf"], "llama.cpp is not built")])
+def test_a_missing_engine_is_one_line_before_anything_loads(variable, option, expected, tmp_path, monkeypatch,
+                                                            capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "recipe.yaml").write_text((ROOT / "recipes" / "quickstart.yaml").read_text())
@@ -144,7 +146,8 @@ def test_a_missing_engine_is_one_line_before_anything_loads(variable, option, tm
     monkeypatch.chdir(tmp_path)
     assert main(["export", str(run), *option]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and ("make serving-env" in err or "make llama-cpp" in err), err
+    make = "make serving-env" if variable == "MOE_TUNE_SERVE_ENV" else "make llama-cpp"
+    assert len(err.splitlines()) == 1 and expected in err and make in err, err
     assert not (tmp_path / option[1]).exists()
 
 

@@ -9,7 +9,7 @@ path needs triton): ``test_vllm_serves_the_converted_adapter`` is a GPU test.
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
@@ -33,14 +33,15 @@ def _adapter(base, folder):
     """A PEFT adapter on the fused experts and two attention projections, with random factors
     (PEFT starts B at zero, which would make every conversion look right)."""
     experts = [name for name, p in base.named_parameters() if p.dim() == 3]
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+    # down_proj: the shared experts' and dense layers' projections where a family has them
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
                         target_parameters=experts, init_lora_weights=False)
     model = get_peft_model(base, config).eval()
     model.save_pretrained(folder)
     return model
 
 
-def _served_by_the_converted_adapter(base_folder, model_type, tensors, config, dest):
+def _served_by_the_converted_adapter(model_type, tensors, config, dest):
     """The base checkpoint, in its per-expert layout, with each converted module's delta added."""
     fresh = _base(model_type)
     weights = {k: v.clone() for k, v in revert_weight_conversion(fresh, fresh.state_dict()).items()}
@@ -60,10 +61,10 @@ def test_converted_adapter_gives_the_peft_logits(model_type, tmp_path):
     meta = _base(model_type)
     tensors, config = vllm_layout(tmp_path / "adapter", meta)
     (tmp_path / "served").mkdir()
-    served, modules = _served_by_the_converted_adapter(tmp_path, model_type, tensors, config, tmp_path / "served")
-    experts = [p for p in meta.parameters() if p.dim() == 3]
-    layers = len(experts) // 2 if len(experts) % 2 == 0 else len(experts)
-    assert modules >= 2 * layers * experts[0].shape[0]  # one module per expert projection, attention besides
+    served, modules = _served_by_the_converted_adapter(model_type, tensors, config, tmp_path / "served")
+    fused = [p for p in meta.parameters() if p.dim() == 3]
+    per_expert = {key.rsplit(".lora_", 1)[0] for key in tensors if ".experts." in key and "lora_A" in key}
+    assert len(per_expert) >= len(fused) * fused[0].shape[0]  # each fused tensor: a module per expert, at least
     ids = torch.randint(3, meta.config.get_text_config().vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = peft_model(input_ids=ids).logits, served(input_ids=ids).logits
@@ -79,12 +80,21 @@ def test_the_command_writes_the_converted_adapter(tmp_path, capsys):
     out = tmp_path / "vllm-adapter"
     assert main(["export", str(run), "--adapter", str(out), "--for", "vllm"]) == 0
     assert "96 LoRA modules in vLLM's per-expert layout" in capsys.readouterr().out  # 4 layers x 8 experts x w1/w2/w3
-    adapter = PeftModel.from_pretrained(_base("shipped"), run / "model").eval()
     tensors, config = vllm_layout(run / "model", _base("shipped"))
     assert "block_sparse_moe.experts.7.w3" in " ".join(tensors)  # the checkpoint's own per-expert names
     assert sorted(config["target_modules"]) == ["w1", "w2", "w3"] and not config["target_parameters"]
     assert main(["export", str(run), "--adapter", str(out), "--for", "vllm"]) == 2  # never replaced silently
-    del adapter
+
+
+@pytest.mark.parametrize("model_type, module, expected", [
+    ("shipped", "embed_tokens", r"holds base_model\.model\.model\.embed_tokens\..*, which vLLM's LoRA does not load"),
+    ("phimoe", "router", r"adapts model\.layers\.0\.mlp\.router \(router\); vLLM's LoRA serves the attention, "
+                         r"shared_experts, dense_mlp and routed experts' projections only")])
+def test_an_adapter_on_what_vllm_does_not_adapt_is_refused(model_type, module, expected, tmp_path):
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", module])
+    get_peft_model(_base(model_type), config).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(MoeTuneError, match=expected):
+        vllm_layout(tmp_path / "adapter", _base(model_type))
 
 
 def test_families_vllm_reads_as_they_are_are_not_converted(tmp_path):
