@@ -37,6 +37,7 @@ _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "mlps")
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "moe_topk", "top_k_experts",
                "moe_k", "top_k")
+_GROUP_KEYS = ("n_group", "num_expert_group")  # group-limited routing: experts in equal groups
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,36 @@ def moe_shape(config) -> MoeShape | None:
     if not n or n < 2:
         return None
     return MoeShape(num_experts=n, top_k=_first_int(text, _TOP_K_KEYS) or 1)
+
+
+def _moe_configs(config) -> list:
+    """The config objects that hold the MoE settings: the text config, and dbrx's nested ffn_config."""
+    text = text_config(config)
+    ffn = getattr(text, "ffn_config", None)
+    return [text] + ([ffn] if ffn is not None and _first_int(ffn, _EXPERT_COUNT_KEYS) else [])
+
+
+def expert_groups(config) -> int:
+    """How many equal groups the routed experts form for group-limited routing (DeepSeek-V3's
+    n_group); 1 without it."""
+    return max([1, *(v for c in _moe_configs(config) for k in _GROUP_KEYS
+                     if isinstance(v := getattr(c, k, None), int))])
+
+
+def set_expert_count(config, num_experts: int) -> None:
+    """Declare ``num_experts`` routed experts per MoE layer in ``config`` (every key the family
+    uses for the count), with top-k capped at it."""
+    for cfg in _moe_configs(config):
+        old = _first_int(cfg, _EXPERT_COUNT_KEYS)
+        if old is None:  # dbrx's outer config: its count is in ffn_config
+            continue
+        for key in _EXPERT_COUNT_KEYS:
+            if getattr(cfg, key, None) == old:
+                setattr(cfg, key, num_experts)
+        for key in _TOP_K_KEYS:
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > num_experts:
+                setattr(cfg, key, num_experts)
 
 
 def require_moe(config, where: str) -> MoeShape:

@@ -163,6 +163,14 @@ def cmd_export(args) -> None:
                       min_identical=args.min_identical, check_rows=args.check_rows, overwrite=args.overwrite)
 
 
+def cmd_prune(args) -> None:
+    from moe_tune.prune import run_prune  # noqa: PLC0415
+
+    run_prune(Path(args.model), args.keep, args.data, Path(args.out), by=args.by, rows=args.rows,
+              keep_layer=args.keep_layer or [], eval_data=args.eval_data, retention=args.retention,
+              no_base=args.no_base, overwrite=args.overwrite, dtype=args.dtype)
+
+
 def cmd_inspect(args) -> None:
     import json  # noqa: PLC0415
 
@@ -297,6 +305,30 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--check-rows", type=int, default=8, help="sample rows for the logits/routing check")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing export at the destination")
     exp.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("prune", parents=[common],
+                        help="remove the experts a task uses least: a smaller standard checkpoint, evaluated beside the source")
+    pr.add_argument("model", help="a run folder (its tuned model, LoRA merged) or a model folder")
+    pr.add_argument("--keep", required=True, help="experts each MoE layer keeps: a fraction (0.5) or a count (6); "
+                                                  "at least top-k")
+    pr.add_argument("--data", required=True, help="the task's rows (chat, Alpaca, ShareGPT, ...) the experts are scored on")
+    pr.add_argument("--out", required=True, help="folder for the pruned checkpoint, pruning.json and eval/")
+    pr.add_argument("--by", default="reap", type=_one_of("moe_tune.prune", "SCORES"),
+                    help="reap: router-weighted norm of each expert's output (default); frequency: share of top-k "
+                         "slots; gate: mean router probability")
+    pr.add_argument("--keep-layer", action="append", metavar="LAYER=KEEP",
+                    help="another --keep for one layer (its number or block name); every layer must still keep "
+                         "the same count, which is all a transformers config can declare")
+    pr.add_argument("--rows", type=int, default=512, help="rows of --data scored (default 512)")
+    pr.add_argument("--eval-data", action="append", help="held-out rows to evaluate base and pruned on; repeat for "
+                                                         "several (default: a run's eval.files, else --data)")
+    pr.add_argument("--retention", help="plain text, one passage per line: loss on it shows forgetting "
+                                        "(default: a run's eval.retention_file)")
+    pr.add_argument("--no-base", action="store_true", help="evaluate only the pruned model")
+    pr.add_argument("--overwrite", action="store_true", help="replace a folder moe-tune pruned before")
+    pr.add_argument("--dtype", type=_one_of("moe_tune.loading", "DTYPES"),
+                    help="dtype the weights are loaded in (default: a run's, else float32)")
+    pr.set_defaults(func=cmd_prune)
 
     ins = sub.add_parser("inspect", parents=[common], help="experts, parameters per part, active parameters, memory estimates")
     ins.add_argument("model", help="a checkpoint or config folder, a recipe, or a hub id (online only)")

@@ -12,6 +12,8 @@ unselected experts stay bit-identical.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 from pathlib import Path
 
@@ -26,21 +28,105 @@ from moe_tune.run_dir import write_json
 from moe_tune.trainable import base_name
 
 
-def score_experts(model: nn.Module, arch: MoeArch, tokenizer, rows: list[dict], method: str,
-                  batch_size: int = 32) -> dict[str, list[float]]:
-    """Per MoE layer, each expert's share of the routing on ``rows`` (shares sum to 1)."""
+class _ExpertOutputs:
+    """REAP's per-expert statistic, gathered where routing meets the experts: a forward
+    pre-hook on each MoE block's experts module sees the tokens (tokens, H), the chosen experts
+    (tokens, k) and the weights the block applies to them (tokens, k), after any top-k
+    renormalisation or scaling. Each expert's own output f_j(x) is the experts module run on
+    the tokens routed to j alone, with weight 1: the family's own expert computation."""
+
+    def __init__(self, model: nn.Module, arch: MoeArch):
+        self.experts = {layer.block: expert_module(model, layer) for layer in arch.layers}
+        self.sums = {layer.block: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in arch.layers}
+        self.counts = {layer.block: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in arch.layers}
+        self.keep: torch.Tensor | None = None  # (tokens,) bool: the batch's real tokens
+        self._inside, self._handles = False, []
+
+    def _hook(self, block: str):
+        def hook(module, args):
+            if self._inside:  # our own per-expert calls below
+                return
+            hidden, index, weight = args[0], args[1], args[2]
+            hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, H)
+            index, weight = index.reshape(hidden.shape[0], -1), weight.reshape(hidden.shape[0], -1)  # (tokens, k)
+            if self.keep is not None and self.keep.numel() == hidden.shape[0]:
+                keep = self.keep.to(hidden.device)
+                hidden, index, weight = hidden[keep], index[keep], weight[keep]
+            self._inside = True
+            try:
+                for expert in index.unique().tolist():
+                    token, slot = (index == expert).nonzero(as_tuple=True)  # (n,) each
+                    n = token.numel()
+                    ones = torch.ones(n, 1, dtype=weight.dtype, device=weight.device)
+                    out = module(hidden[token], torch.full((n, 1), expert, dtype=index.dtype, device=index.device), ones)  # (n, H)
+                    self.sums[block][expert] += float((weight[token, slot].double() * out.double().norm(dim=-1)).sum())
+                    self.counts[block][expert] += n
+            finally:
+                self._inside = False
+        return hook
+
+    def __enter__(self):
+        self._handles = [m.register_forward_pre_hook(self._hook(b)) for b, m in self.experts.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """(E,) per layer: mean over the tokens routed to each expert of g_j(x) * ||f_j(x)||; 0
+        for an expert no token reached."""
+        return {b: (self.sums[b] / self.counts[b].clamp_min(1)).float() for b in self.sums}
+
+
+def expert_module(model: nn.Module, layer) -> nn.Module:
+    """The experts module of ``layer``, where it takes (tokens, top-k experts, their weights)
+    as transformers' experts interface does; REAP needs to run one expert at a time through it."""
+    module = getattr(model.get_submodule(layer.block), "experts", None)
+    params = list(inspect.signature(module.forward).parameters) if module is not None else []
+    if len(params) < 3:
+        raise MoeTuneError(f"{layer.block}: its experts do not take (tokens, expert ids, weights) "
+                           "as transformers' experts interface does, so each expert's output cannot be "
+                           "measured alone; score by frequency or gate instead")
+    return module
+
+
+def expert_scores(model: nn.Module, arch: MoeArch, tokenizer, rows: list[dict], method: str,
+                  batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Per MoE layer, (E,) scores of its experts on ``rows`` (teacher-forced, padding excluded):
+
+    - gate: the router's probability for the expert, averaged over tokens;
+    - token: the share of the top-k slots that go to the expert (sums to 1);
+    - reap: REAP (Lasby et al. 2025), the router-weighted norm of the expert's output,
+      averaged over the tokens routed to it: mean over x in X_j of g_j(x) * ||f_j(x)||_2."""
     from moe_tune.evaluate import inference_mode  # noqa: PLC0415
 
     totals = {layer.block: torch.zeros(layer.num_experts) for layer in arch.layers}
-    with inference_mode(model), RouterTap(model, arch) as tap:
+    outputs = _ExpertOutputs(model, arch) if method == "reap" else None
+    tokens = 0
+    with inference_mode(model), RouterTap(model, arch) as tap, outputs or contextlib.nullcontext():
         for _, enc in chat_batches(tokenizer, rows, batch_size):
+            if outputs is not None:
+                outputs.keep = enc["attention_mask"].reshape(-1).bool()
             model(**on_device(model, enc))
+            tokens += int(enc["attention_mask"].sum())
             for block, routing in tap.take(enc["attention_mask"]).items():
                 if method == "gate":
                     totals[block] += routing.probs.sum(0)  # (E,)
-                else:  # token-selection ratio
+                else:  # token-selection counts
                     totals[block] += torch.bincount(routing.topk.reshape(-1), minlength=len(totals[block])).float()
-    return {block: (t / t.sum()).tolist() for block, t in totals.items()}
+    if outputs is not None:
+        return outputs.scores()
+    if method == "gate":
+        return {block: t / max(tokens, 1) for block, t in totals.items()}
+    return {block: t / t.sum().clamp_min(1) for block, t in totals.items()}
+
+
+def score_experts(model: nn.Module, arch: MoeArch, tokenizer, rows: list[dict], method: str,
+                  batch_size: int = 32) -> dict[str, list[float]]:
+    """Per MoE layer, each expert's share of the routing on ``rows`` (shares sum to 1)."""
+    scores = expert_scores(model, arch, tokenizer, rows, method, batch_size)
+    return {block: (t / t.sum()).tolist() for block, t in scores.items()}
 
 
 def select_top_p(shares: dict[str, list[float]], top_p: float) -> dict[str, list[int]]:

@@ -154,6 +154,10 @@ class RouterSection(Section):
     """ST-MoE router z-loss weight (1e-3 in the paper)."""
     anchor_kl_coef: float = Field(default=0.0, ge=0)
     """Weight of KL(base routing || current routing) on the same hidden states."""
+    bias_balance_rate: float = Field(default=0.0, ge=0)
+    """Aux-loss-free balancing (DeepSeek-V3): after every optimizer step, each expert's selection
+    bias moves by this times sign(mean load - its load). For families with a score-correction
+    bias (DeepSeek-V3, GLM-4-MoE, ...); 1e-3 in DeepSeek-V3."""
 
 
 class ExpertsSection(Section):

@@ -154,9 +154,11 @@ def routing_archs(models: dict[str, object], known: dict[str, MoeArch | None]) -
 
 
 def routing_summaries(rows: list[dict], tokenizer, models: dict[str, object], archs: dict[str, MoeArch | None],
-                      base_label: str | None) -> dict:
+                      base_label: str | None, expert_ids: dict[str, dict[str, list[int]]] | None = None) -> dict:
     """Routing analytics per model on ``rows``, with drift from ``base_label``'s model; a model
-    whose routers cannot be read is left out with a note."""
+    whose routers cannot be read is left out with a note. ``expert_ids``: for a pruned model,
+    per layer the ids its experts had in the model it was pruned from (its statistics are told
+    in those ids, so that drift compares the same experts)."""
     profiles = {}
     for label, model in models.items():
         if archs[label] is None:
@@ -164,17 +166,23 @@ def routing_summaries(rows: list[dict], tokenizer, models: dict[str, object], ar
                   "(merge them with moe-tune export first)")
             continue
         profiles[label] = routing_stats.profile(unwrapped(model), archs[label], tokenizer, rows)
+        if expert_ids and label in expert_ids:
+            sizes = {layer.block: layer.num_experts for layer in archs[base_label].layers} \
+                if base_label in archs and archs[base_label] is not None else None
+            profiles[label] = routing_stats.in_original_ids(profiles[label], expert_ids[label], sizes)
     base = profiles.get(base_label) if base_label else None
     return {label: routing_stats.summarize(p, None if label == base_label else base) for label, p in profiles.items()}
 
 
 def evaluate_files(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned",
-                   arch: MoeArch | None = None) -> dict[str, dict]:
+                   arch: MoeArch | None = None, expert_ids: dict[str, dict[str, list[int]]] | None = None
+                   ) -> dict[str, dict]:
     """Score ``tuned`` (and ``base`` on the same prompts) on every ``cfg.files`` file and on
     ``cfg.retention_file`` and analyse routing; write each file's results and the report's data
     (report.json, without plots) to ``out_dir``. ``cfg`` is an EvalSection (files, max_rows,
     batch_size, max_new_tokens, retention_file); ``arch``, ``tuned``'s architecture where the
-    caller has it already. Returns the report's data: data file -> results, routing, retention."""
+    caller has it already; ``expert_ids``, see ``routing_summaries``. Returns the report's data:
+    data file -> results, routing, retention."""
     models = {"base": base, label: tuned} if base is not None else {label: tuned}
     models = {name: on_accelerator(m) for name, m in models.items()}
     archs = routing_archs(models, {label: arch})
@@ -184,7 +192,7 @@ def evaluate_files(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str =
         results = {name: evaluate(m, tokenizer, rows, cfg.batch_size, cfg.max_new_tokens) for name, m in models.items()}
         save_results(out_dir / f"{Path(path).stem}.json", path, results)
         print(f"\nHeld-out evaluation of {path}:\n{format_table(results)}")
-        routing = routing_summaries(rows, tokenizer, models, archs, "base" if base is not None else None)
+        routing = routing_summaries(rows, tokenizer, models, archs, "base" if base is not None else None, expert_ids)
         if routing:
             report[path] = {"results": results, "routing": routing}
     if cfg.retention_file:
@@ -201,11 +209,11 @@ def evaluate_files(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str =
 
 
 def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned",
-                        arch: MoeArch | None = None) -> bool:
+                        arch: MoeArch | None = None, expert_ids: dict[str, dict[str, list[int]]] | None = None) -> bool:
     """``evaluate_files``, then the report and its plots in ``out_dir``; False when no model's
     routing could be read, and so there is no report."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = evaluate_files(tuned, tokenizer, cfg, out_dir, base, label, arch)
+    report = evaluate_files(tuned, tokenizer, cfg, out_dir, base, label, arch, expert_ids)
     if report:
         write_report(out_dir, report)
     return bool(report)

@@ -29,6 +29,7 @@ class RoutingProfile:
     entropy: dict[str, float]                     # layer -> mean router entropy (nats)
     top1: dict[str, torch.Tensor]                 # layer -> (tokens,) top-1 expert, in row order
     task_load: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # task -> layer -> (E,)
+    removed: dict[str, list[int]] = field(default_factory=dict)  # layer -> experts pruned away (no load)
 
 
 def profile(model, arch: MoeArch, tokenizer, rows: list[dict], batch_size: int = 32) -> RoutingProfile:
@@ -65,6 +66,25 @@ def profile(model, arch: MoeArch, tokenizer, rows: list[dict], batch_size: int =
     )
 
 
+def in_original_ids(prof: RoutingProfile, ids: dict[str, list[int]],
+                    sizes: dict[str, int] | None = None) -> RoutingProfile:
+    """A pruned model's profile told in the expert ids of the model it was pruned from
+    (``ids[layer]``: the original id of each kept expert; ``sizes[layer]``: the original expert
+    count, where known): removed experts have no load."""
+    def widen(block: str, load: torch.Tensor) -> torch.Tensor:  # (K,) -> (E,)
+        out = torch.zeros(sizes[block] if sizes else max(ids[block]) + 1)
+        out[ids[block]] = load
+        return out
+
+    return RoutingProfile(
+        load={b: widen(b, v) for b, v in prof.load.items()},
+        entropy=prof.entropy,
+        top1={b: torch.tensor(ids[b])[t] for b, t in prof.top1.items()},  # (tokens,) original ids
+        task_load={task: {b: widen(b, v) for b, v in layers.items()} for task, layers in prof.task_load.items()},
+        removed={b: sorted(set(range(len(widen(b, v)))) - set(ids[b])) for b, v in prof.load.items()},
+    )
+
+
 def imbalance(load: torch.Tensor) -> dict[str, float]:
     """Coefficient of variation and max/mean of a (E,) load vector."""
     mean = load.mean()
@@ -86,9 +106,14 @@ def summarize(prof: RoutingProfile, base: RoutingProfile | None = None) -> dict:
     """Per layer statistics (JSON-ready), with drift when the base profile is given."""
     layers = {}
     for block, load in prof.load.items():
-        stats = {"load": [round(x, 6) for x in load.tolist()], **imbalance(load),
+        removed = prof.removed.get(block, [])
+        present = torch.ones(len(load), dtype=torch.bool)
+        present[removed] = False  # balance is over the experts the model has
+        stats = {"load": [round(x, 6) for x in load.tolist()], **imbalance(load[present]),
                  "entropy": prof.entropy[block],
-                 "never_selected": [e for e, x in enumerate(load.tolist()) if x == 0]}
+                 "never_selected": [e for e, x in enumerate(load.tolist()) if x == 0 and e not in removed]}
+        if removed:
+            stats["removed"] = removed
         if base is not None:
             stats["js_from_base"] = js_divergence(load, base.load[block])
             stats["top1_changed"] = float((prof.top1[block] != base.top1[block]).float().mean())

@@ -36,6 +36,7 @@ from trl import SFTConfig
 from moe_tune import chat_template, distributed, fast_experts
 from moe_tune.accounting import expert_intermediate
 from moe_tune.arch import MoeArch, describe, require_moe, text_config
+from moe_tune.bias_balance import BiasBalancer, check_bias_balance
 from moe_tune.data import check_lengths, read_chat_rows
 from moe_tune.errors import Interrupted, MoeTuneError
 from moe_tune.expert_dropout import ExpertDropout
@@ -90,6 +91,8 @@ def plan_run(recipe: Recipe) -> RunSetup:
     plan = make_plan(meta, arch, modes, quantized=recipe.model.bits is not None, new_tokens=list(added.values()))
     check_selection(recipe, plan)
     check_router(recipe.router, modes["router"])
+    check_bias_balance(recipe.router, arch, modes, bool(plan.lora_targets),
+                       dict(meta.named_parameters()) | dict(meta.named_buffers()))
     check_parts_exist(recipe.trainable.overrides(), arch)
     cfg = recipe.trainable.selection()
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
@@ -163,14 +166,15 @@ def set_experts_implementation(recipe: Recipe, model) -> None:
         model.set_experts_implementation(name)
 
 
-def attach_regularizers(setup: RunSetup, model, arch: MoeArch) -> RouterRegularizer:
-    """Router terms and expert dropout, hooked onto the model before any LoRA wrapping."""
+def attach_regularizers(setup: RunSetup, model, arch: MoeArch) -> tuple[RouterRegularizer, BiasBalancer | None]:
+    """Router terms, expert dropout and bias balancing, hooked onto the model before any LoRA wrapping."""
     recipe = setup.recipe
     experts = recipe.experts
     if experts.dropout or experts.drop_expert_prob:
         ExpertDropout(model, arch, experts.dropout, experts.shared_dropout, experts.drop_expert_prob).attach()
     coef = coefficients(recipe.router, model.config, setup.plan.modes["router"])
-    return RouterRegularizer(model, arch, coef["aux_loss"], coef["z_loss"], coef["router_kl"])
+    balancer = BiasBalancer(model, arch, recipe.router.bias_balance_rate) if recipe.router.bias_balance_rate else None
+    return RouterRegularizer(model, arch, coef["aux_loss"], coef["z_loss"], coef["router_kl"]), balancer
 
 
 def make_trainable(setup: RunSetup, model, arch: MoeArch, tokenizer):
@@ -202,9 +206,12 @@ def trainer_for(setup: RunSetup, model, tokenizer) -> tuple[MoeSFTTrainer, MoeAr
     set_experts_implementation(setup.recipe, model)
     arch = describe(model)
     distributed.register_moe_leaf_modules(model, arch)
-    regularizer = attach_regularizers(setup, model, arch)  # the anchor is the base routing, also on resume
+    # the anchor is the base routing, also on resume
+    regularizer, balancer = attach_regularizers(setup, model, arch)
     model = make_trainable(setup, model, arch, tokenizer)
-    return build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, regularizer,
+    if balancer is not None:
+        balancer.freeze()  # the plan may have made the router's tensors trainable
+    return build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, regularizer, balancer=balancer,
                          no_decay=list(setup.plan.token_rows) if not setup.plan.lora_targets else []), arch
 
 

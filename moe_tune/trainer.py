@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from moe_tune import chat_template, distributed, routing, routing_stats
+from moe_tune.bias_balance import BalanceBiases, BiasBalancer
 from moe_tune.data import messages_dataset, read_chat_rows, read_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.router_losses import RouterRegularizer
@@ -183,9 +184,13 @@ class MoeSFTTrainer(SFTTrainer):
     routing summary after each evaluation."""
 
     def __init__(self, *args, regularizer: RouterRegularizer | None = None,
-                 routing_probe: RoutingProbe | None = None, no_decay: list[str] = (), **kwargs):
+                 routing_probe: RoutingProbe | None = None, no_decay: list[str] = (),
+                 balancer: BiasBalancer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer
+        self.balancer = balancer  # aux-loss-free balancing: counts choices here, moves biases per step
+        if balancer is not None:
+            self.add_callback(BalanceBiases(balancer))
         self.routing_probe = routing_probe
         self.no_decay = set(no_decay)  # weights trained on some rows only (trainable.train_rows_only)
         # cross-entropy and router terms per micro-batch since the last log, by mode; averaged into the next log
@@ -202,6 +207,8 @@ class MoeSFTTrainer(SFTTrainer):
         prefix = "eval_" if mode == "eval" else ""
         logs.update({f"{prefix}{name}": sum(v) / len(v) for name, v in self.router_terms[mode].items()})
         self.router_terms[mode].clear()
+        if self.balancer is not None and mode == "train":
+            logs["routing/bias_abs_max"] = self.balancer.bias_abs_max()
         super().log(logs, start_time)
 
     def evaluate(self, *args, **kwargs):
@@ -224,6 +231,8 @@ class MoeSFTTrainer(SFTTrainer):
         with reg or contextlib.nullcontext():
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
+        if self.balancer is not None and mode == "train":
+            self.balancer.take(inputs.get("attention_mask"))
         # With token-count normalisation Trainer sums a step's micro-batch losses (each is a share of
         # the step's tokens) and leaves accumulation to the loss: scaled by the accumulation steps,
         # the mean over micro-batches is the per-step value Trainer logs as ``loss``; the router
@@ -315,9 +324,11 @@ def fsdp_dropped(args: SFTConfig, trainer: SFTTrainer) -> bool:
 
 
 def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch,
-                  regularizer: RouterRegularizer | None = None, no_decay: list[str] = ()) -> MoeSFTTrainer:
+                  regularizer: RouterRegularizer | None = None, no_decay: list[str] = (),
+                  balancer: BiasBalancer | None = None) -> MoeSFTTrainer:
     """The trainer of the run in ``recipe.output_dir``, for a model made trainable already;
-    ``no_decay``: weights trained on some rows only, kept out of weight decay."""
+    ``no_decay``: weights trained on some rows only, kept out of weight decay; ``balancer``:
+    aux-loss-free balancing (router.bias_balance_rate)."""
     run = Path(recipe.output_dir)
     train, valid = load_data(recipe, run, tokenizer if args.assistant_only_loss else None)
     if "tensorboard" in (args.report_to or []):
@@ -326,7 +337,7 @@ def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch,
         args = copy.copy(args)
         args.assistant_only_loss = False
     trainer = MoeSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
-                            processing_class=tokenizer, regularizer=regularizer, no_decay=no_decay,
+                            processing_class=tokenizer, regularizer=regularizer, no_decay=no_decay, balancer=balancer,
                             routing_probe=routing_probe(recipe, model, arch, tokenizer),
                             callbacks=[MetricsLog(run / METRICS_FILE), GradientGuard()])
     if fsdp_dropped(args, trainer) and distributed.is_main():

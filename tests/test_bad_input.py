@@ -106,6 +106,10 @@ def train(files, *args):
     return ["train", QUICKSTART, f"output_dir={files['out']}", *args]
 
 
+def prune(files, *args, model=str(SHIPPED_MODEL), data=str(TRAIN), out=None):
+    return ["prune", model, "--data", data, "--out", out or files["out"], *args]
+
+
 # (case, argv from the files fixture, what the one line must say)
 CASES = [
     # recipe files
@@ -228,6 +232,17 @@ CASES = [
      "'sft.chat_template_path' is set by the recipe key 'model.chat_template'"),
     ("data_ends_with_a_user_turn", lambda f: train(f, f"data.train={f['ends_with_user']}"),
      "endsuser.jsonl:1: the last message must be the assistant's answer"),
+    # moe-tune prune
+    ("prune_keep_zero", lambda f: prune(f, "--keep", "0"), "--keep 0: give a fraction in (0, 1]"),
+    ("prune_keep_above_one", lambda f: prune(f, "--keep", "1.5"), "--keep 1.5: give a fraction in (0, 1]"),
+    ("prune_keep_below_top_k", lambda f: prune(f, "--keep", "1"), "fewer than the 2 each token is routed to"),
+    ("prune_data_without_rows", lambda f: prune(f, "--keep", "0.5", data=f["empty_data"]), "empty.jsonl: no rows"),
+    ("prune_not_an_moe", lambda f: prune(f, "--keep", "0.5", model=f["dense"]), "not a Mixture-of-Experts"),
+    ("prune_out_exists", lambda f: prune(f, "--keep", "0.5", out=f["foreign_output"]), "already exists"),
+    ("prune_by_unknown", lambda f: prune(f, "--keep", "0.5", "--by", "norm"), "invalid choice: 'norm'"),
+    ("bias_balance_negative", lambda f: train(f, "router.bias_balance_rate=-1"), "router.bias_balance_rate"),
+    ("bias_balance_with_lora_router", lambda f: train(f, "router.bias_balance_rate=0.001", "trainable.router=lora"),
+     "router.bias_balance_rate: the router is LoRA-adapted"),
     ("template_raises_without_assistant_only_loss", lambda f: train(f, f"model.path={f['sharegpt_model']}",
                                                                     "sft.assistant_only_loss=false"),
      "train.jsonl row 1: the chat template cannot render it (Unknown role: user"),

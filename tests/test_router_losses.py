@@ -142,7 +142,7 @@ def test_all_terms_off_gives_trls_plain_loss(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
     model, tokenizer = load_model(str(SHIPPED_MODEL))
     setup, arch = plan_run(recipe), describe(model)
-    reg = attach_regularizers(setup, model, arch)
+    reg, _ = attach_regularizers(setup, model, arch)
     ours = build_trainer(recipe, setup.sft_args, model, tokenizer, arch, reg)
     ours.train()
     model, tokenizer = load_model(str(SHIPPED_MODEL))

@@ -1,0 +1,108 @@
+"""moe_tune/bias_balance.py: aux-loss-free load balancing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, tiny_checkpoint
+from families import tiny_config
+from moe_tune.arch import describe
+from moe_tune.bias_balance import BiasBalancer
+from moe_tune.routing_stats import imbalance
+
+
+def _unbalanced(family: str = "deepseek_v3"):
+    """A tiny model whose routers favour experts 0 and 1 for every token: their router rows
+    lean on the direction every router input shares."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(family)).train()
+    arch = describe(model)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for layer in arch.layers:
+            params[layer.router_weight][:2] += 0.5  # (E, H): rows 0, 1 larger along the all-ones direction
+    return model, arch
+
+
+def _batch(model, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (4, 16), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _load(balancer: BiasBalancer) -> torch.Tensor:
+    return torch.stack([c / c.sum() for c in balancer.counts.values()])  # (layers, E)
+
+
+def test_balancing_evens_out_a_deliberately_unbalanced_router():
+    model, arch = _unbalanced()
+    balancer = BiasBalancer(model, arch, rate=1e-3)
+    cvs = []
+    for step in range(300):
+        with torch.no_grad():
+            model(**_batch(model, step % 20))
+        balancer.take()
+        cvs.append(float(sum(imbalance(load)["cv"] for load in _load(balancer)) / len(arch.layers)))
+        balancer.step()
+    first, last = sum(cvs[:10]) / 10, sum(cvs[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    assert balancer.bias_abs_max() > 0
+    # the favoured experts were pushed down, in every layer
+    assert all(bias[:2].max() < bias[2:].min() for bias in balancer.bias.values())
+
+
+def test_the_loss_gradient_is_untouched_and_the_bias_gets_none():
+    grads = []
+    for balanced in (False, True):
+        model, arch = _unbalanced()
+        balancer = BiasBalancer(model, arch, rate=1e-2) if balanced else None
+        batch = _batch(model, 0)
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if balancer:
+            balancer.take(batch["attention_mask"])
+            assert all(not b.requires_grad and b.grad is None for b in balancer.bias.values())
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_a_run_balances_logs_and_saves_the_bias(tmp_path):
+    from moe_tune.cli import main
+    from safetensors.torch import load_file
+
+    model_dir = tiny_checkpoint("deepseek_v3", tmp_path / "model")
+    run = tmp_path / "run"
+    code = main(["train", str(ROOT / "recipes" / "quickstart.yaml"), f"model.path={model_dir}", f"output_dir={run}",
+                 "router.bias_balance_rate=0.01", "sft.max_steps=4", "sft.logging_steps=2", "sft.save_strategy=steps",
+                 "sft.save_steps=2", "sft.eval_strategy=no", "data.max_train_rows=64", "eval.files=[]",
+                 "eval.retention_file=null", "eval.compare_base=false"])
+    assert code == 0
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    bias_max = {m["step"]: m["routing/bias_abs_max"] for m in logged if "routing/bias_abs_max" in m}
+    assert sorted(bias_max) == [2, 4] and 0 < bias_max[4] <= 0.04 + 1e-6
+    saved = load_file(run / "model" / "model.safetensors")
+    biases = {k: v for k, v in saved.items() if k.endswith("e_score_correction_bias")}
+    assert len(biases) == 2  # the two MoE layers
+    assert max(float(v.abs().max()) for v in biases.values()) == pytest.approx(bias_max[4])
+    # steps of 0.01 each: every bias is a whole number of steps
+    assert all(torch.allclose(v * 100, (v * 100).round(), atol=1e-4) for v in biases.values())
+    # the checkpoint --resume continues from holds the bias of its step
+    ckpt = load_file(run / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert max(float(ckpt[k].abs().max()) for k in biases) == pytest.approx(bias_max[2])
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["router.bias_balance_rate=-0.1"], "router.bias_balance_rate"),
+    (["router.bias_balance_rate=0.001"], "mixtral routers have no selection"),
+    (["router.bias_balance_rate=0.001", "trainable.router=lora"], "the router is LoRA-adapted"),
+])
+def test_bias_balancing_refusals(overrides, expected, tmp_path, capsys):
+    from moe_tune.cli import main
+
+    code = main(["plan", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={tmp_path / 'r'}", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], err
