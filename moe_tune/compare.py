@@ -19,13 +19,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, PrivateAttr, ValidationError
+from typing import Literal
+
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from moe_tune.data import read_chat_rows
 from moe_tune.errors import MoeTuneError
+from moe_tune.prune import PRUNING_FILE, SCORES
 from moe_tune.recipe import explain_error, Section, load_recipe, read_yaml, with_absolute_paths
 from moe_tune.run_dir import (COMPARE_FILE, EVAL_DIR, METRICS_FILE, PLAN_FILE, REPORT_JSON, first_difference,
                               load_run_recipe, write_json)
+
+
+class PruneGrid(Section):
+    """Each trained run pruned several ways (``moe-tune prune``), scored beside the runs."""
+
+    keep: list[float] = Field(min_length=1)
+    """Fractions of each layer's experts to keep (1.0 is the trained run itself)."""
+    by: list[Literal[tuple(SCORES)]] = Field(min_length=1)
+    """Expert scores to prune by: frequency, gate, reap."""
+    rows: int = Field(default=512, gt=0)
+    """Training rows the experts are scored on."""
+
+    @field_validator("keep")
+    @classmethod
+    def _fractions(cls, keep: list[float]) -> list[float]:
+        if any(not 0 < k <= 1 for k in keep):
+            raise ValueError("keep: fractions in (0, 1]")
+        return keep
 
 
 class CompareSpec(Section):
@@ -43,6 +64,12 @@ class CompareSpec(Section):
     """Name -> dotted recipe overrides, e.g. freeze_router: {trainable.preset: freeze_router}."""
     group: str | None = None
     """Score the held-out rows of this ``group`` only (e.g. new_phrasing); unset: the whole file."""
+    prune: PruneGrid | None = None
+    """Prune every trained run each of these ways, as rows VARIANT-BY-KEEP of the table."""
+
+    def pruned(self) -> list[tuple[str, float]]:
+        """(score, fraction kept) of each pruning, the unpruned (1.0) left out: it is the run itself."""
+        return [(by, keep) for by in self.prune.by for keep in self.prune.keep if keep < 1] if self.prune else []
 
 
 def _as_overrides(values: dict[str, Any]) -> list[str]:
@@ -82,14 +109,14 @@ def check_spec(spec: CompareSpec) -> None:
                                    f"({scored[0] if scored else 'none'}) is in group '{spec.group}'")
 
 
-def _train(overrides: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak resident memory in GB) of one ``moe-tune train`` process."""
+def _run(command: str, args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak resident memory in GB) of one ``moe-tune COMMAND ARGS --overwrite`` process."""
     start = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "moe_tune.cli", "train", *overrides, "--overwrite"])
+    proc = subprocess.Popen([sys.executable, "-m", "moe_tune.cli", command, *args, "--overwrite"])
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise MoeTuneError(f"a run failed (exit {proc.returncode}): moe-tune train {' '.join(overrides)}")
+        raise MoeTuneError(f"a run failed (exit {proc.returncode}): moe-tune {command} {' '.join(args)}")
     return time.time() - start, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
@@ -102,30 +129,45 @@ def measure(run_dir: Path, wall_s: float, peak_gb: float, group: str | None = No
     """One finished run's numbers, from its files; held-out scores of ``group``'s rows only."""
     metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     # counted by the run itself, after any expert selection
-    trainable = json.loads((run_dir / PLAN_FILE).read_text())["trainable_params"]
-    out = {"wall_s": wall_s, "peak_mem_gb": peak_gb, "trainable_params": trainable,
+    plan = json.loads((run_dir / PLAN_FILE).read_text())
+    out = {"wall_s": wall_s, "peak_mem_gb": peak_gb, "trainable_params": plan["trainable_params"],
+           "params": plan["total_params"],
            # the last logged training loss, or the run's mean when no step was logged
            "train_loss": _last(metrics, "loss") or _last(metrics, "train_loss"),
            "valid_loss": _last(metrics, "eval_loss")}
-    report = json.loads((run_dir / EVAL_DIR / REPORT_JSON).read_text())
-    data_file, entry = next(iter(report.items()))
-    tuned = entry["results"]["tuned"]
-    scored = tuned["per_group"][group] if group is not None else tuned["overall"]
-    out.update(heldout_exact_match=scored["exact_match"], heldout_loss=scored["loss"],
-               # which rows those two are: the first eval file, one group of it or all of it
-               heldout_file=data_file, heldout_group=group, heldout_rows=scored["n"])
+    out.update(heldout(run_dir / EVAL_DIR, "tuned", group))
     out["gap"] = out["heldout_loss"] - out["train_loss"] if out["train_loss"] is not None else None
-    routing = entry["routing"].get("tuned", {}).get("mean_over_layers", {})
-    out.update(routing_drift=routing.get("js_from_base"), imbalance_cv=routing.get("cv"))
-    if "retention" in entry:
-        out["retention_loss"] = entry["retention"]["tuned"]["loss"]
     out["curve"] = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     out["eval_curve"] = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
     return out
 
 
+def measure_pruned(folder: Path, wall_s: float, peak_gb: float, group: str | None = None) -> dict:
+    """One pruned model's numbers (``moe-tune prune``'s pruning.json and eval/), as ``measure``'s."""
+    info = json.loads((folder / PRUNING_FILE).read_text())
+    return {"wall_s": wall_s, "peak_mem_gb": peak_gb, "params": info["params_after"],
+            "experts_kept": info["experts_kept"], **heldout(folder / EVAL_DIR, "pruned", group),
+            "curve": [], "eval_curve": []}
+
+
+def heldout(eval_dir: Path, label: str, group: str | None) -> dict:
+    """``label``'s held-out scores, routing and retention from an evaluation's report.json."""
+    report = json.loads((eval_dir / REPORT_JSON).read_text())
+    data_file, entry = next(iter(report.items()))
+    tuned = entry["results"][label]
+    scored = tuned["per_group"][group] if group is not None else tuned["overall"]
+    # which rows exact match and loss are: the first eval file, one group of it or all of it
+    out = {"heldout_exact_match": scored["exact_match"], "heldout_loss": scored["loss"],
+           "heldout_file": data_file, "heldout_group": group, "heldout_rows": scored["n"]}
+    routing = entry["routing"].get(label, {}).get("mean_over_layers", {})
+    out.update(routing_drift=routing.get("js_from_base"), imbalance_cv=routing.get("cv"))
+    if "retention" in entry:
+        out["retention_loss"] = entry["retention"][label]["loss"]
+    return out
+
+
 COLUMNS = ("heldout_exact_match", "heldout_loss", "train_loss", "gap", "retention_loss", "trainable_params",
-           "wall_s", "peak_mem_gb", "routing_drift", "imbalance_cv")
+           "params", "wall_s", "peak_mem_gb", "routing_drift", "imbalance_cv")
 
 
 def aggregate(runs: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -176,7 +218,7 @@ def write_outputs(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
         for variant, row in table.items():
             writer.writerow([variant, len(runs[variant])]
                             + [v for c in COLUMNS for v in row.get(c, ("", ""))])
-    fmt = {"heldout_exact_match": "{:.1%}", "trainable_params": "{:,.0f}", "wall_s": "{:.0f}"}
+    fmt = {"heldout_exact_match": "{:.1%}", "trainable_params": "{:,.0f}", "params": "{:,.0f}", "wall_s": "{:.0f}"}
     seeds = max(len(measured) for measured in runs.values())  # every variant runs every seed
     lines = [line for line in [heldout_line(runs)] if line]
     lines += [f"Mean ± standard deviation over {seeds} seeds." if seeds > 1 else "One seed per variant."]
@@ -245,6 +287,9 @@ def _plots(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
     fig.savefig(out / "loss_curves.png", dpi=110)
     plt.close(fig)
 
+    if any("experts_kept" in measured[0] for measured in runs.values()):
+        _pruning_plot(out, table, runs)
+
     drift = {v: row["routing_drift"] for v, row in table.items() if "routing_drift" in row}
     if drift:
         fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -254,6 +299,35 @@ def _plots(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
         fig.tight_layout()
         fig.savefig(out / "routing_drift.png", dpi=110)
         plt.close(fig)
+
+
+def _pruning_plot(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
+    """Held-out exact match and retention loss against the parameters kept, one line per trained
+    variant and score (``VARIANT-BY-KEEP`` rows), from the unpruned run leftwards."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    trained = [name for name, measured in runs.items() if "experts_kept" not in measured[0]]
+    for variant in trained:
+        scores = sorted({name[len(variant) + 1:].rsplit("-", 1)[0] for name in runs
+                         if name.startswith(f"{variant}-") and "experts_kept" in runs[name][0]})
+        for by in scores:
+            names = [variant] + [n for n in runs if n.startswith(f"{variant}-{by}-")]
+            points = sorted((table[n]["params"][0], table[n]) for n in names if "params" in table[n])
+            for ax, col, scale in ((axes[0], "heldout_exact_match", 100), (axes[1], "retention_loss", 1)):
+                kept = [(x, row[col]) for x, row in points if col in row]
+                if kept:
+                    ax.errorbar([x for x, _ in kept], [scale * m for _, (m, _) in kept],
+                                yerr=[scale * sd for _, (_, sd) in kept], marker="o", capsize=3,
+                                label=f"{variant}, {by}" if len(trained) > 1 else by)
+    axes[0].set_ylabel("held-out exact match (%)")
+    axes[1].set_ylabel("retention loss (lower is better)")
+    for ax in axes:
+        ax.set_xlabel("parameters")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "score_vs_params.png", dpi=110)
+    plt.close(fig)
 
 
 def check_reuse(spec: CompareSpec) -> None:
@@ -271,6 +345,25 @@ def check_reuse(spec: CompareSpec) -> None:
                 raise MoeTuneError(f"variant '{variant}' seed {seed}: {key} is {now!r} now but was {then!r} in the "
                                    f"finished run {run_dir}; pass --overwrite to run every variant again, or set "
                                    "output_dir to a new folder")
+
+
+def prune_run(spec: CompareSpec, run_dir: Path, by: str, keep: float, folder: Path, overwrite: bool) -> dict:
+    """A trained run pruned (``moe-tune prune``, scored on the run's training rows) and measured;
+    one pruned before from the same trained run, the same way, is reused."""
+    done = folder / COMPARE_FILE
+    trained_at = (run_dir / COMPARE_FILE).stat().st_mtime
+    if done.is_file() and not overwrite and done.stat().st_mtime > trained_at:
+        info = json.loads((folder / PRUNING_FILE).read_text())
+        if (info["by"], float(info["keep"]), info["rows"]) == (by, keep, spec.prune.rows):
+            print(f"{folder}: pruned before, skipped")
+            return json.loads(done.read_text())
+    print(f"{run_dir}: pruning by {by} to {keep:g} of the experts")
+    data = load_run_recipe(run_dir).data.train
+    wall, peak = _run("prune", [str(run_dir), "--keep", f"{keep:g}", "--by", by, "--data", data,
+                                "--rows", str(spec.prune.rows), "--out", str(folder), "--no-base"])
+    measured = measure_pruned(folder, wall, peak, spec.group)
+    write_json(done, measured)
+    return measured
 
 
 def run_comparison(spec: CompareSpec, overwrite: bool = False) -> Path:
@@ -291,10 +384,16 @@ def run_comparison(spec: CompareSpec, overwrite: bool = False) -> Path:
                 runs.setdefault(variant, []).append(json.loads(done.read_text()))
                 continue
             print(f"{variant} seed {seed}: training")
-            wall, peak = _train([spec.base, *run_overrides(spec, variant, seed)])
+            wall, peak = _run("train", [spec.base, *run_overrides(spec, variant, seed)])
             measured = measure(run_dir, wall, peak, spec.group)
             write_json(done, measured)
             runs.setdefault(variant, []).append(measured)
+    for variant in spec.variants:
+        for seed in spec.seeds:
+            for by, keep in spec.pruned():
+                name = f"{variant}-{by}-{keep:g}"
+                runs.setdefault(name, []).append(prune_run(spec, out / variant / f"seed-{seed}", by, keep,
+                                                           out / name / f"seed-{seed}", overwrite))
     write_outputs(out, aggregate(runs), runs)
     print((out / "comparison.md").read_text())
     return out

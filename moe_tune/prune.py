@@ -227,12 +227,12 @@ def run_prune(source: Path, keep: str, data: str, out: Path, by: str = "reap", r
         write_json(tmp / PRUNING_FILE, {
             "source": str(source.resolve()), "by": by, "keep": keep, "keep_layer": list(keep_layer),
             "experts_before": arch.num_experts, "experts_kept": count, "data": str(Path(data).resolve()),
-            "rows": len(task_rows), "params_before": before, "params_after": after,
+            "rows": rows, "rows_scored": len(task_rows), "params_before": before, "params_after": after,
             "kept": kept, "scores": {b: [round(float(x), 8) for x in s] for b, s in scores.items()}})
         print(f"kept {count} of {arch.num_experts} experts in each of {len(arch.layers)} MoE layers: "
               f"{before:,} -> {after:,} parameters ({after / before:.1%})")
         evaluate_and_report(pruned, tokenizer, cfg, tmp / EVAL_DIR, base=base, label="pruned",
-                            expert_ids={"pruned": kept})
+                            expert_ids={"pruned": (arch.num_experts, kept)})
     print(f"pruned model: {out}\nreport: {out / EVAL_DIR / REPORT_MD}")
     return out
 

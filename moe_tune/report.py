@@ -154,11 +154,12 @@ def routing_archs(models: dict[str, object], known: dict[str, MoeArch | None]) -
 
 
 def routing_summaries(rows: list[dict], tokenizer, models: dict[str, object], archs: dict[str, MoeArch | None],
-                      base_label: str | None, expert_ids: dict[str, dict[str, list[int]]] | None = None) -> dict:
+                      base_label: str | None, expert_ids: dict[str, tuple[int, dict[str, list[int]]]] | None = None
+                      ) -> dict:
     """Routing analytics per model on ``rows``, with drift from ``base_label``'s model; a model
     whose routers cannot be read is left out with a note. ``expert_ids``: for a pruned model,
-    per layer the ids its experts had in the model it was pruned from (its statistics are told
-    in those ids, so that drift compares the same experts)."""
+    the expert count of the model it was pruned from and, per layer, the ids its experts had
+    there (its statistics are told in those ids, so that drift compares the same experts)."""
     profiles = {}
     for label, model in models.items():
         if archs[label] is None:
@@ -167,15 +168,13 @@ def routing_summaries(rows: list[dict], tokenizer, models: dict[str, object], ar
             continue
         profiles[label] = routing_stats.profile(unwrapped(model), archs[label], tokenizer, rows)
         if expert_ids and label in expert_ids:
-            sizes = {layer.block: layer.num_experts for layer in archs[base_label].layers} \
-                if base_label in archs and archs[base_label] is not None else None
-            profiles[label] = routing_stats.in_original_ids(profiles[label], expert_ids[label], sizes)
+            profiles[label] = routing_stats.in_original_ids(profiles[label], *expert_ids[label])
     base = profiles.get(base_label) if base_label else None
     return {label: routing_stats.summarize(p, None if label == base_label else base) for label, p in profiles.items()}
 
 
 def evaluate_files(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned",
-                   arch: MoeArch | None = None, expert_ids: dict[str, dict[str, list[int]]] | None = None
+                   arch: MoeArch | None = None, expert_ids: dict[str, tuple[int, dict[str, list[int]]]] | None = None
                    ) -> dict[str, dict]:
     """Score ``tuned`` (and ``base`` on the same prompts) on every ``cfg.files`` file and on
     ``cfg.retention_file`` and analyse routing; write each file's results and the report's data
@@ -209,7 +208,8 @@ def evaluate_files(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str =
 
 
 def evaluate_and_report(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str = "tuned",
-                        arch: MoeArch | None = None, expert_ids: dict[str, dict[str, list[int]]] | None = None) -> bool:
+                        arch: MoeArch | None = None,
+                        expert_ids: dict[str, tuple[int, dict[str, list[int]]]] | None = None) -> bool:
     """``evaluate_files``, then the report and its plots in ``out_dir``; False when no model's
     routing could be read, and so there is no report."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -66,13 +66,12 @@ def profile(model, arch: MoeArch, tokenizer, rows: list[dict], batch_size: int =
     )
 
 
-def in_original_ids(prof: RoutingProfile, ids: dict[str, list[int]],
-                    sizes: dict[str, int] | None = None) -> RoutingProfile:
+def in_original_ids(prof: RoutingProfile, num_experts: int, ids: dict[str, list[int]]) -> RoutingProfile:
     """A pruned model's profile told in the expert ids of the model it was pruned from
-    (``ids[layer]``: the original id of each kept expert; ``sizes[layer]``: the original expert
-    count, where known): removed experts have no load."""
+    (``num_experts`` per layer there; ``ids[layer]``: the original id of each kept expert):
+    removed experts have no load."""
     def widen(block: str, load: torch.Tensor) -> torch.Tensor:  # (K,) -> (E,)
-        out = torch.zeros(sizes[block] if sizes else max(ids[block]) + 1)
+        out = torch.zeros(num_experts)
         out[ids[block]] = load
         return out
 
@@ -81,7 +80,7 @@ def in_original_ids(prof: RoutingProfile, ids: dict[str, list[int]],
         entropy=prof.entropy,
         top1={b: torch.tensor(ids[b])[t] for b, t in prof.top1.items()},  # (tokens,) original ids
         task_load={task: {b: widen(b, v) for b, v in layers.items()} for task, layers in prof.task_load.items()},
-        removed={b: sorted(set(range(len(widen(b, v)))) - set(ids[b])) for b, v in prof.load.items()},
+        removed={b: sorted(set(range(num_experts)) - set(ids[b])) for b in prof.load},
     )
 
 

@@ -156,3 +156,28 @@ def test_comparison_shows_a_spread_only_over_several_seeds(tmp_path, seeds):
     assert b[:2] == ["b", str(seeds)] and float(b[2]) == pytest.approx(0.2) and b[3] == "0.0"  # std stays
     for plot in ("score_vs_trainable", "loss_curves", "routing_drift"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_prune_grid_prunes_every_trained_run_and_reuses_what_it_pruned(tmp_path, capsys):
+    grid = {"keep": [1.0, 0.5], "by": ["frequency", "reap"], "rows": 32}
+    assert main(["compare", str(write_spec(tmp_path, prune=grid))]) == 0
+    out = tmp_path / "out"
+    table = (out / "comparison.md").read_text()
+    for name in ("full", "full-frequency-0.5", "full-reap-0.5"):
+        assert f"| {name} |" in table
+    measured = json.loads((out / "full-reap-0.5" / "seed-1" / "compare_run.json").read_text())
+    trained = json.loads((out / "full" / "seed-1" / "compare_run.json").read_text())
+    assert measured["experts_kept"] == 4 and measured["params"] < trained["params"]
+    assert measured["heldout_rows"] == trained["heldout_rows"]  # the same held-out rows
+    assert (out / "score_vs_params.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["compare", str(write_spec(tmp_path, prune=grid))]) == 0
+    assert "pruned before, skipped" in capsys.readouterr().out
+
+
+def test_a_prune_grid_is_checked_with_the_spec(tmp_path, capsys):
+    assert main(["compare", str(write_spec(tmp_path, prune={"keep": [0], "by": ["reap"]}))]) == 2
+    assert "spec.yaml: prune.keep: keep: fractions in (0, 1]" in capsys.readouterr().err
+    assert main(["compare", str(write_spec(tmp_path, prune={"keep": [0.5], "by": ["norm"]}))]) == 2
+    assert "prune.by.0" in capsys.readouterr().err
