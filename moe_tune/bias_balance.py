@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from moe_tune.arch import MoeArch
 from moe_tune.errors import MoeTuneError
-from moe_tune.routing import router_bias
+from moe_tune.routing import router_bias, router_bias_name
 
 
 def check_bias_balance(router, arch: MoeArch, modes: dict[str, str], lora: bool, tensors: dict) -> None:
@@ -46,7 +46,8 @@ class BiasBalancer:
     def __init__(self, model: nn.Module, arch: MoeArch, rate: float):
         tensors = dict(model.named_parameters()) | dict(model.named_buffers())
         self.rate = rate
-        self.bias = {layer.block: router_bias(tensors, layer, correction=True) for layer in arch.layers}  # (E,) each
+        # the model's own tensors, (E,) or (1, E): the ones it saves and routes with
+        self.bias = {layer.block: tensors[router_bias_name(tensors, layer, correction=True)] for layer in arch.layers}
         self.counts = {layer.block: torch.zeros(layer.num_experts) for layer in arch.layers}
         self._chosen: dict[str, torch.Tensor] = {}
         for layer in arch.layers:
@@ -77,7 +78,7 @@ class BiasBalancer:
             if counts.sum() > 0:
                 load = counts / counts.sum()  # (E,)
                 bias = self.bias[block]
-                bias += (self.rate * torch.sign(load.mean() - load)).to(bias.device, bias.dtype)
+                bias += (self.rate * torch.sign(load.mean() - load)).to(bias.device, bias.dtype).reshape(bias.shape)
             counts.zero_()
 
     def bias_abs_max(self) -> float:

@@ -168,6 +168,8 @@ def run_prune(source: Path, keep: str, data: str, out: Path, by: str = "reap", r
     if by not in SCORES:
         raise MoeTuneError(f"--by {by}: choose one of {', '.join(SCORES)}")
     base_keep = Keep.parse(keep)
+    if rows < 1:
+        raise MoeTuneError(f"--rows {rows}: score the experts on at least 1 row")
     is_run = (source / RECIPE_FILE).is_file()
     if is_run and not (source / MODEL_DIR).is_dir():
         raise MoeTuneError(f"{source}: this run has no saved model yet (did training finish?)")

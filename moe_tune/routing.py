@@ -41,16 +41,22 @@ def router_probs(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     return scores / scores.sum(-1, keepdim=True).clamp_min(1e-9)
 
 
-def router_bias(tensors: dict[str, torch.Tensor], layer: MoeLayer, correction: bool) -> torch.Tensor | None:
-    """(E,) the router's logit bias (gpt_oss), or with ``correction`` its selection-only score
-    correction (DeepSeek-V3's e_score_correction_bias); None when it has none."""
+def router_bias_name(tensors: dict[str, torch.Tensor], layer: MoeLayer, correction: bool) -> str | None:
+    """The name of the router's logit bias (gpt_oss), or with ``correction`` of its selection-only
+    score correction (DeepSeek-V3's e_score_correction_bias); None when it has none."""
     for name in layer.router_extras:
         leaf = name.rsplit(".", 1)[-1]
         is_correction = "correction" in leaf or leaf == "expert_bias"
         if is_correction == correction and (correction or leaf == "bias") \
                 and tensors[name].numel() == layer.num_experts:
-            return tensors[name].reshape(-1)
+            return name
     return None
+
+
+def router_bias(tensors: dict[str, torch.Tensor], layer: MoeLayer, correction: bool) -> torch.Tensor | None:
+    """(E,) the tensor ``router_bias_name`` names (stored (E,) or, in Ernie-4.5, (1, E))."""
+    name = router_bias_name(tensors, layer, correction)
+    return tensors[name].reshape(-1) if name is not None else None
 
 
 def readable(model: nn.Module, arch: MoeArch) -> bool:

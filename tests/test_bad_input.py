@@ -239,6 +239,7 @@ CASES = [
     ("prune_data_without_rows", lambda f: prune(f, "--keep", "0.5", data=f["empty_data"]), "empty.jsonl: no rows"),
     ("prune_not_an_moe", lambda f: prune(f, "--keep", "0.5", model=f["dense"]), "not a Mixture-of-Experts"),
     ("prune_out_exists", lambda f: prune(f, "--keep", "0.5", out=f["foreign_output"]), "already exists"),
+    ("prune_rows_zero", lambda f: prune(f, "--keep", "0.5", "--rows", "0"), "--rows 0: score the experts on at least 1 row"),
     ("prune_by_unknown", lambda f: prune(f, "--keep", "0.5", "--by", "norm"), "invalid choice: 'norm'"),
     ("bias_balance_negative", lambda f: train(f, "router.bias_balance_rate=-1"), "router.bias_balance_rate"),
     ("bias_balance_with_lora_router", lambda f: train(f, "router.bias_balance_rate=0.001", "trainable.router=lora"),

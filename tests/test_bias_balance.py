@@ -170,3 +170,10 @@ def test_the_ernie_copy_of_the_shipped_model_has_its_logits_and_a_bias_to_balanc
     tensors = dict(copy.named_parameters()) | dict(copy.named_buffers())
     assert arch.family == "ernie4_5_moe" and all(router_bias(tensors, layer, correction=True) is not None
                                                   for layer in arch.layers)
+    balancer = BiasBalancer(copy.train(), arch, rate=1e-3)  # its bias is a (1, E) parameter
+    with torch.no_grad():
+        copy(**enc)
+    balancer.take(enc["attention_mask"])
+    balancer.step()
+    assert balancer.bias_abs_max() == pytest.approx(1e-3)
+    assert all(not b.requires_grad for b in balancer.bias.values())
