@@ -93,7 +93,7 @@ def fake_run(tmp_path):
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
-    (run / "plan.json").write_text(json.dumps({"trainable_params": 10}))
+    (run / "plan.json").write_text(json.dumps({"trainable_params": 10, "total_params": 100}))
     scores = lambda em, loss, n: {"exact_match": em, "loss": loss, "n": n}  # noqa: E731
     tuned = {"overall": scores(0.5, 1.0, 450), "per_group": {"new_phrasing": scores(0.8, 0.3, 360),
                                                              "unseen_task": scores(0.0, 5.0, 90)}}
@@ -145,7 +145,7 @@ def test_comparison_shows_a_spread_only_over_several_seeds(tmp_path, seeds):
     table = [line for line in md if line.startswith("| a |") or line.startswith("| b |")]
     if seeds == 1:
         assert md[1] == "One seed per variant." and "±" not in "\n".join(md)
-        assert table[0].startswith("| a | 50.0% | - | - | - | - | 1,000 | 10 | - | 0.050 | - |")
+        assert table[0].startswith("| a | 50.0% | - | - | - | - | 1,000 | - | 10 | - | 0.050 | - |")
     else:
         assert md[1] == "Mean ± standard deviation over 3 seeds."
         assert table[0].startswith("| a | 60.0% ± 10.0% | - |") and "| 12 ± 2 |" in table[0]
@@ -160,11 +160,11 @@ def test_comparison_shows_a_spread_only_over_several_seeds(tmp_path, seeds):
 
 @pytest.mark.slow
 def test_a_prune_grid_prunes_every_trained_run_and_reuses_what_it_pruned(tmp_path, capsys):
-    grid = {"keep": [1.0, 0.5], "by": ["frequency", "reap"], "rows": 32}
+    grid = {"keep": [1.0, 0.5], "by": ["reap"], "rows": 32}
     assert main(["compare", str(write_spec(tmp_path, prune=grid))]) == 0
     out = tmp_path / "out"
     table = (out / "comparison.md").read_text()
-    for name in ("full", "full-frequency-0.5", "full-reap-0.5"):
+    for name in ("full", "full-reap-0.5"):
         assert f"| {name} |" in table
     measured = json.loads((out / "full-reap-0.5" / "seed-1" / "compare_run.json").read_text())
     trained = json.loads((out / "full" / "seed-1" / "compare_run.json").read_text())
