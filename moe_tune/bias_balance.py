@@ -74,6 +74,15 @@ class BiasBalancer:
 
     @torch.no_grad()
     def step(self) -> None:
+        """Move every bias against its layer's load, then start counting afresh. Under DDP the
+        counts are summed over processes first, so every rank moves its copy of the bias alike
+        (by the load of the whole step's batch, as DeepSeek-V3 balances it)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = next(iter(self.bias.values())).device  # NCCL reduces on the GPU, gloo on the CPU
+            stacked = torch.stack(list(self.counts.values())).to(device)  # (layers, E)
+            torch.distributed.all_reduce(stacked)
+            for counts, total in zip(self.counts.values(), stacked.cpu()):
+                counts.copy_(total)
         for block, counts in self.counts.items():
             if counts.sum() > 0:
                 load = counts / counts.sum()  # (E,)

@@ -17,9 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, field_validator
 

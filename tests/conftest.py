@@ -32,9 +32,17 @@ def make_data():
 @pytest.fixture(scope="session")
 def ernie_copy() -> Path:
     """data/tiny-moe-ernie, as `make ernie-copy` writes it (the regularizers spec trains it)."""
+    import shutil
+    import tempfile
+
     dest = ROOT / "data" / "tiny-moe-ernie"
-    if not (dest / "config.json").is_file():
-        load_script("ernie_copy").ernie_copy(SHIPPED_MODEL, dest)
+    if not (dest / "config.json").is_file():  # written aside, then renamed: test workers may race here
+        part = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tiny-moe-ernie."))
+        load_script("ernie_copy").ernie_copy(SHIPPED_MODEL, part)
+        try:
+            part.rename(dest)
+        except OSError:  # another worker put it in place first
+            shutil.rmtree(part)
     return dest
 
 

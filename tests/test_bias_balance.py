@@ -166,3 +166,20 @@ def test_the_ernie_copy_of_the_shipped_model_has_its_logits_and_a_bias_to_balanc
     balancer.step()
     assert balancer.bias_abs_max() == pytest.approx(1e-3)
     assert all(not b.requires_grad for b in balancer.bias.values())
+
+
+def test_ranks_balance_by_the_load_of_the_whole_batch(tmp_path):
+    """Two processes, each with half of a batch, move the bias as one process with all of it."""
+    import os
+    import subprocess
+    import sys
+
+    script = ROOT / "tests" / "bias_balance_ranks.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    for n in (1, 2):
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(script),
+                        str(tmp_path / f"{n}.pt")], check=True, env=env, capture_output=True)
+    one, two = (torch.load(tmp_path / f"{n}.pt") for n in (1, 2))
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[b], two[b]) for b in one)
+    assert any(bias.abs().max() > 0 for bias in one.values())

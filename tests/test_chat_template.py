@@ -370,28 +370,23 @@ def new_phrasing_exact_match(run):
     return result["results"]["tuned"]["per_group"]["new_phrasing"]["exact_match"]
 
 
+QUICKSTART_NEW_PHRASING = 0.847  # the quickstart's held-out exact match on new phrasings (README)
+
+
 @pytest.mark.slow
 def test_a_base_model_given_chatml_learns_about_as_well_as_with_its_own_template(base, tmp_path):
-    """The quickstart recipe twice, side by side: the shipped model with its own template, and the
-    same model with the template removed and model.chat_template: chatml (new tokens, grown
-    embeddings, a new eos). Measured at seed 42: 84.7% and 78.9%; at seeds 1 and 2 the gap was
-    10.0 and 5.9 points. The gap is ChatML's answer at a line start, which this tokenizer splits
-    unlike pretraining ("\nWexsil" is three tokens, " Wexsil" one): ChatML with the shipped
-    template's space before the answer reached 86.4% (README, "Base checkpoints").
-    The two runs train at once, one thread each (334 s against 389 s one after the other on 2
-    cores; 85.0% and 79.7% at seed 42 that way)."""
-    import os
-    import subprocess
-    import sys
+    """The quickstart recipe on the shipped model with its template removed and
+    model.chat_template: chatml (new tokens, grown embeddings, a new eos), against the same recipe
+    with the model's own template (84.7%, the quickstart's number; measured side by side at seeds
+    42, 1 and 2: 84.7/78.9, 87.5/77.5, 85.6/79.7). The gap is ChatML's answer at a line start,
+    which this tokenizer splits unlike pretraining ("\nWexsil" is three tokens, " Wexsil" one):
+    ChatML with the shipped template's space before the answer reached 86.4% (README, "Base
+    checkpoints"). One run, not both side by side: the suite must fit CI's 30 minutes."""
+    from moe_tune.cli import main
 
-    # the in-training validation passes only report; without them the runs train the same rows
-    quick = [str(ROOT / "recipes" / "quickstart.yaml"), "eval.compare_base=false", "eval.retention_file=null",
-             "sft.eval_strategy=no"]
-    runs = {"own": [], "chatml": [f"model.path={base}", "model.chat_template=chatml"]}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "moe_tune.cli", "train", *quick, *extra,
-                               f"output_dir={tmp_path / name}"], env=env, stdout=subprocess.DEVNULL)
-             for name, extra in runs.items()]
-    assert [p.wait() for p in procs] == [0, 0]
-    own, chatml = (new_phrasing_exact_match(tmp_path / name) for name in runs)
-    assert own > 0.8 and chatml > 0.7 and chatml >= own - 0.10, (own, chatml)
+    # the in-training validation passes only report; without them the run trains the same rows
+    assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "eval.compare_base=false",
+                 "eval.retention_file=null", "sft.eval_strategy=no", f"model.path={base}",
+                 "model.chat_template=chatml", f"output_dir={tmp_path / 'chatml'}"]) == 0
+    chatml = new_phrasing_exact_match(tmp_path / "chatml")
+    assert chatml >= QUICKSTART_NEW_PHRASING - 0.10, chatml
