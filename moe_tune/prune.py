@@ -156,9 +156,8 @@ def run_prune(source: Path, keep: str, data: str, out: Path, by: str = "reap", r
     """``moe-tune prune``: score, cut, save to ``out``, reload, evaluate beside the source."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    from moe_tune.cli import eval_section  # noqa: PLC0415
     from moe_tune.loading import DTYPES, build_meta_model, load_config  # noqa: PLC0415
-    from moe_tune.recipe import ModelSection  # noqa: PLC0415
+    from moe_tune.recipe import EvalSection, ModelSection  # noqa: PLC0415
     from moe_tune.report import evaluate_and_report  # noqa: PLC0415
     from moe_tune.run_dir import (EVAL_DIR, MODEL_DIR, RECIPE_FILE, REPORT_MD, check_replaceable,  # noqa: PLC0415
                                   folder_in_place, load_run_model, load_run_recipe, write_json, write_pretrained)
@@ -195,7 +194,9 @@ def run_prune(source: Path, keep: str, data: str, out: Path, by: str = "reap", r
         for layer in arch.layers:
             expert_module(meta, layer)
     # held-out rows: --eval-data, a run's own eval files, else the task rows themselves
-    cfg = eval_section(_EvalArgs(eval_data, retention), recipe.eval if recipe else None)
+    given = {"files": eval_data, "retention_file": retention}
+    cfg = EvalSection(**{**(recipe.eval.model_dump() if recipe else {}),
+                         **{key: value for key, value in given.items() if value is not None}})
     if not cfg.files:
         cfg = cfg.model_copy(update={"files": [data]})
         print(f"note: no held-out files given (--eval-data); the pruned model is scored on {data}, "
@@ -238,13 +239,3 @@ def run_prune(source: Path, keep: str, data: str, out: Path, by: str = "reap", r
     print(f"pruned model: {out}\nreport: {out / EVAL_DIR / REPORT_MD}")
     return out
 
-
-@dataclass
-class _EvalArgs:
-    """The evaluation options of ``moe-tune prune``, in the form ``cli.eval_section`` reads."""
-
-    data: list[str] | None
-    retention: str | None
-    max_rows: int | None = None
-    batch_size: int | None = None
-    max_new_tokens: int | None = None
