@@ -25,6 +25,7 @@ from moe_tune import chat_template, distributed, routing, routing_stats
 from moe_tune.bias_balance import BalanceBiases, BiasBalancer
 from moe_tune.data import messages_dataset, read_chat_rows, read_rows
 from moe_tune.errors import MoeTuneError
+from moe_tune.loading import returning_freed_memory
 from moe_tune.router_losses import RouterRegularizer
 from moe_tune.trainable import unwrapped
 from moe_tune.run_dir import (CHECKPOINTS, DATA_REPORT_FILE, METRICS_FILE, TENSORBOARD_DIR,
@@ -262,7 +263,8 @@ class MoeSFTTrainer(SFTTrainer):
         self._continue_token_count(Path(resume_from_checkpoint))
         if hasattr(model, "peft_config"):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        with returning_freed_memory():
+            saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
         model.load_state_dict(saved.state_dict(), strict=True)
 
     def _continue_token_count(self, checkpoint: Path) -> None:
