@@ -77,13 +77,14 @@ def shape_config(shape: str, layers: int | None, tokenizer):
 
 
 def build_model(folder: Path, shape: str = "benchmark", layers: int | None = None) -> None:
-    """A randomly initialised MoE of ``shape`` with the shipped tokenizer (no download)."""
+    """A randomly initialised MoE of ``shape`` with the shipped tokenizer (no download), saved in
+    bf16 as published MoE checkpoints are (both paths load it as ``--dtype``)."""
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "tiny-moe")
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(shape_config(shape, layers, tokenizer)).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(shape_config(shape, layers, tokenizer)).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
@@ -224,7 +225,7 @@ def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int
     (work / "recipe.yaml").write_text(json.dumps(recipe))
     recipe = load_recipe(work / "recipe.yaml")
     setup = plan_run(recipe)
-    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype)
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, bf16_experts=setup.frozen_experts_bf16)
     run.mkdir(exist_ok=True)
     return trainer_for(setup, model, tokenizer)[0]  # what `moe-tune train` runs
 

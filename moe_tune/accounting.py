@@ -30,16 +30,17 @@ INT8_BYTES = 1 + 4 / 4096  # LLM.int8: a byte per weight plus an fp32 scale per 
 
 
 def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int,
-                      quantized: int = 0, bits: int | None = None) -> float:
-    """Weights of the whole model (``quantized`` of them at 4 or 8 bits), plus gradient and two
-    AdamW moments per trained weight (in the weights' dtype) and 16 bytes per fp32 LoRA parameter."""
+                      quantized: int = 0, bits: int | None = None, narrowed: int = 0) -> float:
+    """Weights of the whole model (``quantized`` of them at 4 or 8 bits, ``narrowed`` frozen
+    experts held in bf16: fast_experts.FrozenExpertsInBf16), plus gradient and two AdamW moments
+    per trained weight (in the weights' dtype) and 16 bytes per fp32 LoRA parameter."""
     per_quantized = {4: NF4_BYTES, 8: INT8_BYTES}.get(bits, dtype_bytes)
-    weights = (total - quantized) * dtype_bytes + quantized * per_quantized
+    weights = (total - quantized - narrowed) * dtype_bytes + quantized * per_quantized + narrowed * 2
     return weights + trained_full * 3 * dtype_bytes + lora * ADAPTER_BYTES
 
 
 def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
-                           checkpointing: bool) -> float:
+                           checkpointing: bool, narrowed_experts: bool = False) -> float:
     """Bytes autograd keeps for the backward of one micro-batch of ``tokens`` tokens.
 
     Fitted to torch's saved-tensor hooks on Mixtral-style models (sdpa attention, moe_tune's
@@ -48,10 +49,12 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
     norms and residuals, plus ``3a H + 4a I`` per expert the token visits (k routed, plus shared
     experts and dense MLPs), where ``a`` is the activations' byte size and ``I`` an expert's
     intermediate size (its parameters / 3H); then ``10 H + 4 V`` for the final norm and fp32
-    logits. Autocast adds a bf16 copy of every matmul weight. With activation checkpointing
+    logits. Autocast adds a bf16 copy of every matmul weight (not of routed experts held in bf16:
+    ``narrowed_experts``). With activation checkpointing
     each layer keeps only its fp32 input and one layer is recomputed at a time.
     """
-    per_token, per_layer_copies, layers, head = _activation_terms(model, arch, tokens, act_bytes, autocast)
+    per_token, per_layer_copies, layers, head = _activation_terms(model, arch, tokens, act_bytes, autocast,
+                                                                  narrowed_experts)
     if checkpointing:
         return tokens * (layers * 4 * text_config(model.config).hidden_size + per_token / layers) \
             + per_layer_copies + head
@@ -59,16 +62,16 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
 
 
 def activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
-                     checkpointing: bool) -> float:
+                     checkpointing: bool, narrowed_experts: bool = False) -> float:
     """The activation part of the peak: what is saved for backward, plus the gradients of one
     layer's activations, which backward holds while it works through that layer."""
     per_token, _, layers, _ = _activation_terms(model, arch, tokens, act_bytes, autocast)
-    return saved_activation_bytes(model, arch, tokens, act_bytes, autocast, checkpointing) \
+    return saved_activation_bytes(model, arch, tokens, act_bytes, autocast, checkpointing, narrowed_experts) \
         + tokens * per_token / layers
 
 
 def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_args, batch: int | None = None,
-                            checkpointing: bool | None = None) -> tuple[float, str]:
+                            checkpointing: bool | None = None, narrowed_experts: bool = False) -> tuple[float, str]:
     """(bytes, what they assume) of ``activation_bytes`` for one micro-batch as the run's SFTConfig
     sets it, or with another ``batch`` size or ``checkpointing`` (what `plan` suggests)."""
     batch = sft_args.per_device_train_batch_size if batch is None else batch
@@ -76,12 +79,12 @@ def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_arg
     autocast = bool(sft_args.bf16 or sft_args.fp16) and DTYPE_BYTES[dtype] == 4  # fp32 weights, 16-bit matmuls
     tokens = batch * (sft_args.max_length or 1024)  # rows of sft.max_length tokens: the largest micro-batch
     acts = activation_bytes(model, arch, tokens, 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4, autocast,
-                            checkpointing)
+                            checkpointing, narrowed_experts)
     return acts, (f"{tokens} tokens per micro-batch, {'bf16 autocast' if autocast else dtype}, "
                   f"checkpointing {'on' if checkpointing else 'off'}")
 
 
-def _activation_terms(model, arch, tokens, act_bytes, autocast):
+def _activation_terms(model, arch, tokens, act_bytes, autocast, narrowed_experts=False):
     """(bytes per token over all layers, autocast weight copies per layer, layers, head bytes)."""
     config = text_config(model.config)
     sizes = _numel(model)
@@ -95,8 +98,9 @@ def _activation_terms(model, arch, tokens, act_bytes, autocast):
         width += params / (3 * hidden)
         visits += layers - len(arch.layers) if part == "dense_mlp" else len(arch.layers) if params else 0
     per_token = layers * hidden * (26 + 2 * a) + visits * 3 * a * hidden + 4 * a * width
+    cast = ("attention", "shared_experts", "dense_mlp") + (() if narrowed_experts else ("routed_experts",))
     matmul = sum(sizes[n] for n, part in arch.parts.items()
-                 if part in ("attention", "routed_experts", "shared_experts", "dense_mlp")
+                 if part in cast
                  and len(model.get_parameter(n).shape) > 1)
     copies = 2 * matmul / layers if autocast else 0
     return per_token, copies, layers, tokens * (10 * hidden + 4 * vocab)

@@ -16,7 +16,9 @@ PEFT keeps owning the LoRA factors (saving, loading and merging for export are P
 
 from __future__ import annotations
 
+import contextlib
 import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,40 @@ def use_fast_experts(model: nn.Module) -> bool:
     register()
     model.set_experts_implementation(NAME)
     return True
+
+
+def stored_in_bf16(path: str) -> bool:
+    """Whether the checkpoint folder ``path`` stores its routed experts' tensors (names with
+    ``.experts.``; shared experts are named otherwise) in bf16, as published MoE checkpoints do."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    found = False
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if ".experts." in key:
+                    if f.get_slice(key).get_dtype() != "BF16":
+                        return False
+                    found = True
+    return found
+
+
+def holds_frozen_experts_in_bf16(recipe, sft_args, routed_experts_mode: str) -> bool:
+    """Whether a run loads its frozen routed experts in bf16 and keeps them so, with every other
+    weight in fp32 (loading.load_model's ``bf16_experts``).
+
+    Under bf16 autocast on a CPU, ``_ExpertsMatmul`` would cast each fp32 expert weight to bf16
+    on every forward and keep that copy for the backward. Where the checkpoint stores the experts
+    in bf16, fp32 would only widen them: kept in bf16 they hold the same values, the kernel
+    computes exactly the same, a frozen expert weight takes 2 bytes instead of 4 (plus 2 for the
+    copy), no step casts it, and loading never materialises them in fp32. A saved model stores
+    them in bf16, as the checkpoint did. Only on a CPU, with fp32 weights, bf16 autocast, this
+    kernel, and no FSDP or DeepSpeed (which shard parameters by dtype)."""
+    return (not torch.cuda.is_available() and bool(sft_args.bf16) and recipe.model.dtype == "float32"
+            and recipe.model.bits is None and recipe.model.experts_implementation == NAME
+            and routed_experts_mode != "train" and not sft_args.fsdp and not sft_args.deepspeed
+            and stored_in_bf16(recipe.model.path))
 
 
 def _grouped(x: torch.Tensor) -> bool:
@@ -86,6 +122,11 @@ def _rows_contracted(a: torch.Tensor, b: torch.Tensor, low_precision: bool) -> t
     return F.pad(a, (0, 0, 0, pad)).t() @ F.pad(b, (0, 0, 0, pad)) if pad else a.t() @ b
 
 
+def _slice(w: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert e's weight in ``dtype`` (a copy only where w is held narrower)."""
+    return w[e].to(dtype)
+
+
 class _ExpertsMatmul(torch.autograd.Function):
     """Each expert's rows of x times its weight, as one autograd node: x (S, in) grouped by expert
     (``counts`` rows each), weight (E, out, in), or (E, in, out) when transposed, bias (E, out) ->
@@ -95,25 +136,31 @@ class _ExpertsMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, counts, transposed, dtype):
-        xc, w = x.to(dtype), weight.to(dtype)  # (S, in), (E, out, in): no copy when already dtype
+        # (E, out, in) in dtype: cast once when wider (fp32 weights under autocast), and kept for
+        # the backward; a narrower one (bf16 experts, fp32 compute: evaluation) is cast per
+        # expert used, on use (_slice)
+        w = weight.to(dtype) if weight.dtype.itemsize >= dtype.itemsize else weight
+        xc = x.to(dtype)  # (S, in)
         low = dtype in (torch.bfloat16, torch.float16)
         y = xc.new_empty(x.shape[0], w.shape[2] if transposed else w.shape[1])  # (S, out)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                y[start:start + n] = _expert_rows(xc[start:start + n], w[e] if transposed else w[e].t(), low)
+                we = _slice(w, e, dtype)
+                y[start:start + n] = _expert_rows(xc[start:start + n], we if transposed else we.t(), low)
             start += n
         if bias is not None:
             y += bias.to(dtype).repeat_interleave(torch.tensor(counts, device=x.device), dim=0)
         ctx.save_for_backward(xc, w)
         ctx.counts, ctx.transposed, ctx.low, ctx.x_dtype, ctx.w_dtype = counts, transposed, low, x.dtype, weight.dtype
+        ctx.dtype = dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         xc, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        g = grad_y.to(w.dtype)  # (S, out)
+        g = grad_y.to(ctx.dtype)  # (S, out)
         grad_x = torch.empty_like(xc) if need_x else None  # (S, in)
         grad_w = torch.empty(w.shape, dtype=ctx.w_dtype, device=w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], g.shape[1], dtype=ctx.w_dtype, device=w.device) if need_b else None
@@ -121,7 +168,8 @@ class _ExpertsMatmul(torch.autograd.Function):
         for e, n in enumerate(ctx.counts):
             ge, xe = g[start:start + n], xc[start:start + n]  # (n, out), (n, in)
             if need_x and n:
-                grad_x[start:start + n] = _expert_rows(ge, w[e].t() if ctx.transposed else w[e], ctx.low)
+                we = _slice(w, e, ctx.dtype)
+                grad_x[start:start + n] = _expert_rows(ge, we.t() if ctx.transposed else we, ctx.low)
             if need_w:  # (out, in), or (in, out) transposed; an expert without tokens gets zeros
                 grad_w[e] = (_rows_contracted(xe, ge, ctx.low) if ctx.transposed else
                              _rows_contracted(ge, xe, ctx.low)) if n else 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from moe_tune.arch import require_moe
+from moe_tune.arch import describe, require_moe
 from moe_tune.errors import MoeTuneError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -113,11 +113,14 @@ def quantization_config(bits: int | None, dtype: str):
                               bnb_4bit_compute_dtype=compute)
 
 
-def load_model(path: str, dtype: str = "float32", bits: int | None = None, template=None, tokenizer=None):
+def load_model(path: str, dtype: str = "float32", bits: int | None = None, template=None, tokenizer=None,
+               bf16_experts: bool = False):
     """(model, tokenizer), after checking that ``path`` holds an MoE with a usable tokenizer.
     ``bits`` 4 or 8 quantizes the nn.Linear layers with bitsandbytes. ``template`` is given to
     the checkpoint's tokenizer (model.chat_template); a ``tokenizer`` given instead (a tuned
-    run's, for its base model) is used as it is. The embeddings fit the tokenizer either way."""
+    run's, for its base model) is used as it is. The embeddings fit the tokenizer either way.
+    ``bf16_experts``: the routed experts stay in the bf16 the checkpoint stores them in, every
+    other weight is ``dtype`` (fast_experts.holds_frozen_experts_in_bf16)."""
     config = load_config(path)
     require_moe(config, path)
     refit = template is not None or tokenizer is not None  # a checkpoint's own tokenizer fits it already
@@ -126,14 +129,27 @@ def load_model(path: str, dtype: str = "float32", bits: int | None = None, templ
     # model, which must then load from any working directory
     source = str(Path(path).resolve()) if Path(path).is_dir() else path
     with returning_freed_memory():
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype],
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16 if bf16_experts else DTYPES[dtype],
                                                      quantization_config=quantization_config(bits, dtype))
+    if bf16_experts:
+        _widen_all_but_routed_experts(model, DTYPES[dtype])
     _point_base_model_at_backbone(model)
     if refit:
         fit_embeddings(model, tokenizer)
     if bits == 4:
         keep_4bit_trainable_on_cpu(model)
     return model, tokenizer
+
+
+def _widen_all_but_routed_experts(model, dtype: torch.dtype) -> None:
+    """Every floating-point weight except the routed experts' to ``dtype``, one at a time (the
+    checkpoint's bf16 values, exactly); the configs say ``dtype``, which a save records."""
+    keep = {n for layer in describe(model).layers for n in layer.expert_params}
+    for name, p in model.named_parameters():
+        if name not in keep and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.dtype = dtype
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -69,6 +69,7 @@ class RunSetup:
     plan: Plan           # per parameter: train, LoRA or freeze
     sft_args: SFTConfig
     report: dict         # the plan report; experts scored when training starts are not in it yet
+    frozen_experts_bf16: bool  # fast_experts.holds_frozen_experts_in_bf16
 
     @property
     def run(self) -> Path:
@@ -98,12 +99,13 @@ def plan_run(recipe: Recipe) -> RunSetup:
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
     bf16, bf16_note = cpu_bf16(recipe, meta, arch)
     sft_args = sft_config(recipe, Path(recipe.output_dir), cpu_bf16=bf16)
-    report = plan_report(meta, arch, plan, recipe, selection, sft_args)
+    narrowed = fast_experts.holds_frozen_experts_in_bf16(recipe, sft_args, plan.modes["routed_experts"])
+    report = plan_report(meta, arch, plan, recipe, selection, sft_args, narrowed)
     if checkpointing_is_auto(recipe):  # on only where the planned peak exceeds the machine
         free, without = available_bytes(), report["peak_gb"]
         if without * 1e9 > free:
             sft_args = sft_config(recipe, Path(recipe.output_dir), checkpointing=True, cpu_bf16=bf16)
-            report = plan_report(meta, arch, plan, recipe, selection, sft_args)
+            report = plan_report(meta, arch, plan, recipe, selection, sft_args, narrowed)
         report["checkpointing_note"] = (
             f"sft.activation_checkpointing: auto -> {'on' if sft_args.gradient_checkpointing else 'off'} (planned "
             f"peak {without:.3f} GB without it, {free / 1e9:.3f} GB available)")
@@ -119,7 +121,7 @@ def plan_run(recipe: Recipe) -> RunSetup:
         report["selection_note"] = (f"experts are selected (score {cfg.score}, top_p {cfg.top_p}) on "
                                     f"{cfg.rows} training rows when training starts; counts above are before it")
     apply_plan(copy.deepcopy(meta), plan, arch, recipe.lora)  # the copy: ``meta`` stays unwrapped for counting
-    return RunSetup(recipe, meta, template, arch, plan, sft_args, report)
+    return RunSetup(recipe, meta, template, arch, plan, sft_args, report, narrowed)
 
 
 def cpu_bf16(recipe: Recipe, meta: nn.Module, arch: MoeArch) -> tuple[bool, str | None]:
@@ -188,7 +190,8 @@ def make_trainable(setup: RunSetup, model, arch: MoeArch, tokenizer):
             save_selection(setup.run / SELECTION_FILE, cfg.score, cfg.top_p, shares, selection)
             print("selected experts: " + "; ".join(f"{b}: {e}" for b, e in selection.items()))
         if report["expert_selection"] is None:  # counted again, with the selected experts' share
-            report = plan_report(setup.meta, setup.arch, plan, recipe, selection, setup.sft_args)
+            report = plan_report(setup.meta, setup.arch, plan, recipe, selection, setup.sft_args,
+                                 setup.frozen_experts_bf16)
     if distributed.is_main():
         print(format_plan(report))
         write_json(setup.run / PLAN_FILE, report)
@@ -229,7 +232,8 @@ def train_and_save(setup: RunSetup, checkpoint: Path | None, interrupts: Interru
     architecture) to evaluate, or None on the ranks that do not evaluate."""
     recipe, run = setup.recipe, setup.run
     set_seed(recipe.seed)
-    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits, setup.template)
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits, setup.template,
+                                  bf16_experts=setup.frozen_experts_bf16)
     trainer, arch = trainer_for(setup, model, tokenizer)
     trainer.add_callback(StopOnInterrupt(interrupts))
     start = time.time()

@@ -298,9 +298,11 @@ def plan_warnings(arch: MoeArch, plan: Plan, preset: str, rows: list[dict],
 
 
 def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
-                selection: dict[str, list[int]] | None = None, sft_args=None) -> dict:
+                selection: dict[str, list[int]] | None = None, sft_args=None, narrowed_experts: bool = False) -> dict:
     """What ``moe-tune plan --json`` prints and ``moe-tune train`` shows before it starts.
-    With the run's SFTConfig, activations for one micro-batch are estimated too."""
+    With the run's SFTConfig, activations for one micro-batch are estimated too.
+    ``narrowed_experts``: the frozen routed experts are held in bf16 while training
+    (fast_experts.holds_frozen_experts_in_bf16)."""
     from moe_tune.accounting import (DTYPE_BYTES, micro_batch_activations, plan_memory_bytes,  # noqa: PLC0415
                                      quantized_weights)
 
@@ -315,7 +317,9 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
     # the new rows: PEFT's own copy of them beside LoRA; otherwise the whole tensor has gradients and moments
     memory_full, memory_lora = (full, lora + new_rows) if plan.lora_targets else \
         (full + sum(sizes[n] for n in plan.token_rows), lora)
-    state = plan_memory_bytes(total, memory_full, memory_lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits)
+    narrowed = sum(sizes[n] for layer in arch.layers for n in layer.expert_params) if narrowed_experts else 0
+    state = plan_memory_bytes(total, memory_full, memory_lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits,
+                              narrowed)
     report = {
         "parts": rows,
         "total_params": total,
@@ -326,12 +330,14 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
         "memory_gb": round(state / 1e9, 3),
         "state_bytes": state,  # unrounded, for the per-device estimates (fit.py)
         "memory_dtype": dtype,
+        "frozen_experts_bf16": narrowed_experts,
         "warnings": plan_warnings(arch, plan, recipe.trainable.preset, rows, selection),
     }
     if sft_args is not None:
-        acts, basis = micro_batch_activations(model, arch, dtype, sft_args)
+        acts, basis = micro_batch_activations(model, arch, dtype, sft_args, narrowed_experts=narrowed_experts)
         checkpointing = bool(sft_args.gradient_checkpointing)
-        other, _ = micro_batch_activations(model, arch, dtype, sft_args, checkpointing=not checkpointing)
+        other, _ = micro_batch_activations(model, arch, dtype, sft_args, checkpointing=not checkpointing,
+                                           narrowed_experts=narrowed_experts)
         report.update(activation_gb=round(acts / 1e9, 3), peak_gb=round((state + acts) / 1e9, 3),
                       activation_bytes=acts, activation_basis=basis, checkpointing=checkpointing,
                       # the peak with activation checkpointing the other way: memory against speed
@@ -353,8 +359,9 @@ def format_plan(report: dict) -> str:
     if report.get("new_tokens"):
         lines.append(f"new tokens: {', '.join(report['new_tokens'])} ({report['chat_template']}); their embedding "
                      "rows train, counted above")
-    lines.append(f"memory estimate: {report['memory_gb']:.3f} GB ({report['memory_dtype']} weights, gradients, "
-                 "AdamW states)")
+    narrowed = ", frozen routed experts in bf16 as the checkpoint stores them" if report["frozen_experts_bf16"] else ""
+    lines.append(f"memory estimate: {report['memory_gb']:.3f} GB ({report['memory_dtype']} weights{narrowed}, "
+                 "gradients, AdamW states)")
     if "peak_gb" in report:
         lines.append(f"  + activations {report['activation_gb']:.3f} GB ({report['activation_basis']}) "
                      f"= peak {report['peak_gb']:.3f} GB")
