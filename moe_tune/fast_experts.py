@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 
 NAME = "moe_tune"  # the name registered in transformers' ExpertsInterface
 LORA_ATTR = "_moe_tune_lora"  # on an experts module: {parameter name: PEFT ParamWrapper}
+CAST_ON_USE_ATTR = "_moe_tune_cast_on_use"  # on an experts module: see cast_on_use
 
 
 def register() -> None:
@@ -78,6 +79,16 @@ def holds_frozen_experts_in_bf16(recipe, sft_args, routed_experts_mode: str) -> 
             and recipe.model.bits is None and recipe.model.experts_implementation == NAME
             and routed_experts_mode != "train" and not sft_args.fsdp and not sft_args.deepspeed
             and stored_in_bf16(recipe.model.path))
+
+
+def cast_on_use(model: nn.Module, expert_modules: list[str], on: bool) -> None:
+    """With ``on``, the CPU loop casts each expert's weight to the compute dtype when it uses it,
+    in forward and again in backward, instead of casting the whole (E, out, in) tensor once and
+    keeping that copy from forward to backward: for activation checkpointing, whose point is
+    memory. At the Qwen3-30B-A3B shape the copy is 1.2 GB per layer, which checkpointing would
+    otherwise hold through each layer's backward."""
+    for name in expert_modules:
+        setattr(model.get_submodule(name), CAST_ON_USE_ATTR, on)
 
 
 def _grouped(x: torch.Tensor) -> bool:
@@ -135,11 +146,11 @@ class _ExpertsMatmul(torch.autograd.Function):
     each expert's gradient goes straight into its slice, and each tensor is cast once."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, counts, transposed, dtype):
+    def forward(ctx, x, weight, bias, counts, transposed, dtype, on_use):
         # (E, out, in) in dtype: cast once when wider (fp32 weights under autocast), and kept for
-        # the backward; a narrower one (bf16 experts, fp32 compute: evaluation) is cast per
-        # expert used, on use (_slice)
-        w = weight.to(dtype) if weight.dtype.itemsize >= dtype.itemsize else weight
+        # the backward; a narrower one (bf16 experts, fp32 compute: evaluation), or any with
+        # ``on_use`` (cast_on_use), is cast per expert used, on use (_slice)
+        w = weight.to(dtype) if weight.dtype.itemsize >= dtype.itemsize and not on_use else weight
         xc = x.to(dtype)  # (S, in)
         low = dtype in (torch.bfloat16, torch.float16)
         y = xc.new_empty(x.shape[0], w.shape[2] if transposed else w.shape[1])  # (S, out)
@@ -176,7 +187,7 @@ class _ExpertsMatmul(torch.autograd.Function):
             if need_b and n:
                 grad_b[e] = ge.sum(0, dtype=torch.float32)
             start += n
-        return (grad_x.to(ctx.x_dtype) if need_x else None), grad_w, grad_b, None, None, None
+        return (grad_x.to(ctx.x_dtype) if need_x else None), grad_w, grad_b, None, None, None, None
 
 
 class _Projection:
@@ -187,6 +198,7 @@ class _Projection:
         self.weight = getattr(experts, name)
         self.bias = getattr(experts, f"{name}_bias", None) if experts.has_bias else None
         self.transposed = experts.is_transposed
+        self.on_use = getattr(experts, CAST_ON_USE_ATTR, False)
         wrappers = getattr(experts, LORA_ATTR, {})
         # PEFT's own path is running (it parametrizes the weight with its delta): add nothing here
         parametrized = parametrize.is_parametrized(experts)
@@ -196,7 +208,7 @@ class _Projection:
         """x (S, in) grouped by expert -> (S, out), in the compute dtype (bf16 under autocast).
         LoRA on the input, no weight delta: y += s * B_e (A_e x)."""
         dtype = _compute_dtype(x)
-        y = _ExpertsMatmul.apply(x, self.weight, self.bias, counts, self.transposed, dtype)
+        y = _ExpertsMatmul.apply(x, self.weight, self.bias, counts, self.transposed, dtype, self.on_use)
         if self.lora is None:
             return y
         a, b, scaling = self.lora  # (E, r, in), (E, out, r)

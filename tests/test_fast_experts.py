@@ -166,6 +166,38 @@ def test_bf16_pads_each_expert_to_few_shapes_without_changing_numbers(model_type
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-3, rtol=2e-2, msg=name)
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_cast_on_use_keeps_no_weight_copy_and_the_same_numbers(model_type):
+    """With activation checkpointing (cast_on_use) each expert's weight is cast when used, in
+    forward and backward: bit-for-bit the numbers of casting the whole tensor once, and autograd
+    keeps the parameter itself rather than a bf16 copy of it."""
+    ref = tiny(model_type)
+    fast = copy.deepcopy(ref)
+    for model in (ref, fast):
+        fast_experts.use_fast_experts(model)
+    arch = describe(fast)
+    modules = sorted({n.rsplit(".", 1)[0] for layer in arch.layers for n in layer.expert_params})
+    fast_experts.cast_on_use(fast, modules, True)
+    expert_weights = {fast.get_parameter(n).data_ptr() for layer in arch.layers for n in layer.expert_params}
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.shape, t.data_ptr()))
+        return t
+
+    inputs = batch(ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_logits, ref_grads = loss_and_grads(ref, inputs)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits, grads = loss_and_grads(fast, inputs)
+    assert torch.equal(logits, ref_logits)
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+    expert_shapes = {fast.get_parameter(n).shape for layer in arch.layers for n in layer.expert_params}
+    assert not [s for s in saved if s[0] == torch.bfloat16 and s[1] in expert_shapes]  # no bf16 copy
+    assert {s[2] for s in saved} & expert_weights  # the fp32 parameters themselves
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("model_type", FAMILIES)
