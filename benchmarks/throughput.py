@@ -219,7 +219,7 @@ def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int
               "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": strategy}, "lora": LORA,
               "sft": {"max_steps": steps, "per_device_train_batch_size": batch, "max_length": seq,
                       "learning_rate": 1e-4, "logging_steps": 1000, "report_to": "none",
-                      "assistant_only_loss": False, "dataloader_num_workers": 0,
+                      "assistant_only_loss": False, "dataloader_num_workers": 0, "save_strategy": "no",
                       **({"activation_checkpointing": True} if checkpointing else {})},
               "eval": {"files": []}}
     (work / "recipe.yaml").write_text(json.dumps(recipe))
