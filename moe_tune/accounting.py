@@ -32,7 +32,7 @@ INT8_BYTES = 1 + 4 / 4096  # LLM.int8: a byte per weight plus an fp32 scale per 
 def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int,
                       quantized: int = 0, bits: int | None = None, narrowed: int = 0) -> float:
     """Weights of the whole model (``quantized`` of them at 4 or 8 bits, ``narrowed`` frozen
-    experts held in bf16: fast_experts.FrozenExpertsInBf16), plus gradient and two AdamW moments
+    experts held in bf16: fast_experts.holds_frozen_experts_in_bf16), plus gradient and two AdamW moments
     per trained weight (in the weights' dtype) and 16 bytes per fp32 LoRA parameter."""
     per_quantized = {4: NF4_BYTES, 8: INT8_BYTES}.get(bits, dtype_bytes)
     weights = (total - quantized - narrowed) * dtype_bytes + quantized * per_quantized + narrowed * 2

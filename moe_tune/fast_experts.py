@@ -48,20 +48,20 @@ def use_fast_experts(model: nn.Module) -> bool:
 
 
 def stored_in_bf16(path: str) -> bool:
-    """Whether the checkpoint folder ``path`` stores its routed experts' tensors (names with
-    ``.experts.``; shared experts are named otherwise) in bf16, as published MoE checkpoints do."""
+    """Whether the checkpoint folder ``path`` stores every floating-point tensor in bf16, as
+    published MoE checkpoints do, routed experts (names with ``.experts.``) among them. Loading
+    it in bf16 then rounds nothing: a tensor kept in fp32 (a norm, a router bias) would be."""
     from safetensors import safe_open  # noqa: PLC0415
 
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
-    found = False
+    experts = False
     for file in files:
         with safe_open(file, "pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if ".experts." in key:
-                    if f.get_slice(key).get_dtype() != "BF16":
-                        return False
-                    found = True
-    return found
+                if f.get_slice(key).get_dtype() in ("F32", "F16", "F64", "F8_E4M3", "F8_E5M2"):
+                    return False
+                experts = experts or ".experts." in key
+    return experts
 
 
 def holds_frozen_experts_in_bf16(recipe, sft_args, routed_experts_mode: str) -> bool:

@@ -98,3 +98,14 @@ def test_not_narrowed_where_it_would_not_be_exact_or_not_pay(bf16_copy, tmp_path
     recipe = load_recipe(QUICKSTART, [f"output_dir={tmp_path}", f"model.path={bf16_copy}",
                                       "trainable.preset=freeze_experts", "sft.bf16=true", override])
     assert not plan_run(recipe).frozen_experts_bf16
+
+
+def test_a_checkpoint_with_any_fp32_tensor_is_not_narrowed(tmp_path):
+    """Loading in bf16 would round an fp32 norm or router bias: only all-bf16 checkpoints."""
+    from safetensors.torch import save_file
+
+    experts = {"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(2, 4, 3, dtype=torch.bfloat16)}
+    save_file(experts, tmp_path / "model.safetensors")
+    assert fast_experts.stored_in_bf16(str(tmp_path))
+    save_file({**experts, "model.norm.weight": torch.ones(3)}, tmp_path / "model.safetensors")
+    assert not fast_experts.stored_in_bf16(str(tmp_path))
