@@ -17,6 +17,7 @@ PEFT keeps owning the LoRA factors (saving, loading and merging for export are P
 from __future__ import annotations
 
 import contextlib
+import mmap
 import types
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+
+from moe_tune.loading import TRAIN_MMAP_THRESHOLD
 
 NAME = "moe_tune"  # the name registered in transformers' ExpertsInterface
 LORA_ATTR = "_moe_tune_lora"  # on an experts module: {parameter name: PEFT ParamWrapper}
@@ -133,6 +136,32 @@ def _rows_contracted(a: torch.Tensor, b: torch.Tensor, low_precision: bool) -> t
     return F.pad(a, (0, 0, 0, pad)).t() @ F.pad(b, (0, 0, 0, pad)) if pad else a.t() @ b
 
 
+
+def _whole_weight_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised (E, out, in) tensor for a whole experts weight's bf16 copy or fp32
+    gradient, which each training step makes anew. On a Linux CPU it gets its own private
+    mapping with transparent huge pages (madvise): the kernel then faults it in 2 MiB pages
+    rather than 4 KiB ones (and unmaps it as fast), where glibc's own mapping of so large a block
+    takes a fault per 4 KiB. Freed with the tensor, as glibc's is: the memory is the same.
+    Measured at the Qwen3-30B-A3B shape (1 layer, full fine-tuning: 1.2 GB of copies and 2.4 GB
+    of gradients a step; Intel Xeon, THP in madvise mode), a step took 5.5 s against 7.0 s.
+    Activations are left to torch: lora_experts ran no faster with them here."""
+    n = torch.Size(shape).numel()
+    # below training's mmap threshold glibc serves the block from its heap, reusing freed memory
+    if device.type != "cpu" or n * dtype.itemsize < TRAIN_MMAP_THRESHOLD or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype, device=device)
+    pages = mmap.mmap(-1, n * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    pages.madvise(mmap.MADV_HUGEPAGE)  # where THP is off ("never"), a plain private mapping
+    return torch.frombuffer(pages, dtype=dtype, count=n).view(shape)  # the tensor keeps the mapping
+
+
+def _cast_whole(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.to(dtype)`` into a ``_whole_weight_empty`` tensor."""
+    if weight.dtype == dtype:
+        return weight
+    return _whole_weight_empty(weight.shape, dtype, weight.device).copy_(weight)
+
+
 def _slice(w: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
     """Expert e's weight in ``dtype`` (a copy only where w is held narrower)."""
     return w[e].to(dtype)
@@ -150,7 +179,7 @@ class _ExpertsMatmul(torch.autograd.Function):
         # (E, out, in) in dtype: cast once when wider (fp32 weights under autocast), and kept for
         # the backward; a narrower one (bf16 experts, fp32 compute: evaluation), or any with
         # ``on_use`` (cast_on_use), is cast per expert used, on use (_slice)
-        w = weight.to(dtype) if weight.dtype.itemsize >= dtype.itemsize and not on_use else weight
+        w = _cast_whole(weight, dtype) if weight.dtype.itemsize >= dtype.itemsize and not on_use else weight
         xc = x.to(dtype)  # (S, in)
         low = dtype in (torch.bfloat16, torch.float16)
         y = xc.new_empty(x.shape[0], w.shape[2] if transposed else w.shape[1])  # (S, out)
@@ -173,7 +202,7 @@ class _ExpertsMatmul(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = grad_y.to(ctx.dtype)  # (S, out)
         grad_x = torch.empty_like(xc) if need_x else None  # (S, in)
-        grad_w = torch.empty(w.shape, dtype=ctx.w_dtype, device=w.device) if need_w else None
+        grad_w = _whole_weight_empty(w.shape, ctx.w_dtype, w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], g.shape[1], dtype=ctx.w_dtype, device=w.device) if need_b else None
         start = 0
         for e, n in enumerate(ctx.counts):

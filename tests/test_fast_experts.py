@@ -1,6 +1,7 @@
 """moe_tune's experts forward: the same numbers as transformers' kernel and as PEFT's LoRA."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +240,64 @@ def test_lora_really_goes_through_the_grouped_inputs():
         assert fast_experts.route_lora_through(model) == len(describe(model.get_base_model()).layers)
         model(**batch(model))
     assert seen and not any(seen)
+
+
+def _mapping_of(address: int) -> dict[str, int] | None:
+    """The /proc/self/smaps fields (kB) of the mapping that holds ``address``, or None."""
+    fields, inside = {}, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            if inside:
+                return fields
+            start, end = (int(a, 16) for a in head.split("-"))
+            inside = start <= address < end
+        elif inside and line.split()[-1] == "kB":
+            fields[head.rstrip(":")] = int(line.split()[1])
+    return fields if inside else None
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads Linux's /proc/self/smaps")
+def test_whole_expert_gradients_and_copies_get_huge_pages_and_the_same_numbers(monkeypatch):
+    """Full fine-tuning's per-step (E, out, in) tensors (the bf16 copy of each experts weight, the
+    fp32 gradient) at least glibc's mmap threshold get their own huge-page mapping (where THP is
+    in madvise mode, as here): the gradient is the very tensor the parameter keeps (autograd takes
+    it over rather than copying it), its numbers are those of plain torch.empty, and its mapping
+    goes when the gradient is dropped."""
+    import gc
+
+    from transformers import MixtralConfig
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=64, hidden_size=1024, intermediate_size=1024, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2)
+    model = AutoModelForCausalLM.from_config(config).float()
+    fast_experts.use_fast_experts(model)
+    weight = model.model.layers[0].mlp.experts.gate_up_proj  # (4, 2048, 1024): 32 MiB in fp32
+    assert weight.numel() * 2 >= fast_experts.TRAIN_MMAP_THRESHOLD  # its bf16 copy too
+    inputs = batch(model)
+
+    def step():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**inputs).loss.backward()
+        return weight.grad
+
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    madvise = thp.is_file() and "[madvise]" in thp.read_text()  # huge pages only where asked for
+    monkeypatch.setattr(fast_experts, "TRAIN_MMAP_THRESHOLD", 1 << 62)  # plain torch.empty throughout
+    plain = step()
+    if madvise:
+        assert _mapping_of(plain.data_ptr())["AnonHugePages"] == 0
+    plain = plain.clone()
+    monkeypatch.undo()
+    grad = step()
+    assert torch.equal(grad, plain)
+    if madvise:  # a clone taken by autograd would be glibc's, without huge pages
+        assert _mapping_of(grad.data_ptr())["AnonHugePages"] > 0
+    address = grad.data_ptr()
+    del grad
+    model.zero_grad()
+    gc.collect()
+    assert _mapping_of(address) is None  # unmapped with the gradient
