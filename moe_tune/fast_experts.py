@@ -121,20 +121,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _expert_rows(x: torch.Tensor, w: torch.Tensor, low_precision: bool) -> torch.Tensor:
-    """x (n, k) @ w (k, m) -> (n, m), x zero-padded to ``_padded_rows`` rows first (and cut back)."""
-    n = x.shape[0]
-    padded = _padded_rows(n, low_precision)
-    return (F.pad(x, (0, 0, 0, padded - n)) @ w)[:n] if padded > n else x @ w
-
-
-def _rows_contracted(a: torch.Tensor, b: torch.Tensor, low_precision: bool) -> torch.Tensor:
-    """a (n, p), b (n, q) -> a.T @ b (p, q): a weight gradient, summed over an expert's n rows
-    (zero-padded like ``_expert_rows``, which adds nothing to the sum)."""
-    n = a.shape[0]
-    pad = _padded_rows(n, low_precision) - n
-    return F.pad(a, (0, 0, 0, pad)).t() @ F.pad(b, (0, 0, 0, pad)) if pad else a.t() @ b
-
+def _padded(x: torch.Tensor, low_precision: bool) -> torch.Tensor:
+    """x (n, k) zero-padded to ``_padded_rows`` rows: the rows an expert's matmuls run on (and
+    their outputs are cut back to n). Zero rows add nothing to a weight gradient's sum."""
+    pad = _padded_rows(x.shape[0], low_precision) - x.shape[0]
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
 def _whole_weight_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -168,55 +159,86 @@ def _slice(w: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _ExpertsMatmul(torch.autograd.Function):
-    """Each expert's rows of x times its weight, as one autograd node: x (S, in) grouped by expert
-    (``counts`` rows each), weight (E, out, in), or (E, in, out) when transposed, bias (E, out) ->
-    (S, out), in ``dtype``. Autograd through per-expert slices of the weight would stack their E
-    gradients into one tensor after the backward, a copy of every expert weight per step; here
-    each expert's gradient goes straight into its slice, and each tensor is cast once."""
+    """Each expert's rows of x times its weight, plus its LoRA, as one autograd node: x (S, in)
+    grouped by expert (``counts`` rows each), weight (E, out, in), or (E, in, out) when
+    transposed, bias (E, out), LoRA factors A (E, r, in) and B (E, out, r) -> (S, out), in
+    ``dtype``: y_e = x_e W_e^T + s (x_e A_e^T) B_e^T. Autograd through per-expert slices of the
+    weight would stack their E gradients into one tensor after the backward, a copy of every
+    expert weight per step; here each expert's gradient goes straight into its slice, and each
+    tensor is cast once. LoRA's term is added into each expert's output while it is in cache
+    (and its gradient likewise), rather than as three more passes over the whole (S, out)
+    output and three more in the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, counts, transposed, dtype, on_use):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, counts, transposed, dtype, on_use, scaling):
         # (E, out, in) in dtype: cast once when wider (fp32 weights under autocast), and kept for
         # the backward; a narrower one (bf16 experts, fp32 compute: evaluation), or any with
         # ``on_use`` (cast_on_use), is cast per expert used, on use (_slice)
         w = _cast_whole(weight, dtype) if weight.dtype.itemsize >= dtype.itemsize and not on_use else weight
         xc = x.to(dtype)  # (S, in)
         low = dtype in (torch.bfloat16, torch.float16)
+        lora = lora_a is not None
+        a, b = (lora_a.to(dtype), lora_b.to(dtype)) if lora else (None, None)  # (E, r, in), (E, out, r)
         y = xc.new_empty(x.shape[0], w.shape[2] if transposed else w.shape[1])  # (S, out)
+        h = xc.new_empty(x.shape[0], a.shape[1]) if lora else None  # (S, r): x_e A_e^T, for B's gradient
         start = 0
         for e, n in enumerate(counts):
             if n:
                 we = _slice(w, e, dtype)
-                y[start:start + n] = _expert_rows(xc[start:start + n], we if transposed else we.t(), low)
+                xp = _padded(xc[start:start + n], low)  # (p, in), p >= n
+                yp = xp @ (we if transposed else we.t())  # (p, out)
+                if lora:
+                    hp = xp @ a[e].t()  # (p, r)
+                    yp = torch.addmm(yp, hp, b[e].t(), alpha=scaling)
+                    h[start:start + n] = hp[:n]
+                y[start:start + n] = yp[:n]
             start += n
         if bias is not None:
             y += bias.to(dtype).repeat_interleave(torch.tensor(counts, device=x.device), dim=0)
-        ctx.save_for_backward(xc, w)
+        ctx.save_for_backward(xc, w, h, a, b)
         ctx.counts, ctx.transposed, ctx.low, ctx.x_dtype, ctx.w_dtype = counts, transposed, low, x.dtype, weight.dtype
-        ctx.dtype = dtype
+        ctx.dtype, ctx.scaling = dtype, scaling
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        xc, w = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        xc, w, h, a, b = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
         g = grad_y.to(ctx.dtype)  # (S, out)
+        lora, low, scaling = a is not None, ctx.low, ctx.scaling
         grad_x = torch.empty_like(xc) if need_x else None  # (S, in)
         grad_w = _whole_weight_empty(w.shape, ctx.w_dtype, w.device) if need_w else None
         grad_b = torch.zeros(w.shape[0], g.shape[1], dtype=ctx.w_dtype, device=w.device) if need_b else None
+        grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device) if need_a else None  # (E, r, in)
+        grad_lb = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_lb else None  # (E, out, r)
         start = 0
         for e, n in enumerate(ctx.counts):
-            ge, xe = g[start:start + n], xc[start:start + n]  # (n, out), (n, in)
-            if need_x and n:
+            if not n:  # an expert without tokens: zero gradients
+                if need_w:
+                    grad_w[e] = 0
+                continue
+            gp, xp = _padded(g[start:start + n], low), _padded(xc[start:start + n], low)  # (p, out), (p, in)
+            gh = gp @ b[e] if lora and (need_x or need_a) else None  # (p, r): g_e B_e
+            if need_x:
                 we = _slice(w, e, ctx.dtype)
-                grad_x[start:start + n] = _expert_rows(ge, we.t() if ctx.transposed else we, ctx.low)
-            if need_w:  # (out, in), or (in, out) transposed; an expert without tokens gets zeros
-                grad_w[e] = (_rows_contracted(xe, ge, ctx.low) if ctx.transposed else
-                             _rows_contracted(ge, xe, ctx.low)) if n else 0
-            if need_b and n:
-                grad_b[e] = ge.sum(0, dtype=torch.float32)
+                gxp = gp @ (we.t() if ctx.transposed else we)  # (p, in)
+                if gh is not None:
+                    gxp = torch.addmm(gxp, gh, a[e], alpha=scaling)
+                grad_x[start:start + n] = gxp[:n]
+            if need_w:  # (out, in), or (in, out) transposed; padded rows add nothing
+                grad_w[e] = xp.t() @ gp if ctx.transposed else gp.t() @ xp
+            if need_b:
+                grad_b[e] = g[start:start + n].sum(0, dtype=torch.float32)
+            if need_a:
+                grad_a[e] = gh.t() @ xp  # (r, in)
+            if need_lb:
+                grad_lb[e] = gp.t() @ _padded(h[start:start + n], low)  # (out, r)
             start += n
-        return (grad_x.to(ctx.x_dtype) if need_x else None), grad_w, grad_b, None, None, None, None
+        for grad in (grad_a, grad_lb):
+            if grad is not None:
+                grad.mul_(scaling)
+        return ((grad_x.to(ctx.x_dtype) if need_x else None), grad_w, grad_b,
+                grad_a, grad_lb, None, None, None, None, None)
 
 
 class _Projection:
@@ -236,15 +258,9 @@ class _Projection:
     def rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x (S, in) grouped by expert -> (S, out), in the compute dtype (bf16 under autocast).
         LoRA on the input, no weight delta: y += s * B_e (A_e x)."""
-        dtype = _compute_dtype(x)
-        y = _ExpertsMatmul.apply(x, self.weight, self.bias, counts, self.transposed, dtype, self.on_use)
-        if self.lora is None:
-            return y
-        a, b, scaling = self.lora  # (E, r, in), (E, out, r)
-        low, xc = dtype in (torch.bfloat16, torch.float16), x.to(dtype)
-        outs = [_expert_rows(_expert_rows(xe, ae.to(dtype).t(), low), be.to(dtype).t(), low)  # (n, r) -> (n, out)
-                for xe, ae, be, n in zip(xc.split(counts), a.unbind(0), b.unbind(0), counts) if n]
-        return y + torch.cat(outs) * scaling
+        a, b, scaling = self.lora if self.lora is not None else (None, None, 1.0)  # (E, r, in), (E, out, r)
+        return _ExpertsMatmul.apply(x, self.weight, self.bias, a, b, counts, self.transposed, _compute_dtype(x),
+                                    self.on_use, scaling)
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return _project_grouped(x, self.weight, self.bias, self.lora, offsets, self.transposed)

@@ -122,17 +122,16 @@ def test_bf16_autocast_runs_expert_matmuls_in_bf16(monkeypatch):
     """transformers' grouped kernel stays fp32 under CPU autocast; this path does not."""
     model = tiny("mixtral")
     fast_experts.use_fast_experts(model)
-    dtypes, rows = [], fast_experts._expert_rows
+    dtypes, padded = [], fast_experts._padded
 
-    def spy(x, w, low):
-        out = rows(x, w, low)
-        dtypes.append(out.dtype)
-        return out
+    def spy(x, low):
+        dtypes.append(x.dtype)
+        return padded(x, low)
 
-    monkeypatch.setattr(fast_experts, "_expert_rows", spy)
+    monkeypatch.setattr(fast_experts, "_padded", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(**batch(model))
-    # two projections per expert that received tokens, in every layer
+    # the rows of two projections per expert that received tokens, in every layer
     assert len(dtypes) >= 2 * len(describe(model).layers) and set(dtypes) == {torch.bfloat16}
 
 
