@@ -254,7 +254,9 @@ def train_and_save(setup: RunSetup, checkpoint: Path | None, interrupts: Interru
             save_distributed(trainer, tokenizer, run)
         else:
             save_model(trainer.model, tokenizer, run)
-    if (run / CHECKPOINTS).is_dir() and not any((run / CHECKPOINTS).iterdir()):
+    # rank 0 alone tidies the run folder: another rank could find the folder gone between its
+    # two looks (seen in tests/test_distributed.py)
+    if distributed.is_main() and (run / CHECKPOINTS).is_dir() and not any((run / CHECKPOINTS).iterdir()):
         (run / CHECKPOINTS).rmdir()
     mark_done(run, "save")
     print(f"trained in {time.time() - start:.0f}s; model saved to {run / MODEL_DIR}")
