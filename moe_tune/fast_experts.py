@@ -198,6 +198,7 @@ class _ExpertsMatmul(torch.autograd.Function):
         ctx.save_for_backward(xc, w, h, a, b)
         ctx.counts, ctx.transposed, ctx.low, ctx.x_dtype, ctx.w_dtype = counts, transposed, low, x.dtype, weight.dtype
         ctx.dtype, ctx.scaling = dtype, scaling
+        ctx.lora_dtype = lora_a.dtype if lora else None
         return y
 
     @staticmethod
@@ -217,7 +218,8 @@ class _ExpertsMatmul(torch.autograd.Function):
                 if need_w:
                     grad_w[e] = 0
                 continue
-            gp, xp = _padded(g[start:start + n], low), _padded(xc[start:start + n], low)  # (p, out), (p, in)
+            gp = _padded(g[start:start + n], low)  # (p, out)
+            xp = _padded(xc[start:start + n], low) if need_w or need_a else None  # (p, in)
             gh = gp @ b[e] if lora and (need_x or need_a) else None  # (p, r): g_e B_e
             if need_x:
                 we = _slice(w, e, ctx.dtype)
@@ -234,9 +236,9 @@ class _ExpertsMatmul(torch.autograd.Function):
             if need_lb:
                 grad_lb[e] = gp.t() @ _padded(h[start:start + n], low)  # (out, r)
             start += n
-        for grad in (grad_a, grad_lb):
-            if grad is not None:
-                grad.mul_(scaling)
+        # summed in fp32, returned in the factors' own dtype
+        grad_a, grad_lb = (grad.mul_(scaling).to(ctx.lora_dtype) if grad is not None else None
+                           for grad in (grad_a, grad_lb))
         return ((grad_x.to(ctx.x_dtype) if need_x else None), grad_w, grad_b,
                 grad_a, grad_lb, None, None, None, None, None)
 
