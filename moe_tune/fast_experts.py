@@ -7,9 +7,9 @@ then computes the full (E, out, in) weight gradient only to project it onto the 
 
 ``experts_forward`` sorts the (token, expert) pairs by expert and applies LoRA to the grouped
 inputs, ``y += s * B_e (A_e x)``: no weight delta is built, and a frozen base weight gets no
-gradient. On a CPU each projection runs as plain matmuls on each expert's slice of tokens, in
-the compute dtype (bf16 under autocast, which ``grouped_mm`` ignores), inside one autograd node
-per projection (``_ExpertsMatmul``); on CUDA it uses transformers' grouped kernel.
+gradient. On a CPU the whole routed MLP runs expert by expert as plain matmuls on each expert's
+tokens, in the compute dtype (bf16 under autocast, which ``grouped_mm`` ignores), inside one
+autograd node per layer (``_ExpertsMLP``); on CUDA it uses transformers' grouped kernel.
 PEFT keeps owning the LoRA factors (saving, loading and merging for export are PEFT's); see
 ``route_lora_through``. Numerics equal transformers' and PEFT's (tests/test_fast_experts.py).
 """
@@ -17,6 +17,7 @@ PEFT keeps owning the LoRA factors (saving, loading and merging for export are P
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import types
 from pathlib import Path
@@ -71,7 +72,7 @@ def holds_frozen_experts_in_bf16(recipe, sft_args, routed_experts_mode: str) -> 
     """Whether a run loads its frozen routed experts in bf16 and keeps them so, with every other
     weight in fp32 (loading.load_model's ``bf16_experts``).
 
-    Under bf16 autocast on a CPU, ``_ExpertsMatmul`` would cast each fp32 expert weight to bf16
+    Under bf16 autocast on a CPU, ``_ExpertsMLP`` would cast each fp32 expert weight to bf16
     on every forward and keep that copy for the backward. Where the checkpoint stores the experts
     in bf16, fp32 would only widen them: kept in bf16 they hold the same values, the kernel
     computes exactly the same, a frozen expert weight takes 2 bytes instead of 4 (plus 2 for the
@@ -128,15 +129,15 @@ def _padded(x: torch.Tensor, low_precision: bool) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
-def _whole_weight_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised (E, out, in) tensor for a whole experts weight's bf16 copy or fp32
-    gradient, which each training step makes anew. On a Linux CPU it gets its own private
-    mapping with transparent huge pages (madvise): the kernel then faults it in 2 MiB pages
-    rather than 4 KiB ones (and unmaps it as fast), where glibc's own mapping of so large a block
-    takes a fault per 4 KiB. Freed with the tensor, as glibc's is: the memory is the same.
-    Measured at the Qwen3-30B-A3B shape (1 layer, full fine-tuning: 1.2 GB of copies and 2.4 GB
-    of gradients a step; Intel Xeon, THP in madvise mode), a step took 5.5 s against 7.0 s.
-    Activations are left to torch: lora_experts ran no faster with them here."""
+def _step_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor that each training step makes anew: a whole experts weight's bf16
+    copy or fp32 gradient (E, out, in), or the kernel's largest activation (P, 2I). On a Linux
+    CPU it gets its own private mapping with transparent huge pages (madvise): the kernel then
+    faults it in 2 MiB pages rather than 4 KiB ones (and unmaps it as fast), where glibc's own
+    mapping of so large a block takes a fault per 4 KiB. Freed with the tensor, as glibc's is:
+    the memory is the same. Measured at the Qwen3-30B-A3B shape (1 layer; Intel Xeon, THP in
+    madvise mode): full fine-tuning (1.2 GB of copies and 2.4 GB of gradients a step) took 5.5 s
+    a step against 7.0 s; lora_experts (a 52 MB activation) 2.1 s against 2.35 s."""
     n = torch.Size(shape).numel()
     # below training's mmap threshold glibc serves the block from its heap, reusing freed memory
     if device.type != "cpu" or n * dtype.itemsize < TRAIN_MMAP_THRESHOLD or not hasattr(mmap, "MADV_HUGEPAGE"):
@@ -147,10 +148,10 @@ def _whole_weight_empty(shape: torch.Size, dtype: torch.dtype, device: torch.dev
 
 
 def _cast_whole(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``weight.to(dtype)`` into a ``_whole_weight_empty`` tensor."""
+    """``weight.to(dtype)`` into a ``_step_empty`` tensor."""
     if weight.dtype == dtype:
         return weight
-    return _whole_weight_empty(weight.shape, dtype, weight.device).copy_(weight)
+    return _step_empty(weight.shape, dtype, weight.device).copy_(weight)
 
 
 def _slice(w: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
@@ -158,111 +159,240 @@ def _slice(w: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
     return w[e].to(dtype)
 
 
-class _ExpertsMatmul(torch.autograd.Function):
-    """Each expert's rows of x times its weight, plus its LoRA, as one autograd node: x (S, in)
-    grouped by expert (``counts`` rows each), weight (E, out, in), or (E, in, out) when
-    transposed, bias (E, out), LoRA factors A (E, r, in) and B (E, out, r) -> (S, out), in
-    ``dtype``: y_e = x_e W_e^T + s (x_e A_e^T) B_e^T. Autograd through per-expert slices of the
-    weight would stack their E gradients into one tensor after the backward, a copy of every
-    expert weight per step; here each expert's gradient goes straight into its slice, and each
-    tensor is cast once. LoRA's term is added into each expert's output while it is in cache
-    (and its gradient likewise), rather than as three more passes over the whole (S, out)
-    output and three more in the backward."""
+def _held(weight: torch.Tensor, dtype: torch.dtype, on_use: bool) -> torch.Tensor:
+    """The (E, out, in) weight the loop reads, in ``dtype``: cast once when wider (fp32 weights
+    under autocast), and kept for the backward; a narrower one (bf16 experts, fp32 compute:
+    evaluation), or any with ``on_use`` (cast_on_use), is cast per expert used, on use (_slice)."""
+    return _cast_whole(weight, dtype) if weight.dtype.itemsize >= dtype.itemsize and not on_use else weight
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, counts, transposed, dtype, on_use, scaling):
-        # (E, out, in) in dtype: cast once when wider (fp32 weights under autocast), and kept for
-        # the backward; a narrower one (bf16 experts, fp32 compute: evaluation), or any with
-        # ``on_use`` (cast_on_use), is cast per expert used, on use (_slice)
-        w = _cast_whole(weight, dtype) if weight.dtype.itemsize >= dtype.itemsize and not on_use else weight
-        xc = x.to(dtype)  # (S, in)
-        low = dtype in (torch.bfloat16, torch.float16)
-        lora = lora_a is not None
-        a, b = (lora_a.to(dtype), lora_b.to(dtype)) if lora else (None, None)  # (E, r, in), (E, out, r)
-        y = xc.new_empty(x.shape[0], w.shape[2] if transposed else w.shape[1])  # (S, out)
-        h = xc.new_empty(x.shape[0], a.shape[1]) if lora else None  # (S, r): x_e A_e^T, for B's gradient
-        start = 0
-        for e, n in enumerate(counts):
+
+class _Route:
+    """A layer's (token, slot) pairs grouped by expert, computed once for both projections and
+    the backward. S = T * k grouped rows; expert e's rows are ``counts[e]`` consecutive ones,
+    which the loop runs zero-padded to ``_padded_rows`` rows: P rows in all."""
+
+    def __init__(self, top_k_index: torch.Tensor, num_experts: int, low_precision: bool):
+        tokens, k = top_k_index.shape
+        ids = top_k_index.reshape(-1)  # (S,)
+        self.order = torch.argsort(ids, stable=True)  # (S,): (token, slot) pairs grouped by expert
+        self.counts = torch.bincount(ids, minlength=num_experts).tolist()
+        self.tokens = self.order // k  # (S,): the token of each grouped row
+        rows = [_padded_rows(n, low_precision) if n else 0 for n in self.counts]
+        self.starts = [0, *itertools.accumulate(self.counts)][:-1]
+        self.padded_starts = [0, *itertools.accumulate(rows)][:-1]
+        # (P,): each expert's tokens, then its pad rows pointing at row T (the zero row that
+        # _ExpertsMLP appends to the hidden states and their gradient), so one gather pads
+        shift = torch.tensor([p - s for p, s in zip(self.padded_starts, self.starts)], device=ids.device)
+        at = torch.arange(ids.numel(), device=ids.device) + shift.repeat_interleave(
+            torch.tensor(self.counts, device=ids.device), output_size=ids.numel())
+        self.padded_tokens = torch.full((sum(rows),), tokens, dtype=torch.long, device=ids.device)
+        self.padded_tokens[at] = self.tokens
+        self.rows = rows
+
+    def experts(self):
+        """(expert, its row count n, its padded count p, its first grouped row, its first padded row)
+        for every expert that received tokens."""
+        for e, n in enumerate(self.counts):
             if n:
-                we = _slice(w, e, dtype)
-                xp = _padded(xc[start:start + n], low)  # (p, in), p >= n
-                yp = xp @ (we if transposed else we.t())  # (p, out)
-                if lora:
-                    hp = xp @ a[e].t()  # (p, r)
-                    yp = torch.addmm(yp, hp, b[e].t(), alpha=scaling)
-                    h[start:start + n] = hp[:n]
-                y[start:start + n] = yp[:n]
-            start += n
-        if bias is not None:
-            y += bias.to(dtype).repeat_interleave(torch.tensor(counts, device=x.device), dim=0)
-        ctx.save_for_backward(xc, w, h, a, b)
-        ctx.counts, ctx.transposed, ctx.low, ctx.x_dtype, ctx.w_dtype = counts, transposed, low, x.dtype, weight.dtype
-        ctx.dtype, ctx.scaling = dtype, scaling
-        ctx.lora_dtype = lora_a.dtype if lora else None
+                yield e, n, self.rows[e], self.starts[e], self.padded_starts[e]
+
+
+class _Side:
+    """One projection inside ``_ExpertsMLP``: weight (E, out, in), or (E, in, out) when
+    transposed, bias (E, out), LoRA A (E, r, in) and B (E, out, r), held in the compute dtype."""
+
+    def __init__(self, w, bias, a, b, scaling, transposed, dtype, w_dtype, lora_dtype):
+        self.w, self.bias, self.a, self.b = w, bias, a, b
+        self.scaling, self.transposed, self.dtype = scaling, transposed, dtype
+        self.w_dtype, self.lora_dtype, self.lora = w_dtype, lora_dtype, a is not None
+        self.out_features = w.shape[2] if transposed else w.shape[1]
+        self.rank = a.shape[1] if self.lora else 0
+
+    @classmethod
+    def held(cls, weight, bias, lora_a, lora_b, scaling, transposed, dtype, on_use) -> _Side:
+        """From the module's tensors: each cast to the compute dtype once (the weight as ``_held``)."""
+        lora = lora_a is not None
+        return cls(_held(weight, dtype, on_use), bias.to(dtype) if bias is not None else None,
+                   lora_a.to(dtype) if lora else None, lora_b.to(dtype) if lora else None, scaling, transposed,
+                   dtype, weight.dtype, lora_a.dtype if lora else None)
+
+    def tensors(self) -> list:
+        return [self.w, self.bias, self.a, self.b]
+
+    def forward(self, x: torch.Tensor, e: int, y: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+        """y (p, out) = x (p, in) W_e^T + s (x A_e^T) B_e^T + bias_e, written into y; x A_e^T into h
+        (p, r), kept for B's gradient. LoRA's term is added while y is in cache."""
+        we = _slice(self.w, e, self.dtype)
+        torch.mm(x, we if self.transposed else we.t(), out=y)
+        if self.lora:
+            torch.mm(x, self.a[e].t(), out=h)
+            y.addmm_(h, self.b[e].t(), alpha=self.scaling)
+        if self.bias is not None:
+            y += self.bias[e]
         return y
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        xc, w, h, a, b = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_lb = ctx.needs_input_grad[:5]
-        g = grad_y.to(ctx.dtype)  # (S, out)
-        lora, low, scaling = a is not None, ctx.low, ctx.scaling
-        grad_x = torch.empty_like(xc) if need_x else None  # (S, in)
-        grad_w = _whole_weight_empty(w.shape, ctx.w_dtype, w.device) if need_w else None
-        grad_b = torch.zeros(w.shape[0], g.shape[1], dtype=ctx.w_dtype, device=w.device) if need_b else None
-        grad_a = torch.zeros(a.shape, dtype=torch.float32, device=a.device) if need_a else None  # (E, r, in)
-        grad_lb = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_lb else None  # (E, out, r)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if not n:  # an expert without tokens: zero gradients
-                if need_w:
+    def backward(self, g, e, x, h, grads, need_in):
+        """g (p, out), the gradient of y; x (p, in) and h (p, r) as in forward -> the gradient of x
+        (p, in) when ``need_in``; each trained tensor's gradient goes into its expert's slice of
+        ``grads`` (weight, bias, A, B: None where not trained). Zero pad rows of g add nothing."""
+        grad_w, grad_bias, grad_a, grad_b = grads
+        gh = g @ self.b[e] if self.lora and (need_in or grad_a is not None) else None  # (p, r): g B_e
+        grad_in = None
+        if need_in:
+            we = _slice(self.w, e, self.dtype)
+            grad_in = g @ (we.t() if self.transposed else we)  # (p, in)
+            if gh is not None:
+                grad_in.addmm_(gh, self.a[e], alpha=self.scaling)
+        if grad_w is not None:  # (out, in), or (in, out) transposed
+            grad_w[e] = x.t() @ g if self.transposed else g.t() @ x
+        if grad_bias is not None:
+            grad_bias[e] = g.sum(0, dtype=torch.float32)
+        if grad_a is not None:
+            grad_a[e] = gh.t() @ x  # (r, in)
+        if grad_b is not None:
+            grad_b[e] = g.t() @ h  # (out, r)
+        return grad_in
+
+    def gradients(self, needs: tuple[bool, bool, bool, bool]) -> list:
+        """Buffers for the gradients of (weight, bias, A, B), None where not needed: the weight's
+        in its own dtype (an expert without tokens gets zeros), LoRA's summed in fp32."""
+        need_w, need_bias, need_a, need_b = needs
+        w = self.w
+        return [_step_empty(w.shape, self.w_dtype, w.device) if need_w else None,
+                torch.zeros(w.shape[0], self.out_features, dtype=torch.float32, device=w.device) if need_bias else None,
+                torch.zeros(self.a.shape, dtype=torch.float32, device=w.device) if need_a else None,
+                torch.zeros(self.b.shape, dtype=torch.float32, device=w.device) if need_b else None]
+
+    def returned(self, grads, route: _Route, bias_dtype) -> list:
+        """``gradients``' buffers as autograd wants them: an unused expert's weight gradient zeroed,
+        the bias's in its own dtype, LoRA's scaled and in the factors' dtype."""
+        grad_w, grad_bias, grad_a, grad_b = grads
+        if grad_w is not None:
+            for e, n in enumerate(route.counts):
+                if not n:
                     grad_w[e] = 0
-                continue
-            gp = _padded(g[start:start + n], low)  # (p, out)
-            xp = _padded(xc[start:start + n], low) if need_w or need_a else None  # (p, in)
-            gh = gp @ b[e] if lora and (need_x or need_a) else None  # (p, r): g_e B_e
-            if need_x:
-                we = _slice(w, e, ctx.dtype)
-                gxp = gp @ (we.t() if ctx.transposed else we)  # (p, in)
-                if gh is not None:
-                    gxp = torch.addmm(gxp, gh, a[e], alpha=scaling)
-                grad_x[start:start + n] = gxp[:n]
-            if need_w:  # (out, in), or (in, out) transposed; padded rows add nothing
-                grad_w[e] = xp.t() @ gp if ctx.transposed else gp.t() @ xp
-            if need_b:
-                grad_b[e] = g[start:start + n].sum(0, dtype=torch.float32)
-            if need_a:
-                grad_a[e] = gh.t() @ xp  # (r, in)
-            if need_lb:
-                grad_lb[e] = gp.t() @ _padded(h[start:start + n], low)  # (out, r)
-            start += n
-        # summed in fp32, returned in the factors' own dtype
-        grad_a, grad_lb = (grad.mul_(scaling).to(ctx.lora_dtype) if grad is not None else None
-                           for grad in (grad_a, grad_lb))
-        return ((grad_x.to(ctx.x_dtype) if need_x else None), grad_w, grad_b,
-                grad_a, grad_lb, None, None, None, None, None)
+        return [grad_w, grad_bias.to(bias_dtype) if grad_bias is not None else None,
+                *(g.mul_(self.scaling).to(self.lora_dtype) if g is not None else None for g in (grad_a, grad_b))]
+
+
+class _ExpertsMLP(torch.autograd.Function):
+    """A layer's whole routed-experts MLP on a CPU as one autograd node, expert by expert:
+    gather its tokens' hidden states (T, H), up-project (+ LoRA), activate, down-project (+ LoRA),
+    weight by the routing weights and add into the (T, H) output in fp32. Each expert's rows pass
+    through every step while they are in cache; the separate passes over all S = T * k routed
+    rows that grouping, casting, weighting, un-sorting and summing over k would otherwise each
+    take (and their backward passes) are gone, and so are their (S, H) tensors. The backward
+    recomputes the gather and the activation per expert; it keeps the up-projection's output
+    (P, 2I), and the down-projection's (P, H) only where the routing weights need a gradient.
+    Autograd through per-expert slices of a weight would stack their E gradients into one
+    tensor after the backward; here each expert's gradient goes straight into its slice.
+
+    With ``weights`` None (a post-expert norm comes between the experts and the routing
+    weights), it returns the down-projection's (S, H) grouped rows instead."""
+
+    @staticmethod
+    def forward(ctx, x, weights, up_w, up_b, up_a, up_lb, down_w, down_b, down_a, down_lb, route, spec):
+        experts, dtype, combine = spec["experts"], spec["dtype"], weights is not None
+        with torch.autocast(x.device.type, enabled=False):  # everything below is already in dtype
+            up = _Side.held(up_w, up_b, up_a, up_lb, spec["up_scaling"], spec["transposed"], dtype, spec["on_use"])
+            down = _Side.held(down_w, down_b, down_a, down_lb, spec["down_scaling"], spec["transposed"], dtype,
+                              spec["on_use"])
+            tokens, hidden = x.shape
+            xz = torch.cat([x.to(dtype), x.new_zeros(1, hidden, dtype=dtype)])  # (T + 1, H): row T is zero
+            padded = len(route.padded_tokens)
+            # (P, 2I) or (P, I), kept for the activation's backward; fresh every step, hence huge pages
+            u = _step_empty((padded, up.out_features), dtype, x.device)
+            hu = xz.new_empty(padded, up.rank) if up.lora else None  # (P, r): x A^T, for B's gradient
+            hd = xz.new_empty(padded, down.rank) if down.lora else None
+            keep_d = not combine or ctx.needs_input_grad[1]  # the routing weights' gradient needs it
+            d = _step_empty((padded, hidden), dtype, x.device) if keep_d else None  # (P, H) the experts' outputs
+            w = weights.to(dtype) if combine else None  # (S,) routing weights, grouped
+            out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device) if combine else \
+                xz.new_empty(len(route.tokens), hidden)
+            for e, n, p, s, ps in route.experts():
+                xe = xz.index_select(0, route.padded_tokens[ps:ps + p])  # (p, H), zero pad rows
+                ue = up.forward(xe, e, u[ps:ps + p], hu[ps:ps + p] if up.lora else None)  # (p, 2I)
+                ae = experts._apply_gate(ue) if experts.has_gate else experts.act_fn(ue)  # (p, I)
+                de = d[ps:ps + p] if keep_d else xz.new_empty(p, hidden)
+                down.forward(ae, e, de, hd[ps:ps + p] if down.lora else None)  # (p, H)
+                if combine:  # weighted in dtype, summed over the k slots in fp32, as transformers does
+                    out.index_add_(0, route.tokens[s:s + n], (de[:n] * w[s:s + n, None]).float())
+                else:
+                    out[s:s + n] = de[:n]
+        ctx.save_for_backward(xz, u, d, hu, hd, w, *up.tensors(), *down.tensors())
+        ctx.route, ctx.spec, ctx.combine, ctx.x_dtype = route, spec, combine, x.dtype
+        ctx.weights_dtype = weights.dtype if combine else None
+        ctx.sides = [(s.w_dtype, s.lora_dtype) for s in (up, down)]
+        ctx.bias_dtypes = [b.dtype if b is not None else None for b in (up_b, down_b)]
+        return out.to(x.dtype) if combine else out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xz, u, d, hu, hd, w, *held = ctx.saved_tensors
+        route, spec, combine = ctx.route, ctx.spec, ctx.combine
+        experts, dtype = spec["experts"], spec["dtype"]
+        needs = ctx.needs_input_grad
+        need_x, need_weights = needs[0], needs[1]
+        up, down = (_Side(*tensors, scaling, spec["transposed"], dtype, w_dtype, lora_dtype)  # as forward held them
+                    for tensors, scaling, (w_dtype, lora_dtype) in zip(
+                        (held[:4], held[4:]), (spec["up_scaling"], spec["down_scaling"]), ctx.sides))
+        up_grads, down_grads = up.gradients(needs[2:6]), down.gradients(needs[6:10])
+        need_up = need_x or any(g is not None for g in up_grads)
+        with torch.autocast(xz.device.type, enabled=False):
+            hidden = xz.shape[1]
+            if combine:  # (T + 1, H) in dtype, row T zero: one gather pads
+                gz = torch.cat([grad_out.to(dtype), grad_out.new_zeros(1, hidden, dtype=dtype)])
+            else:
+                g_rows = grad_out.to(dtype)  # (S, H) grouped
+            grad_x = torch.zeros(xz.shape[0] - 1, hidden, dtype=torch.float32, device=xz.device) if need_x else None
+            grad_weights = torch.zeros(len(route.tokens), dtype=torch.float32, device=xz.device) \
+                if need_weights else None
+            for e, n, p, s, ps in route.experts():
+                if combine:
+                    ge = gz.index_select(0, route.padded_tokens[ps:ps + p])  # (p, H), zero pad rows
+                    if need_weights:
+                        grad_weights[s:s + n] = (ge[:n].float() * d[ps:ps + n].float()).sum(1)
+                    ge[:n] *= w[s:s + n, None]
+                else:
+                    ge = _padded(g_rows[s:s + n], dtype in (torch.bfloat16, torch.float16))
+                with torch.enable_grad():  # the activation again, for its gradient
+                    ue = u[ps:ps + p].detach().requires_grad_()
+                    ae = experts._apply_gate(ue) if experts.has_gate else experts.act_fn(ue)  # (p, I)
+                ga = down.backward(ge, e, ae.detach(), hd[ps:ps + p] if down.lora else None, down_grads, need_up)
+                if not need_up:
+                    continue
+                (gu,) = torch.autograd.grad(ae, ue, ga)  # (p, 2I) or (p, I)
+                xe = xz.index_select(0, route.padded_tokens[ps:ps + p]) \
+                    if up_grads[0] is not None or up_grads[2] is not None else None
+                gx = up.backward(gu, e, xe, hu[ps:ps + p] if up.lora else None, up_grads, need_x)
+                if need_x:
+                    grad_x.index_add_(0, route.tokens[s:s + n], gx[:n].float())
+        return (grad_x.to(ctx.x_dtype) if need_x else None,
+                grad_weights.to(ctx.weights_dtype) if need_weights else None,
+                *up.returned(up_grads, route, ctx.bias_dtypes[0]),
+                *down.returned(down_grads, route, ctx.bias_dtypes[1]), None, None)
 
 
 class _Projection:
     """One fused expert parameter (E, out, in), or (E, in, out) when transposed, with its bias
-    (E, out) and LoRA factors, split per expert for the CPU loop."""
+    (E, out) and LoRA factors (A (E, r, in), B (E, out, r), scaling), or None for each."""
 
     def __init__(self, experts: nn.Module, name: str):
         self.weight = getattr(experts, name)
         self.bias = getattr(experts, f"{name}_bias", None) if experts.has_bias else None
         self.transposed = experts.is_transposed
-        self.on_use = getattr(experts, CAST_ON_USE_ATTR, False)
         wrappers = getattr(experts, LORA_ATTR, {})
         # PEFT's own path is running (it parametrizes the weight with its delta): add nothing here
         parametrized = parametrize.is_parametrized(experts)
         self.lora = None if parametrized or name not in wrappers else _lora_factors(wrappers[name])
 
-    def rows(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x (S, in) grouped by expert -> (S, out), in the compute dtype (bf16 under autocast).
-        LoRA on the input, no weight delta: y += s * B_e (A_e x)."""
-        a, b, scaling = self.lora if self.lora is not None else (None, None, 1.0)  # (E, r, in), (E, out, r)
-        return _ExpertsMatmul.apply(x, self.weight, self.bias, a, b, counts, self.transposed, _compute_dtype(x),
-                                    self.on_use, scaling)
+    def tensors(self) -> list:
+        a, b = self.lora[:2] if self.lora is not None else (None, None)
+        return [self.weight, self.bias, a, b]
+
+    @property
+    def scaling(self) -> float:
+        return self.lora[2] if self.lora is not None else 1.0
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return _project_grouped(x, self.weight, self.bias, self.lora, offsets, self.transposed)
@@ -281,6 +411,15 @@ def _project_grouped(x, weight, bias, lora, offsets, transposed):
     return y
 
 
+def _combined(y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, tokens: int, k: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    """y (S, H) grouped by expert, weights (S,) grouped likewise -> (T, H): weighted, back in
+    (token, slot) order, summed over the k slots in fp32, as transformers' kernels do."""
+    y = y * weights.unsqueeze(-1).to(y.dtype)  # (S, H)
+    unsorted = torch.empty_like(y).index_copy_(0, order, y)
+    return unsorted.view(tokens, k, -1).float().sum(1).to(dtype)
+
+
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """hidden_states (T, H), top_k_index and top_k_weights (T, k) -> (T, H)."""
@@ -289,30 +428,30 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     tokens, k = top_k_index.shape
-    expert_ids = top_k_index.reshape(-1)  # (S,) S = T * k
-    order = torch.argsort(expert_ids, stable=True)  # (S,), grouped by expert
-    counts_t = torch.bincount(expert_ids, minlength=self.num_experts)  # (E,)
-    offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)  # (E,), for the grouped kernel
-    # index_select, not indexing: its backward is an index_add, 6x faster on CPU than indexing's
-    # accumulating index_put (17 against 3 ms per layer at T=2048, H=512), and bit-identical
-    x = hidden_states.index_select(0, order // k)  # (S, H)
     up = _Projection(self, "gate_up_proj" if self.has_gate else "up_proj")
     down = _Projection(self, "down_proj")
-    if _grouped(x):
+    if _grouped(hidden_states):
+        expert_ids = top_k_index.reshape(-1)  # (S,) S = T * k
+        order = torch.argsort(expert_ids, stable=True)  # (S,), grouped by expert
+        offsets = torch.cumsum(torch.bincount(expert_ids, minlength=self.num_experts), 0, dtype=torch.int32)
+        # index_select, not indexing: its backward is an index_add, 6x faster on CPU than
+        # indexing's accumulating index_put, and bit-identical
+        x = hidden_states.index_select(0, order // k)  # (S, H)
         h = self._apply_gate(up.grouped(x, offsets)) if self.has_gate else self.act_fn(up.grouped(x, offsets))
         y = down.grouped(h, offsets)  # (S, H)
-    else:
-        counts = counts_t.tolist()
-        h = up.rows(x, counts)  # (S, 2I) or (S, I)
-        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # (S, I), every expert at once
-        y = down.rows(h, counts)  # (S, H)
-    if self.has_post_expert_norm:
-        y = self.post_expert_norm(y)
-    weights = top_k_weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # (S, 1), routing weights
-    y = y * weights.to(y.dtype)  # (S, H)
-    unsorted = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
-    # summed over the k slots in fp32, as transformers' kernels do
-    return unsorted.view(tokens, k, -1).float().sum(1).to(hidden_states.dtype)
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        weights = top_k_weights.reshape(-1).index_select(0, order)  # (S,)
+        return _combined(y, weights, order, tokens, k, hidden_states.dtype)
+    dtype = _compute_dtype(hidden_states)
+    route = _Route(top_k_index, self.num_experts, dtype in (torch.bfloat16, torch.float16))
+    weights = top_k_weights.reshape(-1).index_select(0, route.order)  # (S,) routing weights, grouped
+    spec = {"experts": self, "dtype": dtype, "transposed": self.is_transposed, "up_scaling": up.scaling,
+            "down_scaling": down.scaling, "on_use": getattr(self, CAST_ON_USE_ATTR, False)}
+    if not self.has_post_expert_norm:
+        return _ExpertsMLP.apply(hidden_states, weights, *up.tensors(), *down.tensors(), route, spec)
+    y = _ExpertsMLP.apply(hidden_states, None, *up.tensors(), *down.tensors(), route, spec)  # (S, H)
+    return _combined(self.post_expert_norm(y), weights, route.order, tokens, k, hidden_states.dtype)
 
 
 # --- PEFT internals -------------------------------------------------------------------------------

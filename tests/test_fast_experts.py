@@ -122,16 +122,16 @@ def test_bf16_autocast_runs_expert_matmuls_in_bf16(monkeypatch):
     """transformers' grouped kernel stays fp32 under CPU autocast; this path does not."""
     model = tiny("mixtral")
     fast_experts.use_fast_experts(model)
-    dtypes, padded = [], fast_experts._padded
+    dtypes, expert_slice = [], fast_experts._slice
 
-    def spy(x, low):
-        dtypes.append(x.dtype)
-        return padded(x, low)
+    def spy(w, e, dtype):
+        dtypes.append(dtype)
+        return expert_slice(w, e, dtype)
 
-    monkeypatch.setattr(fast_experts, "_padded", spy)
+    monkeypatch.setattr(fast_experts, "_slice", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(**batch(model))
-    # the rows of two projections per expert that received tokens, in every layer
+    # the weights of two projections per expert that received tokens, in every layer
     assert len(dtypes) >= 2 * len(describe(model).layers) and set(dtypes) == {torch.bfloat16}
 
 
@@ -300,3 +300,49 @@ def test_whole_expert_gradients_and_copies_get_huge_pages_and_the_same_numbers(m
     model.zero_grad()
     gc.collect()
     assert _mapping_of(address) is None  # unmapped with the gradient
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_post_expert_norm_between_experts_and_routing_weights(autocast):
+    """An experts module with a norm after the experts (MuseSpark's) runs the loop without its
+    routing step, then the norm, weighting and sum: the numbers and gradients of transformers'
+    kernel, the norm's weight and the routing weights included (and under bf16 autocast, within
+    bf16's rounding of them)."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+    from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
+    from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+
+    torch.manual_seed(0)
+    config = MuseSparkTextConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                 moe_hidden_size=32, moe_intermediate_size=16,
+                                 num_local_experts=4, num_experts_per_tok=2)
+    ref = MuseSparkExperts(config).float()
+    for p in ref.parameters():
+        p.data.normal_(0, 0.3)
+    assert ref.has_post_expert_norm
+    fast = copy.deepcopy(ref)
+    x = torch.randn(10, 32, requires_grad=True)
+    index = torch.randint(0, 4, (10, 2))
+    index[:, 1] = (index[:, 0] + 1) % 4
+    weights = torch.rand(10, 2, requires_grad=True)
+
+    def run(module, forward):
+        module.zero_grad()
+        x.grad = weights.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = forward(module, x, index, weights)
+        (y.float() ** 2).sum().backward()
+        return y.detach(), {"x": x.grad, "weights": weights.grad,
+                            **{n: p.grad for n, p in module.named_parameters()}}
+
+    ref_y, ref_grads = run(ref, grouped_mm_experts_forward)
+    y, grads = run(fast, fast_experts.experts_forward)
+    assert grads.keys() == ref_grads.keys()
+    if not autocast:
+        torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        return
+    # transformers' kernel ignores CPU autocast (fp32); this loop runs bf16: bf16's rounding apart
+    for name, got, want in [("y", y, ref_y), *((n, grads[n], ref_grads[n]) for n in ref_grads)]:
+        assert ((got.float() - want).norm() / want.norm()).item() < 2e-2, name
