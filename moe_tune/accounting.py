@@ -46,10 +46,12 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
     Fitted to torch's saved-tensor hooks on Mixtral-style models (sdpa attention, moe_tune's
     experts kernel; fp32 and bf16 autocast; hidden 256-512, intermediate 768-1536, top-1 to 4,
     vocabulary 1.5k-8k; within 3%): per decoder layer and token, ``H (26 + 2a)`` for attention,
-    norms and residuals, plus ``3a H + 4a I`` per expert the token visits (k routed, plus shared
-    experts and dense MLPs), where ``a`` is the activations' byte size and ``I`` an expert's
-    intermediate size (its parameters / 3H); then ``10 H + 4 V`` for the final norm and fp32
-    logits. Autocast adds a bf16 copy of every matmul weight (of the routed experts' only with
+    norms and residuals, plus ``3a H + 4a I`` per shared expert or dense MLP the token visits,
+    where ``a`` is the activations' byte size and ``I`` an expert's intermediate size (its
+    parameters / 3H). moe_tune's CPU experts node keeps ``a H`` per MoE layer (the hidden states
+    it gathers from) and ``a H + 2a I`` per routed expert visited (the down- and up-projections'
+    outputs); on CUDA, transformers' grouped kernel's ops keep ``3a H + 4a I`` per visit. Then
+    ``10 H + 4 V`` for the final norm and fp32 logits. Autocast adds a bf16 copy of every matmul weight (of the routed experts' only with
     ``expert_copies``: not when they are held in bf16 or cast on use). With activation checkpointing
     each layer keeps only its fp32 input and one layer is recomputed at a time.
     """
@@ -93,14 +95,21 @@ def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=Tr
     sizes = _numel(model)
     hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     a = act_bytes
-    # sum over layers of (experts a token visits) and of (their intermediate sizes)
-    visits = sum(layer.top_k for layer in arch.layers)
-    width = sum(_expert_width(sizes, layer, hidden) * layer.top_k for layer in arch.layers)
+    # sum over layers of (routed experts a token visits) and of (their intermediate sizes)
+    routed_visits = sum(layer.top_k for layer in arch.layers)
+    routed_width = sum(_expert_width(sizes, layer, hidden) * layer.top_k for layer in arch.layers)
+    # the same for the plain MLPs: shared experts and dense layers
+    visits = width = 0
     for part in ("shared_experts", "dense_mlp"):
         params = sum(sizes[n] for n in arch.params_in(part) if len(model.get_parameter(n).shape) > 1)
         width += params / (3 * hidden)
         visits += layers - len(arch.layers) if part == "dense_mlp" else len(arch.layers) if params else 0
-    per_token = layers * hidden * (26 + 2 * a) + visits * 3 * a * hidden + 4 * a * width
+    if torch.cuda.is_available():  # the experts run as transformers' grouped ops (fast_experts._grouped)
+        visits, width = visits + routed_visits, width + routed_width
+        routed = 0
+    else:  # fast_experts._ExpertsMLP
+        routed = len(arch.layers) * a * hidden + routed_visits * a * hidden + 2 * a * routed_width
+    per_token = layers * hidden * (26 + 2 * a) + visits * 3 * a * hidden + 4 * a * width + routed
     cast = ("attention", "shared_experts", "dense_mlp") + (("routed_experts",) if expert_copies else ())
     matmul = sum(sizes[n] for n, part in arch.parts.items()
                  if part in cast

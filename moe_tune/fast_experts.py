@@ -137,7 +137,7 @@ def _step_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> 
     mapping of so large a block takes a fault per 4 KiB. Freed with the tensor, as glibc's is:
     the memory is the same. Measured at the Qwen3-30B-A3B shape (1 layer; Intel Xeon, THP in
     madvise mode): full fine-tuning (1.2 GB of copies and 2.4 GB of gradients a step) took 5.5 s
-    a step against 7.0 s; lora_experts (a 52 MB activation) 2.1 s against 2.35 s."""
+    a step against 7.0 s; lora_experts (a 52 MB activation) 2.1 s against 2.4 s."""
     n = torch.Size(shape).numel()
     # below training's mmap threshold glibc serves the block from its heap, reusing freed memory
     if device.type != "cpu" or n * dtype.itemsize < TRAIN_MMAP_THRESHOLD or not hasattr(mmap, "MADV_HUGEPAGE"):
