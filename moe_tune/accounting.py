@@ -40,7 +40,7 @@ def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int
 
 
 def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
-                           checkpointing: bool, expert_copies: bool = True) -> float:
+                           checkpointing: bool, expert_copies: bool = True, on_gpu: bool | None = None) -> float:
     """Bytes autograd keeps for the backward of one micro-batch of ``tokens`` tokens.
 
     Fitted to torch's saved-tensor hooks on Mixtral-style models (sdpa attention, moe_tune's
@@ -50,13 +50,14 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
     where ``a`` is the activations' byte size and ``I`` an expert's intermediate size (its
     parameters / 3H). moe_tune's CPU experts node keeps ``a H`` per MoE layer (the hidden states
     it gathers from) and ``a H + 2a I`` per routed expert visited (the down- and up-projections'
-    outputs); on CUDA, transformers' grouped kernel's ops keep ``3a H + 4a I`` per visit. Then
-    ``10 H + 4 V`` for the final norm and fp32 logits. Autocast adds a bf16 copy of every matmul weight (of the routed experts' only with
+    outputs); on a GPU (``on_gpu``; by default, where this machine has one), transformers'
+    grouped kernel's ops keep ``3a H + 4a I`` per visit. Then ``10 H + 4 V`` for the final norm
+    and fp32 logits. Autocast adds a bf16 copy of every matmul weight (of the routed experts' only with
     ``expert_copies``: not when they are held in bf16 or cast on use). With activation checkpointing
     each layer keeps only its fp32 input and one layer is recomputed at a time.
     """
     per_token, per_layer_copies, layers, head = _activation_terms(model, arch, tokens, act_bytes, autocast,
-                                                                  expert_copies)
+                                                                  expert_copies, on_gpu)
     if checkpointing:
         return tokens * (layers * 4 * text_config(model.config).hidden_size + per_token / layers) \
             + per_layer_copies + head
@@ -64,32 +65,33 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
 
 
 def activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
-                     checkpointing: bool, expert_copies: bool = True) -> float:
+                     checkpointing: bool, expert_copies: bool = True, on_gpu: bool | None = None) -> float:
     """The activation part of the peak: what is saved for backward, plus the gradients of one
     layer's activations, which backward holds while it works through that layer."""
-    per_token, _, layers, _ = _activation_terms(model, arch, tokens, act_bytes, autocast)
-    return saved_activation_bytes(model, arch, tokens, act_bytes, autocast, checkpointing, expert_copies) \
+    per_token, _, layers, _ = _activation_terms(model, arch, tokens, act_bytes, autocast, on_gpu=on_gpu)
+    return saved_activation_bytes(model, arch, tokens, act_bytes, autocast, checkpointing, expert_copies, on_gpu) \
         + tokens * per_token / layers
 
 
 def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_args, batch: int | None = None,
-                            checkpointing: bool | None = None, narrowed_experts: bool = False) -> tuple[float, str]:
+                            checkpointing: bool | None = None, narrowed_experts: bool = False,
+                            on_gpu: bool | None = None) -> tuple[float, str]:
     """(bytes, what they assume) of ``activation_bytes`` for one micro-batch as the run's SFTConfig
     sets it, or with another ``batch`` size or ``checkpointing`` (what `plan` suggests).
     moe_tune's experts kernel keeps no bf16 copy of the routed experts where they are held in bf16
     (``narrowed_experts``) or where checkpointing makes it cast each on use
-    (fast_experts.cast_on_use)."""
+    (fast_experts.cast_on_use). ``on_gpu``: see saved_activation_bytes."""
     batch = sft_args.per_device_train_batch_size if batch is None else batch
     checkpointing = bool(sft_args.gradient_checkpointing) if checkpointing is None else checkpointing
     autocast = bool(sft_args.bf16 or sft_args.fp16) and DTYPE_BYTES[dtype] == 4  # fp32 weights, 16-bit matmuls
     tokens = batch * (sft_args.max_length or 1024)  # rows of sft.max_length tokens: the largest micro-batch
     acts = activation_bytes(model, arch, tokens, 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4, autocast,
-                            checkpointing, expert_copies=not (narrowed_experts or checkpointing))
+                            checkpointing, expert_copies=not (narrowed_experts or checkpointing), on_gpu=on_gpu)
     return acts, (f"{tokens} tokens per micro-batch, {'bf16 autocast' if autocast else dtype}, "
                   f"checkpointing {'on' if checkpointing else 'off'}")
 
 
-def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=True):
+def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=True, on_gpu=None):
     """(bytes per token over all layers, autocast weight copies per layer, layers, head bytes)."""
     config = text_config(model.config)
     sizes = _numel(model)
@@ -104,7 +106,7 @@ def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=Tr
         params = sum(sizes[n] for n in arch.params_in(part) if len(model.get_parameter(n).shape) > 1)
         width += params / (3 * hidden)
         visits += layers - len(arch.layers) if part == "dense_mlp" else len(arch.layers) if params else 0
-    if torch.cuda.is_available():  # the experts run as transformers' grouped ops (fast_experts._grouped)
+    if torch.cuda.is_available() if on_gpu is None else on_gpu:  # transformers' grouped ops (fast_experts._grouped)
         visits, width = visits + routed_visits, width + routed_width
         routed = 0
     else:  # fast_experts._ExpertsMLP

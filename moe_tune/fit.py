@@ -159,7 +159,9 @@ def per_device(setup, gpus: int) -> dict[str, dict[str, float]]:
     """Bytes per GPU, per strategy: states, activations, gathered unit, and their sum, the peak."""
     report = setup.report
     dtype_bytes = DTYPE_BYTES[report["memory_dtype"]]
-    state, acts = report["state_bytes"], report["activation_bytes"]
+    state = report["state_bytes"]
+    # on a GPU the experts run as transformers' grouped ops, whatever this machine planned with
+    acts = micro_batch_activations(setup.meta, setup.arch, report["memory_dtype"], setup.sft_args, on_gpu=True)[0]
     full = sum(r["trainable"] for r in report["parts"] if r["mode"] == "train")  # ESFT: selected experts' share
     mixed = bool(setup.sft_args.bf16 or setup.sft_args.fp16)
     # e.g. bf16: 8 more bytes per trained parameter (16 in fp32 against DDP's 2 + 2 + 2 x 2)
@@ -191,7 +193,7 @@ def _activation_remedy(setup, room: float) -> str:
     left = f"{room / GB:.3f} GB left beside the states"
     for ckpt in dict.fromkeys((checkpointing, True)):  # as the recipe sets it, then with checkpointing
         for b in range(batch, 0, -1):
-            acts = micro_batch_activations(setup.meta, setup.arch, dtype, sft, b, ckpt)[0]
+            acts = micro_batch_activations(setup.meta, setup.arch, dtype, sft, b, ckpt, on_gpu=True)[0]
             if acts < room:
                 change = _smaller_batch(b, batch) if ckpt == checkpointing else \
                     "sft.activation_checkpointing: true" + (f" and {_smaller_batch(b, batch)}" if b < batch else "")
@@ -203,7 +205,8 @@ def _least_activations(setup) -> tuple[float, str]:
     """(bytes, the changes) of one checkpointed row per micro-batch: the least activations short of
     shorter rows."""
     sft = setup.sft_args
-    acts = micro_batch_activations(setup.meta, setup.arch, setup.report["memory_dtype"], sft, 1, True)[0]
+    acts = micro_batch_activations(setup.meta, setup.arch, setup.report["memory_dtype"], sft, 1, True,
+                                   on_gpu=True)[0]
     changes = ([] if sft.gradient_checkpointing else ["sft.activation_checkpointing: true"]) + (
         [] if sft.per_device_train_batch_size == 1 else [_smaller_batch(1, sft.per_device_train_batch_size)])
     return acts, " and ".join(changes) or f"lower sft.max_length (now {sft.max_length})"

@@ -4,7 +4,9 @@ on the shipped model and on Qwen3-30B-A3B's published config (meta device, nothi
 import json
 
 import pytest
+import torch
 
+from moe_tune.accounting import micro_batch_activations
 from moe_tune.cli import main
 from moe_tune.fit import GB, fit_report, parse_memory, per_device, target
 from moe_tune.recipe import load_recipe
@@ -32,11 +34,18 @@ def qwen_full():
     return plan_run(load_recipe(QWEN, [QWEN_CONFIG, "trainable.preset=full"]))
 
 
-def test_ddp_is_the_single_device_plan(tiny, qwen_lora):
+def gpu_activations(setup) -> float:
+    """One micro-batch's activations on a GPU, where the experts run as transformers' grouped ops."""
+    return micro_batch_activations(setup.meta, setup.arch, setup.report["memory_dtype"], setup.sft_args,
+                                   on_gpu=True)[0]
+
+
+def test_ddp_is_the_single_device_plan_on_a_gpu(tiny, qwen_lora):
     for setup in (tiny, qwen_lora):
         ddp = per_device(setup, 8)["ddp"]
-        assert ddp["peak"] == setup.report["state_bytes"] + setup.report["activation_bytes"]
-        assert round(ddp["peak"] / GB, 3) == setup.report["peak_gb"]
+        assert ddp["peak"] == setup.report["state_bytes"] + gpu_activations(setup)
+        if not torch.cuda.is_available():  # planned on a CPU: moe_tune's experts node keeps less
+            assert setup.report["activation_bytes"] < gpu_activations(setup)
 
 
 def test_sharded_by_hand_on_the_shipped_model(tiny):
@@ -46,7 +55,7 @@ def test_sharded_by_hand_on_the_shipped_model(tiny):
     total = sum(r["params"] for r in tiny.report["parts"])
     assert tiny.report["state_bytes"] == total * 16  # fp32 weight, gradient and 2 AdamW moments
     rows = per_device(tiny, 4)
-    acts = tiny.report["activation_bytes"]
+    acts = gpu_activations(tiny)
     for key in ("fsdp2", "zero3"):
         assert rows[key]["states"] == total * 16 / 4  # no upcast: the weights are fp32 already
         assert rows[key]["activations"] == acts  # each GPU runs its own micro-batch
