@@ -131,7 +131,7 @@ def _padded(x: torch.Tensor, low_precision: bool) -> torch.Tensor:
 
 def _step_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised tensor that each training step makes anew: a whole experts weight's bf16
-    copy or fp32 gradient (E, out, in), or the kernel's largest activation (P, 2I). On a Linux
+    copy or fp32 gradient (E, out, in), or the kernel's kept activations (P, 2I) and (P, H). On a Linux
     CPU it gets its own private mapping with transparent huge pages (madvise): the kernel then
     faults it in 2 MiB pages rather than 4 KiB ones (and unmaps it as fast), where glibc's own
     mapping of so large a block takes a fault per 4 KiB. Freed with the tensor, as glibc's is:
