@@ -51,8 +51,8 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
     parameters / 3H). moe_tune's CPU experts node keeps ``a H`` per MoE layer (the hidden states
     it gathers from) and ``a H + 2a I`` per routed expert visited (the down- and up-projections'
     outputs); on a GPU (``on_gpu``; by default, where this machine has one), transformers'
-    grouped kernel's ops keep ``3a H + 4a I`` per visit. Then ``10 H + 4 V`` for the final norm
-    and fp32 logits. Autocast adds a bf16 copy of every matmul weight (of the routed experts' only with
+    grouped kernel's ops keep ``3a H + 4a I`` per visit. Then ``10 H`` for the final norm and
+    TRL's fused LM head, which keeps no logits (loss_head_bytes). Autocast adds a bf16 copy of every matmul weight (of the routed experts' only with
     ``expert_copies``: not when they are held in bf16 or cast on use). With activation checkpointing
     each layer keeps only its fp32 input and one layer is recomputed at a time.
     """
@@ -66,11 +66,31 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
 
 def activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
                      checkpointing: bool, expert_copies: bool = True, on_gpu: bool | None = None) -> float:
-    """The activation part of the peak: what is saved for backward, plus the gradients of one
-    layer's activations, which backward holds while it works through that layer."""
+    """The activation part of the peak: what is saved for backward, plus whichever working set of
+    the backward is larger: the gradients of one layer's activations, which backward holds while
+    it works through that layer, or the LM head's (loss_head_bytes), which comes first."""
     per_token, _, layers, _ = _activation_terms(model, arch, tokens, act_bytes, autocast, on_gpu=on_gpu)
+    head = loss_head_bytes(model, tokens, 2 if autocast else act_bytes, on_gpu)
     return saved_activation_bytes(model, arch, tokens, act_bytes, autocast, checkpointing, expert_copies, on_gpu) \
-        + tokens * per_token / layers
+        + max(tokens * per_token / layers, head)
+
+
+def loss_head_bytes(model: nn.Module, tokens: int, compute_bytes: int, on_gpu: bool | None = None) -> float:
+    """The working set of the backward of TRL's fused LM head (``trl.kernels.chunked_logprob``), which
+    scores ``n = min(tokens, TOKEN_CHUNK_SIZE)`` tokens against ``c = min(V, chunk)`` vocabulary
+    entries at a time: an (n, chunk) tile buffer in the compute dtype (the whole chunk's width,
+    even where the vocabulary is narrower), the fp32 gradient of the (tokens, H) hidden states,
+    and where the kernel has no Triton (CPUs) its torch fallback's fp32 temporaries: about 7.25
+    (n, c) tensors alive at once (the scaled tile, logits, log-probabilities, probabilities, the
+    gradient, two operands of its update and a bool target mask). Where the vocabulary is large
+    this exceeds a layer's: at V = 151k and 2048 tokens, 2.1 GB on a CPU."""
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE  # noqa: PLC0415
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk  # noqa: PLC0415
+
+    config = text_config(model.config)
+    n, c = min(tokens, TOKEN_CHUNK_SIZE), min(config.vocab_size, chunk)
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    return n * chunk * compute_bytes + tokens * config.hidden_size * 4 + (0 if on_gpu else 7.25 * n * c * 4)
 
 
 def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_args, batch: int | None = None,
@@ -95,7 +115,7 @@ def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=Tr
     """(bytes per token over all layers, autocast weight copies per layer, layers, head bytes)."""
     config = text_config(model.config)
     sizes = _numel(model)
-    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    hidden, layers = config.hidden_size, config.num_hidden_layers
     a = act_bytes
     # sum over layers of (routed experts a token visits) and of (their intermediate sizes)
     routed_visits = sum(layer.top_k for layer in arch.layers)
@@ -117,7 +137,7 @@ def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=Tr
                  if part in cast
                  and len(model.get_parameter(n).shape) > 1)
     copies = 2 * matmul / layers if autocast else 0
-    return per_token, copies, layers, tokens * (10 * hidden + 4 * vocab)
+    return per_token, copies, layers, tokens * 10 * hidden
 
 
 def _expert_width(sizes: dict[str, int], layer, hidden: int) -> float:

@@ -102,18 +102,33 @@ def test_lora_param_count_matches_peft():
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == expected
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_saved_activation_estimate_matches_autograd(autocast):
-    """The activation term of `plan` against what autograd actually saves for backward."""
+def _tiny_mixtral(vocab: int, hidden: int = 256):
+    """A 3-layer Mixtral with moe_tune's experts kernel and TRL's fused LM head, as training runs it."""
     from transformers import MixtralConfig, MixtralForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
 
     from moe_tune import fast_experts
-    from moe_tune.accounting import saved_activation_bytes
 
-    config = MixtralConfig(vocab_size=1536, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=3,
                            num_attention_heads=8, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     model = MixtralForCausalLM(config)
     fast_experts.use_fast_experts(model)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer adds
+    return model
+
+
+def _loss(model, ids, autocast):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return -model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.sum()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_saved_activation_estimate_matches_autograd(autocast):
+    """The activation term of `plan` against what autograd actually saves for backward."""
+    from moe_tune.accounting import saved_activation_bytes
+
+    model = _tiny_mixtral(1536)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
@@ -121,10 +136,32 @@ def test_saved_activation_estimate_matches_autograd(autocast):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    ids = torch.randint(0, 1536, (2, 512))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        model(input_ids=ids, labels=ids)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _loss(model, torch.randint(0, 1536, (2, 512)), autocast)
     saved = sum(n for ptr, n in storages.items() if ptr not in params)
     estimate = saved_activation_bytes(model, describe(model), 1024, 2 if autocast else 4, autocast, False)
     assert estimate == pytest.approx(saved, rel=0.05)
+
+
+@pytest.mark.parametrize(("vocab", "autocast"), [(1536, False), (40000, True)])
+def test_activation_peak_matches_what_torch_allocates(vocab, autocast, tmp_path):
+    """The activation part of `plan`'s peak against the most memory torch's allocations held at once
+    in a forward and backward (torch.profiler's memory timeline), each weight's gradient dropped
+    as soon as it is made. At these small widths the peak is in the fused LM head's backward, whose
+    tile is as wide as TRL's vocabulary chunk (32768) at any vocabulary; above it, its temporaries
+    grow with the chunk, not with the vocabulary."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moe_tune.accounting import activation_bytes
+
+    model = _tiny_mixtral(vocab)
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        _loss(model, torch.randint(0, vocab, (2, 512)), autocast).backward()
+    prof.export_memory_timeline(str(tmp_path / "timeline.json"), device="cpu")
+    _, sizes = json.loads((tmp_path / "timeline.json").read_text())
+    peak = max(sum(s) for s in sizes) - sum(p.numel() * p.element_size() for p in model.parameters())
+    tokens, act = 1024, 2 if autocast else 4
+    estimate = activation_bytes(model, describe(model), tokens, act, autocast, False)
+    assert estimate == pytest.approx(peak, rel=0.1)

@@ -44,8 +44,8 @@ def test_ddp_is_the_single_device_plan_on_a_gpu(tiny, qwen_lora):
     for setup in (tiny, qwen_lora):
         ddp = per_device(setup, 8)["ddp"]
         assert ddp["peak"] == setup.report["state_bytes"] + gpu_activations(setup)
-        if not torch.cuda.is_available():  # planned on a CPU: moe_tune's experts node keeps less
-            assert setup.report["activation_bytes"] < gpu_activations(setup)
+        if not torch.cuda.is_available():  # planned on a CPU: moe_tune's experts node keeps less,
+            assert setup.report["activation_bytes"] != gpu_activations(setup)  # TRL's head without Triton more
 
 
 def test_sharded_by_hand_on_the_shipped_model(tiny):
@@ -102,10 +102,12 @@ def test_what_to_change_when_it_does_not_fit(qwen_full, qwen_lora):
     fit = fit_report(qwen_full, target("80GiB", 4, None))
     assert not fit["fits"]
     assert "trainable.preset: lora_experts" in fit["verdict"] and "; or 7 GPUs of 85.899 GB" in fit["verdict"]
-    # activations dominate: checkpointing off, 4 rows of 2048 tokens take 89 GB
+    # activations dominate: checkpointing off, 4 rows of 2048 tokens take 84 GB on a GPU; with it,
+    # 1.7 GB a row, and 5.65 GB are left beside the states
     no_ckpt = plan_run(load_recipe(QWEN, [QWEN_CONFIG, "sft.activation_checkpointing=false"]))
     fit = fit_report(no_ckpt, target("40GB", 2, None))
-    assert "first change: sft.activation_checkpointing: true and sft.per_device_train_batch_size: 1" in fit["verdict"]
+    assert "first change: sft.activation_checkpointing: true and sft.per_device_train_batch_size: 3 (now 4" \
+        in fit["verdict"]
     assert fit_report(qwen_lora, target("80GB", 1, None))["verdict"].startswith("fits on one GPU")
 
 
