@@ -35,6 +35,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -170,6 +171,21 @@ def _anon_gb() -> float:
     raise RuntimeError("no RssAnon in /proc/self/status")
 
 
+def _mapped_gb(folder: Path) -> float:
+    """Resident pages of the files under ``folder`` that this process still maps. Weights loaded
+    in the dtype their checkpoint stores them in can stay views of the safetensors file (the
+    gpt-oss shape's fused bf16 experts, frozen: 1.6 GB), so they are file pages, not anonymous
+    memory, and they are training memory all the same."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", fields[0]):  # a mapping's header line
+            inside = len(fields) > 5 and fields[5].startswith(str(folder.resolve()))
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total * 1024 / 1e9
+
+
 class AnonPeak:
     """The highest anonymous resident memory seen, sampled every millisecond in a thread (torch's
     kernels release the GIL); the kernel keeps a peak for all of RSS only."""
@@ -277,7 +293,9 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
     timer = _timer(warmup)
     trainer.add_callback(timer)
     trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else sampler.stop() if sampler else float("nan")
+    # the checkpoint's pages that weights map are faulted in by the first step and stay (CPU)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else \
+        sampler.stop() + _mapped_gb(work / "model") if sampler else float("nan")
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     return {"tokens_per_s": batch * seq / statistics.median(timer.times), "peak_mem_gb": peak - before,
             "bf16": bool(trainer.args.bf16), "checkpointing": bool(trainer.args.gradient_checkpointing),

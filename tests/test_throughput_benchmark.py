@@ -1,6 +1,7 @@
 """benchmarks/throughput.py's set-up: the real layer shapes it builds, and the FLOPs it counts."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -49,3 +50,24 @@ def test_flops_count_weight_gradients_only_where_weights_train(bench):
     lora = [dict(r, mode="freeze", trainable=0) for r in rows]
     lora[1] = dict(rows[1], mode="lora", trainable=16)  # LoRA factors of all 8 experts; 2 are active
     assert bench.flops_per_token({"parts": lora}, active, dims) == 4 * (active + 4) + 2 * 4
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_weights_mapped_from_the_checkpoint_count_as_training_memory(bench, tmp_path):
+    """A weight loaded in its checkpoint's dtype can stay a view of the safetensors file: file
+    pages, not anonymous memory. The benchmark counts what of the model's folder is mapped and
+    resident, and nothing mapped from elsewhere."""
+    import mmap
+
+    import torch
+
+    (tmp_path / "model").mkdir()
+    maps = []
+    for path in (tmp_path / "model" / "model.safetensors", tmp_path / "elsewhere.bin"):
+        path.write_bytes(b"\1" * (8 << 20))  # 8 MiB each
+        with path.open("rb") as f:
+            maps.append(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+    assert bench._mapped_gb(tmp_path / "model") < 1e-3  # mapped, not yet read
+    for m in maps:  # read, as a forward reads a weight
+        torch.frombuffer(m, dtype=torch.uint8).sum()
+    assert bench._mapped_gb(tmp_path / "model") == pytest.approx((8 << 20) / 1e9, rel=0.01)
