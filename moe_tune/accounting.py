@@ -52,9 +52,10 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
     it gathers from) and ``a H + 2a I`` per routed expert visited (the down- and up-projections'
     outputs); on a GPU (``on_gpu``; by default, where this machine has one), transformers'
     grouped kernel's ops keep ``3a H + 4a I`` per visit. Then ``10 H`` for the final norm and
-    TRL's fused LM head, which keeps no logits (loss_head_bytes). Autocast adds a bf16 copy of every matmul weight (of the routed experts' only with
-    ``expert_copies``: not when they are held in bf16 or cast on use). With activation checkpointing
-    each layer keeps only its fp32 input and one layer is recomputed at a time.
+    TRL's fused LM head, which keeps no logits (loss_head_bytes). Autocast adds a bf16 copy of
+    every matmul weight (of the routed experts' only with ``expert_copies``: not when they are
+    held in bf16 or cast on use). With activation checkpointing each layer keeps only its fp32
+    input and one layer is recomputed at a time.
     """
     per_token, per_layer_copies, layers, head = _activation_terms(model, arch, tokens, act_bytes, autocast,
                                                                   expert_copies, on_gpu)
