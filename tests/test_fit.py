@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from moe_tune.accounting import micro_batch_activations
+from moe_tune.accounting import loss_head_bytes, micro_batch_activations, saved_activation_bytes
 from moe_tune.cli import main
 from moe_tune.fit import GB, fit_report, parse_memory, per_device, target
 from moe_tune.recipe import load_recipe
@@ -44,8 +44,14 @@ def test_ddp_is_the_single_device_plan_on_a_gpu(tiny, qwen_lora):
     for setup in (tiny, qwen_lora):
         ddp = per_device(setup, 8)["ddp"]
         assert ddp["peak"] == setup.report["state_bytes"] + gpu_activations(setup)
-        if not torch.cuda.is_available():  # planned on a CPU: moe_tune's experts node keeps less,
-            assert setup.report["activation_bytes"] != gpu_activations(setup)  # TRL's head without Triton more
+        if not torch.cuda.is_available():  # planned on a CPU, where the two differ both ways:
+            assert setup.report["activation_bytes"] != gpu_activations(setup)
+            tokens = setup.sft_args.per_device_train_batch_size * setup.sft_args.max_length
+            saved = [saved_activation_bytes(setup.meta, setup.arch, tokens, 2, True, False, on_gpu=gpu)
+                     for gpu in (False, True)]
+            assert saved[0] < saved[1]  # moe_tune's experts node keeps less than the grouped ops
+            heads = [loss_head_bytes(setup.meta, tokens, 2, on_gpu=gpu) for gpu in (False, True)]
+            assert heads[0] > heads[1]  # TRL's head without Triton holds fp32 temporaries
 
 
 def test_sharded_by_hand_on_the_shipped_model(tiny):

@@ -71,3 +71,5 @@ def test_weights_mapped_from_the_checkpoint_count_as_training_memory(bench, tmp_
     for m in maps:  # read, as a forward reads a weight
         torch.frombuffer(m, dtype=torch.uint8).sum()
     assert bench._mapped_gb(tmp_path / "model") == pytest.approx((8 << 20) / 1e9, rel=0.01)
+    for m in maps:
+        m.close()
