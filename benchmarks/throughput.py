@@ -14,7 +14,9 @@ for each strategy it trains a few steps with
   recipe that sets only the model, data, batch and steps, so moe_tune's defaults decide the rest;
 * TRL: ``SFTTrainer`` with its default settings on the same model, data, batch and steps, with
   PEFT for LoRA (``target_parameters`` for the fused experts) and ``requires_grad_(False)`` for
-  freezing, as a user of the plain stack would write it.
+  freezing, as a user of the plain stack would write it. TRL's default is bf16 autocast, which
+  is slow on a CPU that emulates bf16 matmuls; ``--baseline-precision moe_tune`` trains TRL in
+  the precision moe_tune's plan chose for this CPU and shape instead, so that both paths match.
 
 On a CPU each measurement is its own process, and memory is measured in separate short runs
 that sample the process's anonymous resident memory (the checkpoint's file pages, which stay
@@ -246,7 +248,8 @@ def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int
     return trainer_for(setup, model, tokenizer)[0]  # what `moe-tune train` runs
 
 
-def trl_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dtype: str):
+def trl_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dtype: str, bf16: bool | None = None):
+    """``bf16``: TRL's SFTConfig default where None."""
     import torch  # noqa: PLC0415
     from datasets import load_dataset  # noqa: PLC0415
     from peft import LoraConfig  # noqa: PLC0415
@@ -267,13 +270,13 @@ def trl_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dty
     cpu = not torch.cuda.is_available()
     args = SFTConfig(output_dir=str(work / f"run-trl-{strategy}"), max_steps=steps, per_device_train_batch_size=batch,
                      max_length=seq, learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to="none",
-                     use_cpu=cpu, dataloader_pin_memory=not cpu)
+                     use_cpu=cpu, dataloader_pin_memory=not cpu, **({} if bf16 is None else {"bf16": bf16}))
     data = load_dataset("json", data_files=str(work / "train.jsonl"), split="train")
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft)
 
 
 def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch: int, seq: int, dtype: str,
-           memory: bool = False, checkpointing: bool = False) -> dict:
+           memory: bool = False, checkpointing: bool = False, trl_bf16: bool | None = None) -> dict:
     import torch  # noqa: PLC0415
 
     import moe_tune.train  # noqa: F401, PLC0415  (libraries imported before the baseline is taken,
@@ -289,7 +292,7 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
     if path == "moe_tune":
         trainer = moe_tune_trainer(strategy, work, steps + warmup, batch, seq, dtype, checkpointing)
     else:
-        trainer = trl_trainer(strategy, work, steps + warmup, batch, seq, dtype)
+        trainer = trl_trainer(strategy, work, steps + warmup, batch, seq, dtype, trl_bf16)
     timer = _timer(warmup)
     trainer.add_callback(timer)
     trainer.train()
@@ -306,7 +309,8 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
 # ---- the comparison ----
 
 def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str, checkpointing: bool = False) -> dict:
-    """``moe-tune plan``'s report for the run: parts, trainable counts, peak memory."""
+    """``moe-tune plan``'s report for the run (parts, trainable counts, peak memory), with the bf16
+    autocast the plan chose (``bf16``)."""
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
     from moe_tune.train import plan_run  # noqa: PLC0415
 
@@ -314,7 +318,8 @@ def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str, che
         "output_dir": str(work / "plan"), "model": {"path": str(work / "model"), "dtype": dtype},
         "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": strategy}, "lora": LORA,
         "sft": {"per_device_train_batch_size": batch, "max_length": seq, "activation_checkpointing": checkpointing}}))
-    return plan_run(load_recipe(work / "plan.yaml")).report
+    setup = plan_run(load_recipe(work / "plan.yaml"))
+    return {**setup.report, "bf16": bool(setup.sft_args.bf16)}
 
 
 def flops_per_token(report: dict, n_active: int, dims: dict[str, int]) -> float:
@@ -339,14 +344,15 @@ def active_params(work: Path) -> int:
     return count(model, describe(model), with_input_embedding=False)
 
 
-def measure(path, strategy, work, args, memory: bool = False) -> dict:
+def measure(path, strategy, work, args, memory: bool = False, trl_bf16: bool | None = None) -> dict:
     steps, warmup = (1, 1) if memory else (args.steps, args.warmup)
     if args.device == "cuda":  # in this process: CUDA's peak resets, a CPU's peak RSS does not
         return worker(path, strategy, work, steps, warmup, args.batch, args.seq, args.dtype,
-                      checkpointing=args.checkpointing)
+                      checkpointing=args.checkpointing, trl_bf16=trl_bf16)
     cmd = [sys.executable, __file__, "--worker", path, strategy, "--work", str(work), "--steps", str(steps),
            "--warmup", str(warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype]
     cmd += (["--memory"] if memory else []) + (["--checkpointing"] if args.checkpointing else [])
+    cmd += [] if trl_bf16 is None else ["--trl-bf16", str(int(trl_bf16))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if memory:
         # a separate, short run with big allocations straight from mmap (no dynamic threshold):
@@ -380,17 +386,19 @@ def compare(args) -> dict:
             print(f"{strategy}: refused by moe-tune plan ({why})", file=sys.stderr)
         strategies = [s for s in args.strategies if s not in refused]
         runs = {(s, p): [] for s in strategies for p in ("moe_tune", "trl")}
+        # TRL's precision: its own default (None), or moe_tune's measured choice for this CPU and shape
+        trl_bf16 = {s: plans[s]["bf16"] if args.baseline_precision == "moe_tune" else None for s in strategies}
         for repeat in range(args.repeats):
             for strategy in strategies:
                 # alternate which path goes first, so drift in machine speed hits both alike
                 for path in (("trl", "moe_tune") if repeat % 2 == 0 else ("moe_tune", "trl")):
-                    runs[strategy, path].append(measure(path, strategy, work, args))
+                    runs[strategy, path].append(measure(path, strategy, work, args, trl_bf16=trl_bf16[strategy]))
                     print(f"repeat {repeat + 1} {strategy:15s} {path:9s} "
                           f"{runs[strategy, path][-1]['tokens_per_s']:8.0f} tokens/s", file=sys.stderr)
         if device == "cuda":  # the allocator's own peak is exact: the timed runs' will do
             memory = {key: max(r["peak_mem_gb"] for r in found) for key, found in runs.items()}
         else:
-            memory = {(s, p): measure(p, s, work, args, memory=True)["peak_mem_gb"]
+            memory = {(s, p): measure(p, s, work, args, memory=True, trl_bf16=trl_bf16[s])["peak_mem_gb"]
                       for s in strategies for p in ("moe_tune", "trl")}
         results, settings = {}, {}
         for strategy in strategies:
@@ -449,6 +457,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Markdown table (default: benchmarks/results/)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="moe_tune with activation checkpointing too, as TRL trains by default")
+    parser.add_argument("--baseline-precision", choices=("trl", "moe_tune"), default="trl",
+                        help="TRL's precision: its SFTConfig default (bf16 autocast), or the one moe_tune's plan "
+                             "chose for this CPU and shape (where this CPU emulates bf16, fp32 in both paths)")
+    parser.add_argument("--trl-bf16", type=int, choices=(0, 1), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=2, metavar=("PATH", "STRATEGY"), help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--memory", action="store_true", help=argparse.SUPPRESS)
@@ -459,8 +471,9 @@ def main() -> None:
         args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     if args.worker:
         path, strategy = args.worker
+        trl_bf16 = None if args.trl_bf16 is None else bool(args.trl_bf16)
         print(json.dumps(worker(path, strategy, args.work, args.steps, args.warmup, args.batch, args.seq, args.dtype,
-                                args.memory, args.checkpointing)))
+                                args.memory, args.checkpointing, trl_bf16)))
         return
     if args.shape != "benchmark" and not args.layers:
         parser.error(f"--shape {args.shape} needs --layers N (e.g. 2)")

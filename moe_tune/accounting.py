@@ -25,6 +25,8 @@ ADAPTER_BYTES = 4 * 4  # fp32 weight + gradient + 2 AdamW moments
 # scale per 256 of those blocks.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
+# transformers' layer_types of softmax attention over the sequence (not linear attention or mamba)
+_SOFTMAX_ATTENTION = ("full_attention", "sliding_attention", "chunked_attention")
 DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items() if isinstance(dtype, torch.dtype)}
 INT8_BYTES = 1 + 4 / 4096  # LLM.int8: a byte per weight plus an fp32 scale per row (~4k wide)
 
@@ -40,7 +42,8 @@ def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int
 
 
 def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
-                           checkpointing: bool, expert_copies: bool = True, on_gpu: bool | None = None) -> float:
+                           checkpointing: bool, expert_copies: bool = True, on_gpu: bool | None = None,
+                           seq_len: int | None = None) -> float:
     """Bytes autograd keeps for the backward of one micro-batch of ``tokens`` tokens.
 
     Fitted to torch's saved-tensor hooks on Mixtral-style models (sdpa attention, moe_tune's
@@ -52,13 +55,17 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
     it gathers from) and ``a H + 2a I`` per routed expert visited (the down- and up-projections'
     outputs); on a GPU (``on_gpu``; by default, where this machine has one), transformers'
     grouped kernel's ops keep ``3a H + 4a I`` per visit. Then ``10 H`` for the final norm and
-    TRL's fused LM head, which keeps no logits (loss_head_bytes). Autocast adds a bf16 copy of
+    TRL's fused LM head, which keeps no logits (loss_head_bytes). Where attention runs
+    transformers' eager path (families without sdpa, e.g. gpt-oss, whose attention sinks need
+    it), each layer also keeps the softmax's fp32 probabilities, ``4 heads S`` per token for
+    rows of ``seq_len`` = S tokens (gpt-oss's sink column adds 1/S), and under 16-bit
+    activations their cast copy that multiplies the values, ``a heads S``. Autocast adds a bf16 copy of
     every matmul weight (of the routed experts' only with ``expert_copies``: not when they are
     held in bf16 or cast on use). With activation checkpointing each layer keeps only its fp32
     input and one layer is recomputed at a time.
     """
     per_token, per_layer_copies, layers, head = _activation_terms(model, arch, tokens, act_bytes, autocast,
-                                                                  expert_copies, on_gpu)
+                                                                  expert_copies, on_gpu, seq_len)
     if checkpointing:
         return tokens * (layers * 4 * text_config(model.config).hidden_size + per_token / layers) \
             + per_layer_copies + head
@@ -66,14 +73,17 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
 
 
 def activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
-                     checkpointing: bool, expert_copies: bool = True, on_gpu: bool | None = None) -> float:
+                     checkpointing: bool, expert_copies: bool = True, on_gpu: bool | None = None,
+                     seq_len: int | None = None) -> float:
     """The activation part of the peak: what is saved for backward, plus whichever working set of
     the backward is larger: the gradients of one layer's activations, which backward holds while
-    it works through that layer, or the LM head's (loss_head_bytes), which comes first."""
-    per_token, _, layers, _ = _activation_terms(model, arch, tokens, act_bytes, autocast, on_gpu=on_gpu)
+    it works through that layer, or the LM head's (loss_head_bytes), which comes first.
+    ``seq_len``: the length of the rows the ``tokens`` come in (by default one row of them)."""
+    per_token, _, layers, _ = _activation_terms(model, arch, tokens, act_bytes, autocast, on_gpu=on_gpu,
+                                                seq_len=seq_len)
     head = loss_head_bytes(model, tokens, 2 if autocast else act_bytes, on_gpu)
-    return saved_activation_bytes(model, arch, tokens, act_bytes, autocast, checkpointing, expert_copies, on_gpu) \
-        + max(tokens * per_token / layers, head)
+    return saved_activation_bytes(model, arch, tokens, act_bytes, autocast, checkpointing, expert_copies, on_gpu,
+                                  seq_len) + max(tokens * per_token / layers, head)
 
 
 def loss_head_bytes(model: nn.Module, tokens: int, compute_bytes: int, on_gpu: bool | None = None) -> float:
@@ -105,14 +115,16 @@ def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_arg
     batch = sft_args.per_device_train_batch_size if batch is None else batch
     checkpointing = bool(sft_args.gradient_checkpointing) if checkpointing is None else checkpointing
     autocast = bool(sft_args.bf16 or sft_args.fp16) and DTYPE_BYTES[dtype] == 4  # fp32 weights, 16-bit matmuls
-    tokens = batch * (sft_args.max_length or 1024)  # rows of sft.max_length tokens: the largest micro-batch
+    seq_len = sft_args.max_length or 1024
+    tokens = batch * seq_len  # rows of sft.max_length tokens: the largest micro-batch
     acts = activation_bytes(model, arch, tokens, 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4, autocast,
-                            checkpointing, expert_copies=not (narrowed_experts or checkpointing), on_gpu=on_gpu)
+                            checkpointing, expert_copies=not (narrowed_experts or checkpointing), on_gpu=on_gpu,
+                            seq_len=seq_len)
     return acts, (f"{tokens} tokens per micro-batch, {'bf16 autocast' if autocast else dtype}, "
                   f"checkpointing {'on' if checkpointing else 'off'}")
 
 
-def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=True, on_gpu=None):
+def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=True, on_gpu=None, seq_len=None):
     """(bytes per token over all layers, autocast weight copies per layer, layers, head bytes)."""
     config = text_config(model.config)
     sizes = _numel(model)
@@ -133,6 +145,10 @@ def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=Tr
     else:  # fast_experts._ExpertsMLP
         routed = len(arch.layers) * a * hidden + routed_visits * a * hidden + 2 * a * routed_width
     per_token = layers * hidden * (26 + 2 * a) + visits * 3 * a * hidden + 4 * a * width + routed
+    if getattr(config, "_attn_implementation", None) == "eager":  # (B, heads, S, S) probabilities per layer
+        types = getattr(config, "layer_types", None) or ["full_attention"] * layers
+        attending = sum(kind in _SOFTMAX_ATTENTION for kind in types[:layers])
+        per_token += attending * config.num_attention_heads * (seq_len or tokens) * (4 + (a if a < 4 else 0))
     cast = ("attention", "shared_experts", "dense_mlp") + (("routed_experts",) if expert_copies else ())
     matmul = sum(sizes[n] for n, part in arch.parts.items()
                  if part in cast

@@ -102,17 +102,24 @@ def test_lora_param_count_matches_peft():
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == expected
 
 
-def _tiny_mixtral(vocab: int, hidden: int = 256):
-    """A 3-layer Mixtral with moe_tune's experts kernel and TRL's fused LM head, as training runs it."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+def _tiny_moe(vocab: int, family: str = "mixtral", hidden: int = 256):
+    """A 3-layer Mixtral (sdpa attention) or gpt-oss (eager attention with sinks, which keeps
+    (B, heads, S, S + 1) probabilities) with moe_tune's experts kernel and TRL's fused LM head,
+    as training runs it."""
+    from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
     from moe_tune import fast_experts
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=3,
-                           num_attention_heads=8, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    model = MixtralForCausalLM(config)
+    shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=3,
+                 num_attention_heads=8, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    if family == "gpt_oss":
+        model = GptOssForCausalLM(GptOssConfig(**shape, head_dim=hidden // 8, sliding_window=128))
+        assert model.config._attn_implementation == "eager"  # gpt-oss has no sdpa path
+    else:
+        model = MixtralForCausalLM(MixtralConfig(**shape))
+        assert model.config._attn_implementation == "sdpa"
     fast_experts.use_fast_experts(model)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer adds
     return model
@@ -123,12 +130,14 @@ def _loss(model, ids, autocast):
         return -model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.sum()
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_saved_activation_estimate_matches_autograd(autocast):
-    """The activation term of `plan` against what autograd actually saves for backward."""
+def test_saved_activation_estimate_matches_autograd(autocast, family):
+    """The activation term of `plan` against what autograd actually saves for backward, with sdpa
+    attention and with eager attention's probabilities."""
     from moe_tune.accounting import saved_activation_bytes
 
-    model = _tiny_mixtral(1536)
+    model = _tiny_moe(1536, family)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
@@ -139,12 +148,14 @@ def test_saved_activation_estimate_matches_autograd(autocast):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _loss(model, torch.randint(0, 1536, (2, 512)), autocast)
     saved = sum(n for ptr, n in storages.items() if ptr not in params)
-    estimate = saved_activation_bytes(model, describe(model), 1024, 2 if autocast else 4, autocast, False)
+    estimate = saved_activation_bytes(model, describe(model), 1024, 2 if autocast else 4, autocast, False,
+                                      seq_len=512)
     assert estimate == pytest.approx(saved, rel=0.05)
 
 
-@pytest.mark.parametrize(("vocab", "autocast"), [(1536, False), (40000, True)])
-def test_activation_peak_matches_what_torch_allocates(vocab, autocast, tmp_path):
+@pytest.mark.parametrize(("vocab", "autocast", "family"), [(1536, False, "mixtral"), (40000, True, "mixtral"),
+                                                      (1536, True, "gpt_oss")])
+def test_activation_peak_matches_what_torch_allocates(vocab, autocast, family, tmp_path):
     """The activation part of `plan`'s peak against the most memory torch's allocations held at once
     in a forward and backward (torch.profiler's memory timeline), each weight's gradient dropped
     as soon as it is made. At these small widths the peak is in the fused LM head's backward, whose
@@ -154,7 +165,7 @@ def test_activation_peak_matches_what_torch_allocates(vocab, autocast, tmp_path)
 
     from moe_tune.accounting import activation_bytes
 
-    model = _tiny_mixtral(vocab)
+    model = _tiny_moe(vocab, family)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
@@ -163,5 +174,5 @@ def test_activation_peak_matches_what_torch_allocates(vocab, autocast, tmp_path)
     _, sizes = json.loads((tmp_path / "timeline.json").read_text())
     peak = max(sum(s) for s in sizes) - sum(p.numel() * p.element_size() for p in model.parameters())
     tokens, act = 1024, 2 if autocast else 4
-    estimate = activation_bytes(model, describe(model), tokens, act, autocast, False)
+    estimate = activation_bytes(model, describe(model), tokens, act, autocast, False, seq_len=512)
     assert estimate == pytest.approx(peak, rel=0.1)

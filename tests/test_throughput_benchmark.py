@@ -73,3 +73,17 @@ def test_weights_mapped_from_the_checkpoint_count_as_training_memory(bench, tmp_
     assert bench._mapped_gb(tmp_path / "model") == pytest.approx((8 << 20) / 1e9, rel=0.01)
     for m in maps:
         m.close()
+
+
+def test_the_baseline_trains_in_trls_precision_or_in_the_one_moe_tune_chose(bench, tmp_path):
+    """TRL's default is bf16 autocast, slow where a CPU emulates bf16 matmuls; with
+    ``--baseline-precision moe_tune`` TRL takes the bf16 choice of moe_tune's plan for the shape."""
+    bench.build_model(tmp_path / "model", "benchmark", layers=1)
+    bench.build_data(tmp_path / "train.jsonl", rows=2, seq=64)
+    plan = bench.plan_report("lora_attention", tmp_path, 1, 64, "float32")
+    # the choice the plan measured and stated on this machine (no GPU: it always states one)
+    assert plan["bf16_note"].startswith(f"bf16 autocast {'on' if plan['bf16'] else 'off'}:")
+    trl_default = bench.trl_trainer("lora_attention", tmp_path, 1, 1, 64, "float32")
+    assert trl_default.args.bf16 is True
+    for bf16 in (False, True):
+        assert bench.trl_trainer("lora_attention", tmp_path, 1, 1, 64, "float32", bf16=bf16).args.bf16 is bf16
