@@ -244,7 +244,11 @@ class _Side:
             if gh is not None:
                 grad_in.addmm_(gh, self.a[e], alpha=self.scaling)
         if grad_w is not None:  # (out, in), or (in, out) transposed
-            grad_w[e] = x.t() @ g if self.transposed else g.t() @ x
+            left, right = (x.t(), g) if self.transposed else (g.t(), x)
+            if grad_w.dtype == g.dtype:  # straight into the slice: a copy of each expert's gradient less
+                torch.mm(left, right, out=grad_w[e])
+            else:  # bf16 compute, fp32 gradient: the copy is the cast
+                grad_w[e] = left @ right
         if grad_bias is not None:
             grad_bias[e] = g.sum(0, dtype=torch.float32)
         if grad_a is not None:

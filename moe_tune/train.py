@@ -132,7 +132,7 @@ def cpu_bf16(recipe: Recipe, meta: nn.Module, arch: MoeArch) -> tuple[bool, str 
         return False, None
     speedup = bf16_speedup(text_config(meta.config).hidden_size, expert_intermediate(meta, arch))
     on = speedup >= BF16_PAYS
-    return on, (f"bf16 autocast {'on' if on else 'off'}: this CPU's bf16 matmuls run {speedup:.1f}x fp32 at the "
+    return on, (f"bf16 autocast {'on' if on else 'off'}: this CPU's bf16 matmuls run {speedup:.2g}x fp32 at the "
                 f"model's shapes (measured; on from {BF16_PAYS}x); sft.bf16 decides otherwise")
 
 

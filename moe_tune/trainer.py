@@ -41,6 +41,7 @@ from moe_tune.run_dir import (CHECKPOINTS, DATA_REPORT_FILE, METRICS_FILE, TENSO
 CPU_DEFAULTS = {"use_cpu": True, "activation_checkpointing": False, "dataloader_pin_memory": False,
                 "optim": "adamw_torch_fused"}
 BF16_PAYS = 1.5  # autocast casts every weight and activation it multiplies: its matmuls must win by this much
+EMULATED_BF16 = 10  # a bf16 matmul this many times slower than fp32's is emulated (measured: ~100x on AVX2)
 _CHECKPOINTING_NAMES = {"activation_checkpointing", "gradient_checkpointing"}  # new and deprecated name
 # router_aux_loss_coef: moe_tune computes the load-balancing loss itself (router_losses.py), once,
 # for every family; TRL's (and with it the model's own) stays off.
@@ -59,20 +60,32 @@ def bf16_speedup(hidden: int, intermediate: int) -> float:
     Each dtype's fastest of 7 calls, alternating between them: a stall elsewhere on the machine
     then slows single calls, not the verdict. Timed as the total of 5 calls per dtype instead,
     one run's default at the gpt-oss shape came out under BF16_PAYS where its benchmark measured
-    bf16 at 3.2x fp32, and its full fine-tuning ran in fp32 at half the speed."""
+    bf16 at 3.2x fp32, and its full fine-tuning ran in fp32 at half the speed.
+
+    A CPU without native bf16 matmuls (AVX2 only) emulates them about 100x slower than fp32, 4 s
+    a call at this size: there its first call settles it (over 0.1 s and EMULATED_BF16 times
+    fp32's, far beyond what oneDNN's kernel compilation adds to a first call), instead of a
+    minute of calls."""
     m, k, n = 512, min(hidden, 2048), min(intermediate, 2048)
-    operands = {dtype: (torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype))
-                for dtype in (torch.float32, torch.bfloat16)}
-    for a, b in operands.values():  # oneDNN compiles a kernel per shape on its first call
-        a @ b
-        a @ b
-    best = dict.fromkeys(operands, math.inf)
+    (a32, b32), (a16, b16) = operands = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype))
+                                         for dtype in (torch.float32, torch.bfloat16)]
+    a32 @ b32  # oneDNN compiles a kernel per shape on its first call
+    fp32 = _timed(a32, b32)
+    bf16 = _timed(a16, b16)  # with its compilation
+    if bf16 > max(0.1, EMULATED_BF16 * fp32):
+        return fp32 / bf16
+    a16 @ b16
+    best = [math.inf, math.inf]
     for _ in range(7):
-        for dtype, (a, b) in operands.items():
-            start = time.perf_counter()
-            a @ b
-            best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] / best[torch.bfloat16]
+        for i, (a, b) in enumerate(operands):
+            best[i] = min(best[i], _timed(a, b))
+    return best[0] / best[1]
+
+
+def _timed(a: torch.Tensor, b: torch.Tensor) -> float:
+    start = time.perf_counter()
+    a @ b
+    return time.perf_counter() - start
 
 
 def checkpointing_is_auto(recipe) -> bool:

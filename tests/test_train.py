@@ -108,3 +108,25 @@ def test_bf16_on_a_cpu_is_chosen_by_measuring_its_matmuls(tmp_path, monkeypatch)
         assert setup.sft_args.bf16 is on and setup.report["bf16_note"].startswith(f"bf16 autocast {'on' if on else 'off'}")
     setup = train.plan_run(load_recipe(path, ["sft.bf16=false"]))  # the recipe decides: nothing measured
     assert setup.sft_args.bf16 is False and "bf16_note" not in setup.report
+
+
+def test_emulated_bf16_is_told_by_one_call(monkeypatch):
+    """Where a CPU emulates bf16 matmuls (AVX2: about 100x slower than fp32, seconds a call at a
+    real layer's shape), one bf16 call decides, not sixteen; where the first call is merely slow
+    (a kernel compiled, a stall), the best of the alternating calls does."""
+    from moe_tune import trainer
+
+    for first_bf16, want, calls in ((4.0, 0.01, 2), (0.06, 2.0, 16)):
+        timed = []
+
+        def fake(a, b, first=first_bf16):  # fp32 0.04 s a call; bf16 `first` once, then 0.02 s
+            timed.append(a.dtype)
+            if a.dtype == torch.float32:
+                return 0.04
+            return first if timed.count(torch.bfloat16) == 1 else 0.02
+
+        monkeypatch.setattr(trainer, "_timed", fake)
+        trainer.bf16_speedup.cache_clear()
+        assert trainer.bf16_speedup(128, 256) == pytest.approx(want)
+        assert len(timed) == calls
+    trainer.bf16_speedup.cache_clear()
