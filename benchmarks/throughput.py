@@ -22,7 +22,10 @@ On a CPU each measurement is its own process, and memory is measured in separate
 that sample the process's anonymous resident memory (the checkpoint's file pages, which stay
 resident after loading reads them, are not training memory); on CUDA, where the allocator
 reports an exact, resettable peak, they run one after another in this process, which saves a
-dozen process starts (most of the run time at this model size). The two paths alternate, and the
+dozen process starts (most of the run time at this model size). Loading's peak (``load_peak_gb``)
+is measured apart from training's (``peak_mem_gb``, which ``mem_vs_plan`` compares with the plan):
+a bf16 checkpoint's fused experts are stacked in bf16 before they are cast to the training dtype,
+and at real shapes that can exceed what training holds. The two paths alternate, and the
 median over repeats is kept. It also measures the machine's matmul throughput at the model's
 shapes and reports model FLOP utilisation, 6 x active parameters x tokens/s against that peak.
 A strategy whose planned peak (``moe-tune plan``) exceeds the memory this machine has available
@@ -302,6 +305,15 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
         trainer = moe_tune_trainer(strategy, work, steps + warmup, batch, seq, dtype, checkpointing)
     else:
         trainer = trl_trainer(strategy, work, steps + warmup, batch, seq, dtype, trl_bf16)
+    # Loading has a peak of its own: a bf16 checkpoint's fused experts are stacked in bf16 before
+    # they are cast, above the weights that training then holds. It is kept apart, so that the
+    # training peak is what moe-tune plan's estimate is compared with.
+    if cuda:
+        load_peak = torch.cuda.max_memory_allocated() / 1e9
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        load_peak = sampler.stop() if sampler else float("nan")
+        sampler = AnonPeak() if sampler else None
     timer = _timer(warmup)
     trainer.add_callback(timer)
     trainer.train()
@@ -310,6 +322,7 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
         sampler.stop() + _mapped_gb(work / "model") if sampler else float("nan")
     model = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     return {"tokens_per_s": batch * seq / statistics.median(timer.times), "peak_mem_gb": peak - before,
+            "load_peak_gb": load_peak - before,
             "bf16": bool(trainer.args.bf16), "checkpointing": bool(trainer.args.gradient_checkpointing),
             "weights": str(next(model.parameters()).dtype).removeprefix("torch."),
             "experts": getattr(model.config, "_experts_implementation", None) or "the model's own"}
@@ -404,11 +417,14 @@ def compare(args) -> dict:
                     runs[strategy, path].append(measure(path, strategy, work, args, trl_bf16=trl_bf16[strategy]))
                     print(f"repeat {repeat + 1} {strategy:15s} {path:9s} "
                           f"{runs[strategy, path][-1]['tokens_per_s']:8.0f} tokens/s", file=sys.stderr)
+        # (training peak, loading peak) per strategy and path
         if device == "cuda":  # the allocator's own peak is exact: the timed runs' will do
-            memory = {key: max(r["peak_mem_gb"] for r in found) for key, found in runs.items()}
+            memory = {key: (max(r["peak_mem_gb"] for r in found), max(r["load_peak_gb"] for r in found))
+                      for key, found in runs.items()}
         else:
-            memory = {(s, p): measure(p, s, work, args, memory=True, trl_bf16=trl_bf16[s])["peak_mem_gb"]
-                      for s in strategies for p in ("moe_tune", "trl")}
+            memory = {(s, p): (m["peak_mem_gb"], m["load_peak_gb"])
+                      for s in strategies for p in ("moe_tune", "trl")
+                      for m in [measure(p, s, work, args, memory=True, trl_bf16=trl_bf16[s])]}
         results, settings = {}, {}
         native_bf16 = peak["bfloat16"] > peak["float32"]
         for strategy in strategies:
@@ -416,12 +432,13 @@ def compare(args) -> dict:
             tps = statistics.median(r["tokens_per_s"] for r in ours)
             base_tps = statistics.median(r["tokens_per_s"] for r in base)
             plan = plans[strategy]["peak_gb"]
-            mem = memory[strategy, "moe_tune"]
+            (mem, load), (base_mem, base_load) = memory[strategy, "moe_tune"], memory[strategy, "trl"]
             flops = flops_per_token(plans[strategy], n_active, dims)
             results[strategy] = {
                 "tokens_per_s": round(tps), "baseline_tokens_per_s": round(base_tps), "speedup": round(tps / base_tps, 2),
-                "peak_mem_gb": round(mem, 2), "baseline_peak_mem_gb": round(memory[strategy, "trl"], 2),
+                "peak_mem_gb": round(mem, 2), "baseline_peak_mem_gb": round(base_mem, 2),
                 "plan_mem_gb": plan, "mem_vs_plan": round(mem / plan, 2),
+                "load_peak_gb": round(load, 2), "baseline_load_peak_gb": round(base_load, 2),
                 # the FLOPs this strategy needs, against each dtype's measured matmul peak
                 "mfu_fp32": round(flops * tps / (peak["float32"] * 1e12), 3),
                 # none where this CPU emulates bf16 (its bf16 peak below fp32's): no bf16 limit to be near
@@ -440,7 +457,8 @@ def compare(args) -> dict:
 
 def markdown(result: dict, command: str) -> str:
     cols = ["tokens_per_s", "baseline_tokens_per_s", "speedup", "peak_mem_gb", "baseline_peak_mem_gb",
-            "plan_mem_gb", "mem_vs_plan", "mfu_fp32", "mfu_bf16", "baseline_mfu_bf16"]
+            "plan_mem_gb", "mem_vs_plan", "load_peak_gb", "baseline_load_peak_gb", "mfu_fp32", "mfu_bf16",
+            "baseline_mfu_bf16"]
     lines = [f"`{command}` on {result['cpu']} ({result['device']}, {result['torch_threads']} threads); shape "
              f"{result['shape']} ({result['layer_dims']}); {result['batch_tokens']} tokens per step; matmul peak "
              f"{result['matmul_peak_tflops']} TFLOP/s", "",

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from moe_tune import fast_experts
@@ -67,6 +68,20 @@ def test_full_training_matches_transformers(model_type, grouped):
     fast = copy.deepcopy(model)
     assert fast_experts.use_fast_experts(fast)
     assert_same_numbers(model, fast, batch(model))
+
+
+def test_the_default_silu_gate_is_differentiated_by_hand_and_the_others_by_autograd():
+    """The families whose numbers the tests above compare: gpt-oss's clamped gate goes through
+    autograd; the default SiLU gate's backward is written out (_Activation), so it is the one
+    those tests check."""
+    experts = {t: next(m for n, m in tiny(t).named_modules() if n.endswith("mlp.experts")) for t in FAMILIES}
+    assert {t for t, m in experts.items() if fast_experts._silu_gated(m)} == {"mixtral", "qwen2_moe", "deepseek_v3"}
+    ue = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    ga = torch.randn(5, 4, dtype=torch.float64)
+    act = fast_experts._Activation(experts["mixtral"], ue.detach(), torch.empty(7, 8, dtype=torch.float64))
+    reference = F.silu(ue[:, :4]) * ue[:, 4:]
+    torch.testing.assert_close(act.out, reference.detach())
+    torch.testing.assert_close(act.grad(ga), torch.autograd.grad(reference, ue, ga)[0])
 
 
 def lora_experts(model):

@@ -87,3 +87,14 @@ def test_the_baseline_trains_in_trls_precision_or_in_the_one_moe_tune_chose(benc
     assert trl_default.args.bf16 is True
     for bf16 in (False, True):
         assert bench.trl_trainer("lora_attention", tmp_path, 1, 1, 64, "float32", bf16=bf16).args.bf16 is bf16
+
+
+def test_loading_and_training_peaks_are_measured_apart(bench, tmp_path):
+    """The training peak, which the plan is compared with, and loading's own, each at least the
+    fp32 weights that both phases hold (a 1-layer benchmark model, bf16 on disk)."""
+    bench.build_model(tmp_path / "model", "benchmark", layers=1)
+    bench.build_data(tmp_path / "train.jsonl", rows=4, seq=64)
+    result = bench.worker("trl", "full", tmp_path, 1, 1, 2, 64, "float32", memory=True, trl_bf16=False)
+    weights = 4 * (tmp_path / "model" / "model.safetensors").stat().st_size / 2 / 1e9
+    assert result["load_peak_gb"] >= 0.9 * weights
+    assert result["peak_mem_gb"] >= 0.9 * weights * 4  # full fine-tuning: + gradients and AdamW's two moments
