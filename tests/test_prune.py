@@ -83,7 +83,9 @@ def test_pruned_checkpoint_loads_and_equals_the_original_where_pruned_experts_ar
     assert all(layer.num_experts == arch.num_experts // 2 for layer in new.layers)
     with torch.no_grad():
         after = loaded.eval()(**batch).logits
-    assert torch.equal(after, before), (after - before).abs().max()
+    # bit for bit on Intel; where BLAS sums a narrower router's matmul in another order (AMD EPYC,
+    # AVX2) the logits differ in the last bit (1.2e-7); cutting a used expert moves them by > 1e-3
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
 def test_cutting_an_expert_that_is_selected_changes_the_logits(tmp_path):

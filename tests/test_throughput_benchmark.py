@@ -2,6 +2,7 @@
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from transformers import AutoTokenizer
@@ -94,7 +95,9 @@ def test_loading_and_training_peaks_are_measured_apart(bench, tmp_path):
     fp32 weights that both phases hold (a 1-layer benchmark model, bf16 on disk)."""
     bench.build_model(tmp_path / "model", "benchmark", layers=1)
     bench.build_data(tmp_path / "train.jsonl", rows=4, seq=64)
-    result = bench.worker("trl", "full", tmp_path, 1, 1, 2, 64, "float32", memory=True, trl_bf16=False)
+    # in its own process, as the benchmark measures memory (in this one, freed heap would be reused)
+    args = SimpleNamespace(device="cpu", steps=1, warmup=1, batch=2, seq=64, dtype="float32", checkpointing=False)
+    result = bench.measure("trl", "full", tmp_path, args, memory=True, trl_bf16=False)
     weights = 4 * (tmp_path / "model" / "model.safetensors").stat().st_size / 2 / 1e9
     assert result["load_peak_gb"] >= 0.9 * weights
     assert result["peak_mem_gb"] >= 0.9 * weights * 4  # full fine-tuning: + gradients and AdamW's two moments
