@@ -23,12 +23,13 @@ that sample the process's anonymous resident memory (the checkpoint's file pages
 resident after loading reads them, are not training memory); on CUDA, where the allocator
 reports an exact, resettable peak, they run one after another in this process, which saves a
 dozen process starts (most of the run time at this model size). Loading's peak (``load_peak_gb``)
-is measured apart from training's (``peak_mem_gb``, which ``mem_vs_plan`` compares with the plan):
-a bf16 checkpoint's fused experts are stacked in bf16 before they are cast to the training dtype,
-and at real shapes that can exceed what training holds. The two paths alternate, and the
-median over repeats is kept. It also measures the machine's matmul throughput at the model's
-shapes and reports model FLOP utilisation, 6 x active parameters x tokens/s against that peak.
-A strategy whose planned peak (``moe-tune plan``) exceeds the memory this machine has available
+is measured apart from training's (``peak_mem_gb``, which ``mem_vs_plan`` compares with the plan),
+and ``load_vs_plan`` compares it with the plan's: transformers stacks the checkpoint's per-expert
+tensors into the fused ones, and at a few layers of a real shape that exceeds what training
+holds. The two paths alternate, and the median over repeats is kept. It also measures the
+machine's matmul throughput at the model's shapes and reports model FLOP utilisation: the FLOPs
+each strategy needs (flops_per_token) x tokens/s against that peak. A strategy whose planned
+peak (``moe-tune plan``, training's or loading's) exceeds the memory this machine has available
 is refused up front, not left to the kernel's OOM killer. The CPU's model name, and the experts
 kernel, dtype and checkpointing each path trained with, are printed with the results.
 Prints one JSON object and writes a Markdown table (``--out``).
@@ -305,9 +306,9 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
         trainer = moe_tune_trainer(strategy, work, steps + warmup, batch, seq, dtype, checkpointing)
     else:
         trainer = trl_trainer(strategy, work, steps + warmup, batch, seq, dtype, trl_bf16)
-    # Loading has a peak of its own: a bf16 checkpoint's fused experts are stacked in bf16 before
-    # they are cast, above the weights that training then holds. It is kept apart, so that the
-    # training peak is what moe-tune plan's estimate is compared with.
+    # Loading has a peak of its own: the checkpoint's per-expert tensors are stacked into the fused
+    # ones, above the weights that training then holds. It is kept apart, so that each peak is
+    # compared with moe-tune plan's estimate of it.
     if cuda:
         load_peak = torch.cuda.max_memory_allocated() / 1e9
         torch.cuda.reset_peak_memory_stats()
@@ -402,8 +403,9 @@ def compare(args) -> dict:
         from moe_tune.fit import available_bytes  # noqa: PLC0415
 
         free = available_bytes() / 1e9
-        refused = {s: f"planned peak {plans[s]['peak_gb']:.1f} GB > {free:.1f} GB available"
-                   for s in args.strategies if plans[s]["peak_gb"] > free}
+        planned = {s: max(plans[s]["peak_gb"], plans[s]["load_peak_gb"]) for s in args.strategies}
+        refused = {s: f"planned peak {planned[s]:.1f} GB > {free:.1f} GB available"
+                   for s in args.strategies if planned[s] > free}
         for strategy, why in refused.items():
             print(f"{strategy}: refused by moe-tune plan ({why})", file=sys.stderr)
         strategies = [s for s in args.strategies if s not in refused]
@@ -439,6 +441,8 @@ def compare(args) -> dict:
                 "peak_mem_gb": round(mem, 2), "baseline_peak_mem_gb": round(base_mem, 2),
                 "plan_mem_gb": plan, "mem_vs_plan": round(mem / plan, 2),
                 "load_peak_gb": round(load, 2), "baseline_load_peak_gb": round(base_load, 2),
+                "load_plan_gb": plans[strategy]["load_peak_gb"],
+                "load_vs_plan": round(load / plans[strategy]["load_peak_gb"], 2),
                 # the FLOPs this strategy needs, against each dtype's measured matmul peak
                 "mfu_fp32": round(flops * tps / (peak["float32"] * 1e12), 3),
                 # none where this CPU emulates bf16 (its bf16 peak below fp32's): no bf16 limit to be near
@@ -457,8 +461,8 @@ def compare(args) -> dict:
 
 def markdown(result: dict, command: str) -> str:
     cols = ["tokens_per_s", "baseline_tokens_per_s", "speedup", "peak_mem_gb", "baseline_peak_mem_gb",
-            "plan_mem_gb", "mem_vs_plan", "load_peak_gb", "baseline_load_peak_gb", "mfu_fp32", "mfu_bf16",
-            "baseline_mfu_bf16"]
+            "plan_mem_gb", "mem_vs_plan", "load_peak_gb", "baseline_load_peak_gb", "load_plan_gb", "load_vs_plan",
+            "mfu_fp32", "mfu_bf16", "baseline_mfu_bf16"]
     lines = [f"`{command}` on {result['cpu']} ({result['device']}, {result['torch_threads']} threads); shape "
              f"{result['shape']} ({result['layer_dims']}); {result['batch_tokens']} tokens per step; matmul peak "
              f"{result['matmul_peak_tflops']} TFLOP/s", "",

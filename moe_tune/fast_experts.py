@@ -20,14 +20,13 @@ import contextlib
 import itertools
 import mmap
 import types
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from moe_tune.loading import TRAIN_MMAP_THRESHOLD
+from moe_tune.loading import TRAIN_MMAP_THRESHOLD, checkpoint_dtypes
 
 try:  # transformers' gate for experts classes that define none: gate, up = chunk(2); act(gate) * up
     from transformers.activations import SiLUActivation
@@ -61,17 +60,10 @@ def stored_in_bf16(path: str) -> bool:
     """Whether the checkpoint folder ``path`` stores every floating-point tensor in bf16, as
     published MoE checkpoints do, routed experts (names with ``.experts.``) among them. Loading
     it in bf16 then rounds nothing: a tensor kept in fp32 (a norm, a router bias) would be."""
-    from safetensors import safe_open  # noqa: PLC0415
-
-    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
-    experts = False
-    for file in files:
-        with safe_open(file, "pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if f.get_slice(key).get_dtype() in ("F32", "F16", "F64", "F8_E4M3", "F8_E5M2"):
-                    return False
-                experts = experts or ".experts." in key
-    return experts
+    dtypes = checkpoint_dtypes(path)
+    if any(d in ("F32", "F16", "F64", "F8_E4M3", "F8_E5M2") for d in dtypes.values()):
+        return False
+    return any(".experts." in key for key in dtypes)
 
 
 def holds_frozen_experts_in_bf16(recipe, sft_args, routed_experts_mode: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import re
 from pathlib import Path
 
 import torch
@@ -51,6 +52,30 @@ def load_config(path: str):
             raise MoeTuneError(f"{path}: not a transformers checkpoint ({str(e).splitlines()[0]})") from None
         raise MoeTuneError(f"{path}: no such model folder, and not reachable as a Hugging Face Hub "
                            "id (offline?); point model.path at a local checkpoint") from None
+
+
+def checkpoint_dtypes(path: str) -> dict[str, str]:
+    """{tensor name: safetensors dtype ("BF16", "F32", ...)} of the checkpoint folder ``path``,
+    read from the files' headers (no weights); empty where ``path`` is not a local folder."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    dtypes = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                dtypes[key] = f.get_slice(key).get_dtype()
+    return dtypes
+
+
+def experts_stored_apart(path: str) -> bool:
+    """Whether the checkpoint at ``path`` stores each routed expert's weights as tensors of their
+    own (``...experts.3.down_proj.weight``: Mixtral, Qwen3, OLMoE, DeepSeek), which transformers
+    stacks into its fused (E, out, in) parameters while it loads, rather than fused already
+    (gpt-oss). Where no safetensors file is here to read (a hub id, a config folder), True, as
+    for most published MoE checkpoints: the loading estimate is then an upper bound."""
+    dtypes = checkpoint_dtypes(path)
+    return not dtypes or any(re.search(r"\.experts\.\d+\.", key) for key in dtypes)
 
 
 def read_tokenizer(path: str):

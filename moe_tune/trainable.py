@@ -303,8 +303,9 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
     With the run's SFTConfig, activations for one micro-batch are estimated too.
     ``narrowed_experts``: the frozen routed experts are held in bf16 while training
     (fast_experts.holds_frozen_experts_in_bf16)."""
-    from moe_tune.accounting import (DTYPE_BYTES, micro_batch_activations, plan_memory_bytes,  # noqa: PLC0415
-                                     quantized_weights)
+    from moe_tune.accounting import (DTYPE_BYTES, loading_bytes, micro_batch_activations,  # noqa: PLC0415
+                                     plan_memory_bytes, quantized_weights)
+    from moe_tune.loading import experts_stored_apart  # noqa: PLC0415
 
     rows = part_rows(model, arch, plan, recipe.lora, selection)
     total = sum(r["params"] for r in rows)
@@ -320,6 +321,9 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
     narrowed = sum(sizes[n] for layer in arch.layers for n in layer.expert_params) if narrowed_experts else 0
     state = plan_memory_bytes(total, memory_full, memory_lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits,
                               narrowed)
+    weights = plan_memory_bytes(total, 0, 0, DTYPE_BYTES[dtype], quantized, recipe.model.bits, narrowed)
+    load = loading_bytes(model, arch, weights, 2 if narrowed_experts else DTYPE_BYTES[dtype],
+                         experts_stored_apart(recipe.model.path))
     report = {
         "parts": rows,
         "total_params": total,
@@ -331,6 +335,9 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
         "state_bytes": state,  # unrounded, for the per-device estimates (fit.py)
         "memory_dtype": dtype,
         "frozen_experts_bf16": narrowed_experts,
+        # loading's own peak: the weights, and the checkpoint's per-expert tensors being stacked
+        "load_peak_gb": round(load / 1e9, 3),
+        "load_stacking_gb": round((load - weights) / 1e9, 3),
         "warnings": plan_warnings(arch, plan, recipe.trainable.preset, rows, selection),
     }
     if sft_args is not None:
@@ -368,6 +375,9 @@ def format_plan(report: dict) -> str:
         lines.append(f"  with activation checkpointing {'off' if report['checkpointing'] else 'on'}: peak "
                      f"{report['other_peak_gb']:.3f} GB ({'faster' if report['checkpointing'] else 'slower'}: "
                      "the forward runs once more in backward when it is on)")
+    if report["load_peak_gb"] > report.get("peak_gb", 0):
+        lines.append(f"loading peak {report['load_peak_gb']:.3f} GB: the weights, + {report['load_stacking_gb']:.3f} GB "
+                     "while transformers stacks the checkpoint's per-expert tensors into one layer's fused ones")
     for note in ("bf16_note", "checkpointing_note"):
         if report.get(note):
             lines.append(report[note])

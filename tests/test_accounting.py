@@ -176,3 +176,58 @@ def test_activation_peak_matches_what_torch_allocates(vocab, autocast, family, t
     tokens, act = 1024, 2 if autocast else 4
     estimate = activation_bytes(model, describe(model), tokens, act, autocast, False, seq_len=512)
     assert estimate == pytest.approx(peak, rel=0.1)
+
+
+LOADING_PEAK = """
+import json, sys
+sys.path.insert(0, {bench!r})
+import moe_tune.train  # noqa: F401  (imported before the baseline, as the benchmark does)
+from throughput import AnonPeak, _anon_gb
+from moe_tune.loading import load_model
+before = _anon_gb()
+sampler = AnonPeak()
+model, _ = load_model({path!r}, "float32")
+print(json.dumps({{"peak": sampler.stop() - before}}))
+"""
+
+
+def test_loading_peak_counts_the_experts_being_stacked(tmp_path):
+    """`plan`'s loading peak against the most anonymous memory loading holds, measured in a
+    process of its own: a 1-layer Qwen3-MoE (64 experts) whose bf16 checkpoint stores each
+    expert apart, loaded in fp32. transformers stacks the experts into fused tensors, and the
+    largest of them is held twice for a moment, above the weights loading leaves."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from moe_tune.accounting import loading_bytes
+    from moe_tune.loading import experts_stored_apart
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL)  # load_model reads the tokenizer first
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, moe_intermediate_size=512,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                            num_experts=64, num_experts_per_tok=8)
+    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    assert experts_stored_apart(str(tmp_path / "model"))
+    meta = build_meta_model(load_config(str(tmp_path / "model")))
+    weights = 4 * sum(p.numel() for p in meta.parameters())
+    estimate = loading_bytes(meta, describe(meta), weights, 4, stacked=True)
+    code = LOADING_PEAK.format(bench=str(ROOT / "benchmarks"), path=str(tmp_path / "model"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak = json.loads(out.stdout.strip().splitlines()[-1])["peak"] * 1e9
+    assert estimate == pytest.approx(peak, rel=0.1)
+    assert peak > 1.4 * weights  # the stacking term is most of what is measured above the weights
+
+
+def test_experts_stored_fused_are_not_stacked(tmp_path):
+    from safetensors.torch import save_file
+
+    from moe_tune.loading import experts_stored_apart
+
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 8, 2, dtype=torch.bfloat16)},
+              tmp_path / "model.safetensors")
+    assert not experts_stored_apart(str(tmp_path))
+    assert experts_stored_apart(str(tmp_path / "absent"))  # unreadable here: as most published checkpoints
