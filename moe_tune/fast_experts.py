@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import mmap
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -127,29 +128,58 @@ def _padded(x: torch.Tensor, low_precision: bool) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
-def _step_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor that each training step makes anew: a whole experts weight's bf16
+# per experts module: {what: (its mapping, a weak reference to the view the last step's tensor uses)}
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device,
+                kept: tuple[nn.Module, str] | None = None) -> torch.Tensor:
+    """An uninitialised tensor that each training step needs anew: a whole experts weight's bf16
     copy or fp32 gradient (E, out, in), or the kernel's kept activations (P, 2I) and (P, H). On a Linux
     CPU it gets its own private mapping with transparent huge pages (madvise): the kernel then
-    faults it in 2 MiB pages rather than 4 KiB ones (and unmaps it as fast), where glibc's own
-    mapping of so large a block takes a fault per 4 KiB. Freed with the tensor, as glibc's is:
-    the memory is the same. Measured at the Qwen3-30B-A3B shape (1 layer; Intel Xeon, THP in
+    faults it in 2 MiB pages rather than 4 KiB ones, where glibc's own mapping of so large a
+    block takes a fault per 4 KiB. Measured at the Qwen3-30B-A3B shape (1 layer; Intel Xeon, THP in
     madvise mode): full fine-tuning (1.2 GB of copies and 2.4 GB of gradients a step) took 5.5 s
-    a step against 7.0 s; lora_experts (a 52 MB activation) 2.1 s against 2.4 s."""
+    a step against 7.0 s; lora_experts (a 52 MB activation) 2.1 s against 2.4 s.
+
+    With ``kept`` (the experts module, and which of its buffers this is), the mapping outlives the
+    tensor and the next step's tensor reuses it, once no tensor of the last step uses it any more
+    (a gradient still held, as gradient accumulation holds it, gets a new one). Memory that a
+    process frees and faults in again can cost far more than the matmuls that fill it: in a VM
+    whose host takes freed pages back (free page reporting; this project's machines), pages
+    touched anew faulted in at 0.2 GB/s against 3-17 GB/s for pages the host still backed
+    (AMD EPYC, 2026-12-03), and the 2.4 GB of expert gradients a step of full fine-tuning writes
+    at the Qwen3 shape took about 10 s of a 16-20 s step. Kept, they are in memory between steps
+    as well, which the plan already counts (gradients) or which the forward holds at its peak anyway."""
     n = torch.Size(shape).numel()
     # below training's mmap threshold glibc serves the block from its heap, reusing freed memory
     if device.type != "cpu" or n * dtype.itemsize < TRAIN_MMAP_THRESHOLD or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype, device=device)
-    pages = mmap.mmap(-1, n * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    pages.madvise(mmap.MADV_HUGEPAGE)  # where THP is off ("never"), a plain private mapping
-    return torch.frombuffer(pages, dtype=dtype, count=n).view(shape)  # the tensor keeps the mapping
+    buffers = _KEPT.setdefault(kept[0], {}) if kept is not None else {}
+    pages, last_view = buffers.get(kept[1] if kept else None, (None, lambda: None))
+    if pages is None or len(pages) < n * dtype.itemsize or last_view() is not None:
+        pages = mmap.mmap(-1, n * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        pages.madvise(mmap.MADV_HUGEPAGE)  # where THP is off ("never"), a plain private mapping
+    # the tensor's storage holds this view, and nothing else does: once every tensor on it is
+    # gone (a gradient set to None), so is the view
+    view = memoryview(pages)
+    if kept is not None:
+        buffers[kept[1]] = (pages, weakref.ref(view))
+    return torch.frombuffer(view, dtype=dtype, count=n).view(shape)
 
 
-def _cast_whole(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def release_kept(model: nn.Module) -> None:
+    """Give back the buffers that ``model``'s experts modules keep from step to step (_step_empty),
+    once training ends."""
+    for module in model.modules():
+        _KEPT.pop(module, None)
+
+
+def _cast_whole(weight: torch.Tensor, dtype: torch.dtype, kept: tuple[nn.Module, str] | None = None) -> torch.Tensor:
     """``weight.to(dtype)`` into a ``_step_empty`` tensor."""
     if weight.dtype == dtype:
         return weight
-    return _step_empty(weight.shape, dtype, weight.device).copy_(weight)
+    return _step_empty(weight.shape, dtype, weight.device, kept).copy_(weight)
 
 
 def _slice(w: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
@@ -157,11 +187,11 @@ def _slice(w: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
     return w[e].to(dtype)
 
 
-def _held(weight: torch.Tensor, dtype: torch.dtype, on_use: bool) -> torch.Tensor:
+def _held(weight: torch.Tensor, dtype: torch.dtype, on_use: bool, kept: tuple[nn.Module, str]) -> torch.Tensor:
     """The (E, out, in) weight the loop reads, in ``dtype``: cast once when wider (fp32 weights
     under autocast), and kept for the backward; a narrower one (bf16 experts, fp32 compute:
     evaluation), or any with ``on_use`` (cast_on_use), is cast per expert used, on use (_slice)."""
-    return _cast_whole(weight, dtype) if weight.dtype.itemsize >= dtype.itemsize and not on_use else weight
+    return _cast_whole(weight, dtype, kept) if weight.dtype.itemsize >= dtype.itemsize and not on_use else weight
 
 
 class _Route:
@@ -197,22 +227,24 @@ class _Route:
 
 class _Side:
     """One projection inside ``_ExpertsMLP``: weight (E, out, in), or (E, in, out) when
-    transposed, bias (E, out), LoRA A (E, r, in) and B (E, out, r), held in the compute dtype."""
+    transposed, bias (E, out), LoRA A (E, r, in) and B (E, out, r), held in the compute dtype.
+    ``kept``: (the experts module, "up" or "down"), whose large buffers _step_empty keeps."""
 
-    def __init__(self, w, bias, a, b, scaling, transposed, dtype, w_dtype, lora_dtype):
-        self.w, self.bias, self.a, self.b = w, bias, a, b
+    def __init__(self, w, bias, a, b, scaling, transposed, dtype, w_dtype, lora_dtype, kept):
+        self.w, self.bias, self.a, self.b, self.kept = w, bias, a, b, kept
         self.scaling, self.transposed, self.dtype = scaling, transposed, dtype
         self.w_dtype, self.lora_dtype, self.lora = w_dtype, lora_dtype, a is not None
         self.out_features = w.shape[2] if transposed else w.shape[1]
         self.rank = a.shape[1] if self.lora else 0
 
     @classmethod
-    def held(cls, weight, bias, lora_a, lora_b, scaling, transposed, dtype, on_use) -> _Side:
+    def held(cls, weight, bias, lora_a, lora_b, scaling, transposed, dtype, on_use, kept) -> _Side:
         """From the module's tensors: each cast to the compute dtype once (the weight as ``_held``)."""
         lora = lora_a is not None
-        return cls(_held(weight, dtype, on_use), bias.to(dtype) if bias is not None else None,
+        return cls(_held(weight, dtype, on_use, (kept[0], f"{kept[1]} copy")),
+                   bias.to(dtype) if bias is not None else None,
                    lora_a.to(dtype) if lora else None, lora_b.to(dtype) if lora else None, scaling, transposed,
-                   dtype, weight.dtype, lora_a.dtype if lora else None)
+                   dtype, weight.dtype, lora_a.dtype if lora else None, kept)
 
     def tensors(self) -> list:
         return [self.w, self.bias, self.a, self.b]
@@ -260,7 +292,8 @@ class _Side:
         in its own dtype (an expert without tokens gets zeros), LoRA's summed in fp32."""
         need_w, need_bias, need_a, need_b = needs
         w = self.w
-        return [_step_empty(w.shape, self.w_dtype, w.device) if need_w else None,
+        return [_step_empty(w.shape, self.w_dtype, w.device, (self.kept[0], f"{self.kept[1]} gradient"))
+                if need_w else None,
                 torch.zeros(w.shape[0], self.out_features, dtype=torch.float32, device=w.device) if need_bias else None,
                 torch.zeros(self.a.shape, dtype=torch.float32, device=w.device) if need_a else None,
                 torch.zeros(self.b.shape, dtype=torch.float32, device=w.device) if need_b else None]
@@ -338,18 +371,19 @@ class _ExpertsMLP(torch.autograd.Function):
     def forward(ctx, x, weights, up_w, up_b, up_a, up_lb, down_w, down_b, down_a, down_lb, route, spec):
         experts, dtype, combine = spec["experts"], spec["dtype"], weights is not None
         with torch.autocast(x.device.type, enabled=False):  # everything below is already in dtype
-            up = _Side.held(up_w, up_b, up_a, up_lb, spec["up_scaling"], spec["transposed"], dtype, spec["on_use"])
+            up = _Side.held(up_w, up_b, up_a, up_lb, spec["up_scaling"], spec["transposed"], dtype, spec["on_use"],
+                            (experts, "up"))
             down = _Side.held(down_w, down_b, down_a, down_lb, spec["down_scaling"], spec["transposed"], dtype,
-                              spec["on_use"])
+                              spec["on_use"], (experts, "down"))
             tokens, hidden = x.shape
             xz = torch.cat([x.to(dtype), x.new_zeros(1, hidden, dtype=dtype)])  # (T + 1, H): row T is zero
             padded = len(route.padded_tokens)
-            # (P, 2I) or (P, I), kept for the activation's backward; fresh every step, hence huge pages
-            u = _step_empty((padded, up.out_features), dtype, x.device)
+            # (P, 2I) or (P, I), kept for the activation's backward
+            u = _step_empty((padded, up.out_features), dtype, x.device, (experts, "up output"))
             hu = xz.new_empty(padded, up.rank) if up.lora else None  # (P, r): x A^T, for B's gradient
             hd = xz.new_empty(padded, down.rank) if down.lora else None
             keep_d = not combine or ctx.needs_input_grad[1]  # the routing weights' gradient needs it
-            d = _step_empty((padded, hidden), dtype, x.device) if keep_d else None  # (P, H) the experts' outputs
+            d = _step_empty((padded, hidden), dtype, x.device, (experts, "down output")) if keep_d else None  # (P, H)
             w = weights.to(dtype) if combine else None  # (S,) routing weights, grouped
             out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device) if combine else \
                 xz.new_empty(len(route.tokens), hidden)
@@ -377,9 +411,9 @@ class _ExpertsMLP(torch.autograd.Function):
         experts, dtype = spec["experts"], spec["dtype"]
         needs = ctx.needs_input_grad
         need_x, need_weights = needs[0], needs[1]
-        up, down = (_Side(*tensors, scaling, spec["transposed"], dtype, w_dtype, lora_dtype)  # as forward held them
-                    for tensors, scaling, (w_dtype, lora_dtype) in zip(
-                        (held[:4], held[4:]), (spec["up_scaling"], spec["down_scaling"]), ctx.sides))
+        up, down = (_Side(*tensors, scaling, spec["transposed"], dtype, w_dtype, lora_dtype, (experts, name))
+                    for tensors, scaling, (w_dtype, lora_dtype), name in zip(  # as forward held them
+                        (held[:4], held[4:]), (spec["up_scaling"], spec["down_scaling"]), ctx.sides, ("up", "down")))
         up_grads, down_grads = up.gradients(needs[2:6]), down.gradients(needs[6:10])
         need_up = need_x or any(g is not None for g in up_grads)
         with torch.autocast(xz.device.type, enabled=False):

@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from moe_tune import chat_template, distributed, routing, routing_stats
+from moe_tune import chat_template, distributed, fast_experts, routing, routing_stats
 from moe_tune.bias_balance import BalanceBiases, BiasBalancer
 from moe_tune.data import messages_dataset, read_chat_rows, read_rows
 from moe_tune.errors import MoeTuneError
@@ -382,6 +382,7 @@ def train(trainer: MoeSFTTrainer, recipe, checkpoint: Path | None) -> None:
     """Trainer.train, from ``checkpoint`` when resuming; running out of memory says what to lower."""
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        fast_experts.release_kept(trainer.model)  # the step buffers, before evaluation
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise MoeTuneError(out_of_memory_message(recipe)) from e
     except RuntimeError as e:

@@ -272,14 +272,8 @@ def _mapping_of(address: int) -> dict[str, int] | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads Linux's /proc/self/smaps")
-def test_whole_expert_gradients_and_copies_get_huge_pages_and_the_same_numbers(monkeypatch):
-    """Full fine-tuning's per-step (E, out, in) tensors (the bf16 copy of each experts weight, the
-    fp32 gradient) at least glibc's mmap threshold get their own huge-page mapping (where THP is
-    in madvise mode, as here): the gradient is the very tensor the parameter keeps (autograd takes
-    it over rather than copying it), its numbers are those of plain torch.empty, and its mapping
-    goes when the gradient is dropped."""
-    import gc
-
+def _wide_experts_model():
+    """A 1-layer Mixtral whose gate_up_proj (4, 2048, 1024) is 32 MiB in fp32, with moe_tune's kernel."""
     from transformers import MixtralConfig
 
     torch.manual_seed(0)
@@ -288,6 +282,18 @@ def test_whole_expert_gradients_and_copies_get_huge_pages_and_the_same_numbers(m
                            num_experts_per_tok=2)
     model = AutoModelForCausalLM.from_config(config).float()
     fast_experts.use_fast_experts(model)
+    return model
+
+
+def test_whole_expert_gradients_and_copies_get_huge_pages_and_the_same_numbers(monkeypatch):
+    """Full fine-tuning's per-step (E, out, in) tensors (the bf16 copy of each experts weight, the
+    fp32 gradient) at least glibc's mmap threshold get their own huge-page mapping (where THP is
+    in madvise mode, as here): the gradient is the very tensor the parameter keeps (autograd takes
+    it over rather than copying it), its numbers are those of plain torch.empty, and its mapping
+    goes when the gradient is dropped."""
+    import gc
+
+    model = _wide_experts_model()
     weight = model.model.layers[0].mlp.experts.gate_up_proj  # (4, 2048, 1024): 32 MiB in fp32
     assert weight.numel() * 2 >= fast_experts.TRAIN_MMAP_THRESHOLD  # its bf16 copy too
     inputs = batch(model)
@@ -312,9 +318,29 @@ def test_whole_expert_gradients_and_copies_get_huge_pages_and_the_same_numbers(m
         assert _mapping_of(grad.data_ptr())["AnonHugePages"] > 0
     address = grad.data_ptr()
     del grad
+    assert torch.equal(step(), plain)  # the next step's gradient reuses the mapping, once it is free
+    assert weight.grad.data_ptr() == address
     model.zero_grad()
+    fast_experts.release_kept(model)  # as training ends
     gc.collect()
     assert _mapping_of(address) is None  # unmapped with the gradient
+
+
+def test_a_gradient_still_held_is_not_written_over():
+    """Gradient accumulation keeps the first micro-batch's gradient while the second's backward
+    runs: the second gets new pages, and the sum is that of two independent backward passes."""
+    model = _wide_experts_model()
+    weight = model.model.layers[0].mlp.experts.gate_up_proj  # 32 MiB: above the mmap threshold
+    assert weight.numel() * 4 >= fast_experts.TRAIN_MMAP_THRESHOLD
+    first, second = batch(model, seed=1), batch(model, seed=2)
+    apart = [loss_and_grads(model, inputs)[1]["model.layers.0.mlp.experts.gate_up_proj"] for inputs in (first, second)]
+    model.zero_grad()
+    model(**first).loss.backward()
+    model(**second).loss.backward()  # accumulates into the gradient the first pass made
+    torch.testing.assert_close(weight.grad, apart[0] + apart[1])
+    model.zero_grad()
+    model(**second).loss.backward()  # after zero_grad: the kept pages again, written afresh
+    torch.testing.assert_close(weight.grad, apart[1])
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
