@@ -89,7 +89,8 @@ def cast_on_use(model: nn.Module, expert_modules: list[str], on: bool) -> None:
     in forward and again in backward, instead of casting the whole (E, out, in) tensor once and
     keeping that copy from forward to backward: for activation checkpointing, whose point is
     memory. At the Qwen3-30B-A3B shape the copy is 1.2 GB per layer, which checkpointing would
-    otherwise hold through each layer's backward."""
+    otherwise hold through each layer's backward. Nor do the layers keep their activation
+    buffers from step to step then (_step_empty's ``kept``)."""
     for name in expert_modules:
         setattr(model.get_submodule(name), CAST_ON_USE_ATTR, on)
 
@@ -150,7 +151,8 @@ def _step_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device,
     touched anew faulted in at 0.2 GB/s against 3-17 GB/s for pages the host still backed
     (AMD EPYC, 2026-12-03), and the 2.4 GB of expert gradients a step of full fine-tuning writes
     at the Qwen3 shape took about 10 s of a 16-20 s step. Kept, they are in memory between steps
-    as well, which the plan already counts (gradients) or which the forward holds at its peak anyway."""
+    as well, which the plan already counts (gradients) or which the forward holds at its peak
+    anyway; under activation checkpointing the activations are not kept (see _ExpertsMLP)."""
     n = torch.Size(shape).numel()
     # below training's mmap threshold glibc serves the block from its heap, reusing freed memory
     if device.type != "cpu" or n * dtype.itemsize < TRAIN_MMAP_THRESHOLD or not hasattr(mmap, "MADV_HUGEPAGE"):
@@ -378,12 +380,15 @@ class _ExpertsMLP(torch.autograd.Function):
             tokens, hidden = x.shape
             xz = torch.cat([x.to(dtype), x.new_zeros(1, hidden, dtype=dtype)])  # (T + 1, H): row T is zero
             padded = len(route.padded_tokens)
+            # their mappings are kept from step to step, but not under activation checkpointing
+            # (cast_on_use), which would then hold every layer's at once
+            kept = (lambda what: None) if spec["on_use"] else (lambda what: (experts, what))
             # (P, 2I) or (P, I), kept for the activation's backward
-            u = _step_empty((padded, up.out_features), dtype, x.device, (experts, "up output"))
+            u = _step_empty((padded, up.out_features), dtype, x.device, kept("up output"))
             hu = xz.new_empty(padded, up.rank) if up.lora else None  # (P, r): x A^T, for B's gradient
             hd = xz.new_empty(padded, down.rank) if down.lora else None
             keep_d = not combine or ctx.needs_input_grad[1]  # the routing weights' gradient needs it
-            d = _step_empty((padded, hidden), dtype, x.device, (experts, "down output")) if keep_d else None  # (P, H)
+            d = _step_empty((padded, hidden), dtype, x.device, kept("down output")) if keep_d else None  # (P, H)
             w = weights.to(dtype) if combine else None  # (S,) routing weights, grouped
             out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device) if combine else \
                 xz.new_empty(len(route.tokens), hidden)

@@ -289,8 +289,8 @@ def test_whole_expert_gradients_and_copies_get_huge_pages_and_the_same_numbers(m
     """Full fine-tuning's per-step (E, out, in) tensors (the bf16 copy of each experts weight, the
     fp32 gradient) at least glibc's mmap threshold get their own huge-page mapping (where THP is
     in madvise mode, as here): the gradient is the very tensor the parameter keeps (autograd takes
-    it over rather than copying it), its numbers are those of plain torch.empty, and its mapping
-    goes when the gradient is dropped."""
+    it over rather than copying it), its numbers are those of plain torch.empty, the next step's
+    gradient reuses its mapping, and the mapping goes when training gives the buffers back."""
     import gc
 
     model = _wide_experts_model()
@@ -387,3 +387,20 @@ def test_post_expert_norm_between_experts_and_routing_weights(autocast):
     # transformers' kernel ignores CPU autocast (fp32); this loop runs bf16: bf16's rounding apart
     for name, got, want in [("y", y, ref_y), *((n, grads[n], ref_grads[n]) for n in ref_grads)]:
         assert ((got.float() - want).norm() / want.norm()).item() < 2e-2, name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["kept", "checkpointing"])
+def test_activation_buffers_are_kept_between_steps_except_under_checkpointing(monkeypatch, checkpointing):
+    """Without activation checkpointing each layer keeps its activation buffers' mappings for the
+    next step; with it (cast_on_use) they would hold every layer's at once, so only the
+    gradients' are kept."""
+    monkeypatch.setattr(fast_experts, "TRAIN_MMAP_THRESHOLD", 0)  # every buffer its own mapping
+    model = _wide_experts_model()
+    experts = model.model.layers[0].mlp.experts
+    fast_experts.cast_on_use(model, ["model.layers.0.mlp.experts"], checkpointing)
+    model(**batch(model)).loss.backward()
+    kept = set(fast_experts._KEPT.get(experts, {}))
+    assert {"up gradient", "down gradient"} <= kept
+    assert ("up output" in kept) is not checkpointing
+    fast_experts.release_kept(model)
+    assert experts not in fast_experts._KEPT
