@@ -57,14 +57,18 @@ def load_config(path: str):
 def checkpoint_dtypes(path: str) -> dict[str, str]:
     """{tensor name: safetensors dtype ("BF16", "F32", ...)} of the checkpoint folder ``path``,
     read from the files' headers (no weights); empty where ``path`` is not a local folder."""
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
 
     files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
     dtypes = {}
     for file in files:
-        with safe_open(file, "pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                dtypes[key] = f.get_slice(key).get_dtype()
+        try:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    dtypes[key] = f.get_slice(key).get_dtype()
+        except (SafetensorError, OSError) as e:
+            raise MoeTuneError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); download or "
+                               "save the checkpoint again") from None
     return dtypes
 
 

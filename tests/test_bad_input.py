@@ -50,6 +50,7 @@ def files(tmp_path):
         "long_row": write("long.jsonl", json.dumps({"messages": [
             {"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}) + "\n"),
         "dense": str(dense),
+        "corrupt_weights": str(_corrupt_checkpoint(tmp_path / "corrupt")),
         "no_config": str(_folder(tmp_path / "noconfig")),
         "file_output": write("afile", "not a folder"),
         "foreign_output": str(_folder(tmp_path / "someone", "notes.txt")),
@@ -82,6 +83,13 @@ def _with_template(dest, template):
     (dest / "model.safetensors").symlink_to(SHIPPED_MODEL / "model.safetensors")
     shutil.copy(ROOT / "tests" / "chat_templates" / "broken" / f"{template}.jinja",
                 dest / "chat_template.jinja")
+    return dest
+
+
+def _corrupt_checkpoint(dest):
+    """The shipped model whose safetensors file is not one (a download cut short)."""
+    shutil.copytree(SHIPPED_MODEL, dest, ignore=shutil.ignore_patterns("model.safetensors"))
+    (dest / "model.safetensors").write_text("not weights")
     return dest
 
 
@@ -199,6 +207,8 @@ CASES = [
     ("model_folder_without_config", lambda f: train(f, f"model.path={f['no_config']}"), "noconfig"),
     ("model_not_moe", lambda f: train(f, f"model.path={f['dense']}"), "not a"),
     ("model_not_moe_inspect", lambda f: ["inspect", f["dense"]], "not a"),
+    ("model_weights_corrupt", lambda f: ["plan", QUICKSTART, f"model.path={f['corrupt_weights']}"],
+     "model.safetensors: not a readable safetensors file"),
     ("resume_nothing", lambda f: train(f, "--resume", "output_dir=/tmp/moe-tune-no-such-run"), "no moe-tune run to resume"),
     # moe-tune plan's GPUs
     ("plan_zero_gpus", lambda f: ["plan", QUICKSTART, "--gpus", "0", "--gpu-memory", "80GB"], "--gpus 0"),
