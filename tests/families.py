@@ -8,7 +8,7 @@ shared experts where the family has them, vocab 128, 128 positions, pad/bos/eos 
 ``FAMILIES`` lists every model type it is verified for; ``UNSUPPORTED`` names the MoE families left
 out, and why. (gemma4_assistant is in the causal-LM mapping but forbids MoE, so it is not listed.)
 
-How the list was made (transformers 5.24, torch 2.13 CPU):
+How the list was made (transformers 5.24; ergo, kolibri1_1, minicpm5_moe and param2moe at 5.25; torch 2.13 CPU):
   1. For every model type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, build the default config and
      keep those whose config (or nested text/ffn config) has an expert count (``num_local_experts``,
      ``num_experts``, ``n_routed_experts``, ``moe_num_experts``); cross-checked by grepping each
@@ -41,9 +41,9 @@ Surprises found while verifying (upstream behaviour, not bugs in this file):
   * Router logits come back but no ``aux_loss`` for deepseek_v2/v3/v32, glm4_moe*, llama4,
     hunyuan_v1_moe, exaone_moe, cohere2_moe, afmoe, solar_open, dots1, kimi_linear, lfm2_moe,
     bailing_hybrid, axk*, beam, glm_moe_dsa, hy_v*, kolibri1, longcat_flash, mimo_v2_flash,
-    nemotron_h, sarvam_*, zaya, dots3_note*. aria_text, gemma4*, inkling* have no
-    ``output_router_logits`` at all. jetmoe returns 2 router-logit tensors per layer (attention
-    heads are experts too).
+    nemotron_h, sarvam_*, zaya, dots3_note*, kolibri1_1, minicpm5_moe, param2moe. aria_text,
+    gemma4*, inkling*, ergo have no ``output_router_logits`` at all. jetmoe returns 2 router-logit
+    tensors per layer (attention heads are experts too).
   * Left padding changes the padded row's logits for deepseek_v4 (max |diff| ~0.05-0.15: its
     compressed attention pools over pad positions; exact again when no compression happens).
   * Expert weights not stored as fused 3-D ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``:
@@ -51,7 +51,9 @@ Surprises found while verifying (upstream behaviour, not bugs in this file):
     ``down_proj [E, I, H]``; gpt_oss also interleaves gate/up columns and has ``*_bias``);
     dbrx uses 2-D ``w1``/``v1``/``w2`` of shape [E*I, H]; jetmoe uses ``JetMoeParallelExperts.weight``
     (``input_linear [E, 2I, H]``, ``output_linear [E, H, I]``, plus per-head attention experts);
-    nemotron_h has no gate (``up_proj [E, I, H]``, relu2); longcat_flash's ``gate_up_proj`` has
+    nemotron_h has no gate (``up_proj [E, I, H]``, relu2); ergo has no gate either and is
+    transposed (``up_proj [E, H, I]``, ``down_proj [E, I, H]``, relu2), with a per-expert RMSNorm
+    after each expert (``post_expert_norm.weight [E, H]``); longcat_flash's ``gate_up_proj`` has
     E + zero_expert_num rows while ``down_proj`` has E; inkling_text's shared experts are 3-D
     ``gate_proj``/``up_proj``/``down_proj`` stacks.
   * Indexer weights of the sparse-attention families (deepseek_v32, glm_moe_dsa, hy_v4, axk2,
@@ -172,6 +174,9 @@ _OVERRIDES: dict[str, dict] = {
     # head_dim == qk_nope_head_dim + qk_rope_head_dim.
     "dots3_note_text": {**_MLA, **_INDEXER, "head_dim": 24, "num_hidden_layers": 3, "per_layer_config": {},
                         "sliding_window": 8, "shared_experts_intermediate_size": 32},
+    # Layer 0 dense (its default width is 32768), layer 1 MoE with un-gated relu^2 experts.
+    "ergo": {"first_dense_intermediate_size": 96, "sliding_window": 8,
+             "layer_types": ["sliding_attention", "full_attention"]},
     "exaone_moe": {"num_hidden_layers": 3, "first_k_dense_replace": 1, "sliding_window": 8},
     "flex_olmo": {},
     # flint's default mlp_only_layers=[0, 1] would leave 2 layers without MoE.
@@ -205,6 +210,11 @@ _OVERRIDES: dict[str, dict] = {
                     "layer_types": ["linear_attention", "full_attention", "linear_attention"],
                     "linear_head_dim": 16, "linear_num_heads": 4},
     "kolibri1": {"sliding_window": 8},
+    # One dense sliding layer, then an indexed (sparse-attention) MoE layer that is its own indexer.
+    "kolibri1_1": {"sliding_window": 8, "layer_types": ["sliding_attention", "indexed_attention"],
+                   "mlp_only_layers": [0], "mlp_only_intermediate_size": 96, "index_layers": [1],
+                   "kv_source_layers": [0, 1], "index_num_heads": 2, "index_topk": 8, "index_pool_size": 16,
+                   "index_compression": 4, "index_num_local_tokens": 4, "index_num_sink_tokens": 2},
     "laguna": {"num_hidden_layers": 3, "sliding_window": 8},
     "lara_mini": {**_DELTANET, "sliding_window": 8},
     # layer_types has no default: a short-conv layer around one attention layer.
@@ -214,6 +224,7 @@ _OVERRIDES: dict[str, dict] = {
     "longcat_flash": {**_MLA, "num_layers": 2, "ffn_hidden_size": 96, "expert_ffn_hidden_size": 24,
                       "zero_expert_num": 2},
     "mellum": {"sliding_window": 8},
+    "minicpm5_moe": {},
     "mimo_v2_flash": {"num_hidden_layers": 3, "v_head_dim": 16, "sliding_window": 8},
     # Lightning (linear) attention blocks of 16 tokens.
     "minimax": {"block_size": 16},
@@ -225,6 +236,7 @@ _OVERRIDES: dict[str, dict] = {
     "nemotron_h": {"use_mamba_kernels": False, "layers_block_type": ["mamba", "moe", "attention", "moe"],
                    "ssm_state_size": 16, "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 1,
                    "chunk_size": 16, "moe_shared_expert_intermediate_size": 32},
+    "param2moe": {"num_hidden_layers": 3},
     "qwen3_5_moe_text": {**_DELTANET, "layer_types": ["linear_attention", "full_attention"]},
     "qwen3_next": {**_DELTANET, "layer_types": ["linear_attention", "full_attention"]},
     # An indexed (QSA) layer is needed for a sequence length in the cache; its fields are all-or-none.

@@ -35,7 +35,7 @@ REQUIRED = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
             "granitemoe", "phimoe", "jetmoe", "dbrx", "glm4_moe", "ernie4_5_moe", "llama4_text"]
 WITH_SHARED = {"qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe", "llama4_text"}
 SIGMOID = {"deepseek_v3", "glm4_moe", "llama4_text"}
-TRANSPOSED = {"gpt_oss", "llama4_text", "llama4", "aria_text"}
+TRANSPOSED = {"gpt_oss", "llama4_text", "llama4", "aria_text", "ergo"}
 
 
 def meta_model(family):

@@ -18,7 +18,7 @@ from families import tiny_config
 # mixtral: plain fused experts; gpt_oss: transposed, with biases and its own gate;
 # qwen2_moe: shared experts next to the routed ones; deepseek_v3: sigmoid router, and PEFT
 # wraps its shared-expert Linear weights as parameters too (those must not be rerouted)
-FAMILIES = ["mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3"]
+FAMILIES = ["mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "ergo"]  # ergo: un-gated relu^2 experts
 
 
 def tiny(model_type):
