@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_tune.arch import PARTS, MoeArch, text_config
+from moe_tune.arch import PARTS, MoeArch, decoder_layer_of, text_config
 from moe_tune.loading import DTYPES
 
 LORA_RANK = 16  # the rank assumed by the LoRA strategies' estimates
@@ -56,7 +56,7 @@ def loading_bytes(model: nn.Module, arch: MoeArch, weights: float, expert_bytes:
 
 def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
                            checkpointing: bool, expert_copies: bool = True, on_gpu: bool | None = None,
-                           seq_len: int | None = None) -> float:
+                           seq_len: int | None = None, trained: list[str] | None = None) -> float:
     """Bytes autograd keeps for the backward of one micro-batch of ``tokens`` tokens.
 
     Fitted to torch's saved-tensor hooks on Mixtral-style models (sdpa attention, moe_tune's
@@ -75,28 +75,33 @@ def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_byt
     activations their cast copy that multiplies the values, ``a heads S``. Autocast adds a bf16 copy of
     every matmul weight (of the routed experts' only with ``expert_copies``: not when they are
     held in bf16 or cast on use). With activation checkpointing each layer keeps only its fp32
-    input and one layer is recomputed at a time.
+    input and one layer is recomputed at a time. Without it, given the ``trained`` parameter
+    names, the layers ahead of the first trained tensor keep nothing (_kept_from); within 5% of
+    autograd with only the experts of a Mixtral-style model training (tests/test_accounting.py).
     """
-    per_token, per_layer_copies, layers, head = _activation_terms(model, arch, tokens, act_bytes, autocast,
-                                                                  expert_copies, on_gpu, seq_len)
+    kept, per_layer_copies, kept_layers, head, every = _activation_terms(
+        model, arch, tokens, act_bytes, autocast, expert_copies, on_gpu, seq_len,
+        None if checkpointing else trained)
     if checkpointing:
-        return tokens * (layers * 4 * text_config(model.config).hidden_size + per_token / layers) \
+        layers = text_config(model.config).num_hidden_layers
+        return tokens * (layers * 4 * text_config(model.config).hidden_size + every / layers) \
             + per_layer_copies + head
-    return tokens * per_token + per_layer_copies * layers + head
+    return tokens * kept + per_layer_copies * kept_layers + head
 
 
 def activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,
                      checkpointing: bool, expert_copies: bool = True, on_gpu: bool | None = None,
-                     seq_len: int | None = None) -> float:
+                     seq_len: int | None = None, trained: list[str] | None = None) -> float:
     """The activation part of the peak: what is saved for backward, plus whichever working set of
     the backward is larger: the gradients of one layer's activations, which backward holds while
     it works through that layer, or the LM head's (loss_head_bytes), which comes first.
-    ``seq_len``: the length of the rows the ``tokens`` come in (by default one row of them)."""
-    per_token, _, layers, _ = _activation_terms(model, arch, tokens, act_bytes, autocast, on_gpu=on_gpu,
-                                                seq_len=seq_len)
+    ``seq_len``: the length of the rows the ``tokens`` come in (by default one row of them);
+    ``trained``: see saved_activation_bytes."""
+    *_, every = _activation_terms(model, arch, tokens, act_bytes, autocast, on_gpu=on_gpu, seq_len=seq_len)
+    layers = text_config(model.config).num_hidden_layers
     head = loss_head_bytes(model, tokens, 2 if autocast else act_bytes, on_gpu)
     return saved_activation_bytes(model, arch, tokens, act_bytes, autocast, checkpointing, expert_copies, on_gpu,
-                                  seq_len) + max(tokens * per_token / layers, head)
+                                  seq_len, trained) + max(tokens * every / layers, head)
 
 
 def loss_head_bytes(model: nn.Module, tokens: int, compute_bytes: int, on_gpu: bool | None = None) -> float:
@@ -119,12 +124,12 @@ def loss_head_bytes(model: nn.Module, tokens: int, compute_bytes: int, on_gpu: b
 
 def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_args, batch: int | None = None,
                             checkpointing: bool | None = None, narrowed_experts: bool = False,
-                            on_gpu: bool | None = None) -> tuple[float, str]:
+                            on_gpu: bool | None = None, trained: list[str] | None = None) -> tuple[float, str]:
     """(bytes, what they assume) of ``activation_bytes`` for one micro-batch as the run's SFTConfig
     sets it, or with another ``batch`` size or ``checkpointing`` (what `plan` suggests).
     moe_tune's experts kernel keeps no bf16 copy of the routed experts where they are held in bf16
     (``narrowed_experts``) or where checkpointing makes it cast each on use
-    (fast_experts.cast_on_use). ``on_gpu``: see saved_activation_bytes."""
+    (fast_experts.cast_on_use). ``on_gpu``, ``trained``: see saved_activation_bytes."""
     batch = sft_args.per_device_train_batch_size if batch is None else batch
     checkpointing = bool(sft_args.gradient_checkpointing) if checkpointing is None else checkpointing
     autocast = bool(sft_args.bf16 or sft_args.fp16) and DTYPE_BYTES[dtype] == 4  # fp32 weights, 16-bit matmuls
@@ -132,42 +137,97 @@ def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_arg
     tokens = batch * seq_len  # rows of sft.max_length tokens: the largest micro-batch
     acts = activation_bytes(model, arch, tokens, 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4, autocast,
                             checkpointing, expert_copies=not (narrowed_experts or checkpointing), on_gpu=on_gpu,
-                            seq_len=seq_len)
+                            seq_len=seq_len, trained=trained)
     return acts, (f"{tokens} tokens per micro-batch, {'bf16 autocast' if autocast else dtype}, "
                   f"checkpointing {'on' if checkpointing else 'off'}")
 
 
-def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=True, on_gpu=None, seq_len=None):
-    """(bytes per token over all layers, autocast weight copies per layer, layers, head bytes)."""
+def _activation_terms(model, arch, tokens, act_bytes, autocast, expert_copies=True, on_gpu=None, seq_len=None,
+                      trained=None):
+    """(bytes per token kept over all layers, autocast weight copies per layer, layers counted for those
+    copies, head bytes, bytes per token over all layers as if every one kept its own). With
+    ``trained`` (the trained parameter names), the layers ahead of the first trained tensor keep
+    nothing (see _kept_from)."""
     config = text_config(model.config)
     sizes = _numel(model)
     hidden, layers = config.hidden_size, config.num_hidden_layers
-    a = act_bytes
-    # sum over layers of (routed experts a token visits) and of (their intermediate sizes)
-    routed_visits = sum(layer.top_k for layer in arch.layers)
-    routed_width = sum(_expert_width(sizes, layer, hidden) * layer.top_k for layer in arch.layers)
-    # the same for the plain MLPs: shared experts and dense layers
-    visits = width = 0
-    for part in ("shared_experts", "dense_mlp"):
-        params = sum(sizes[n] for n in arch.params_in(part) if len(model.get_parameter(n).shape) > 1)
-        width += params / (3 * hidden)
-        visits += layers - len(arch.layers) if part == "dense_mlp" else len(arch.layers) if params else 0
-    if torch.cuda.is_available() if on_gpu is None else on_gpu:  # transformers' grouped ops (fast_experts._grouped)
-        visits, width = visits + routed_visits, width + routed_width
-        routed = 0
-    else:  # fast_experts._ExpertsMLP
-        routed = len(arch.layers) * a * hidden + routed_visits * a * hidden + 2 * a * routed_width
-    per_token = layers * hidden * (26 + 2 * a) + visits * 3 * a * hidden + 4 * a * width + routed
-    if getattr(config, "_attn_implementation", None) == "eager":  # (B, heads, S, S) probabilities per layer
-        types = getattr(config, "layer_types", None) or ["full_attention"] * layers
-        attending = sum(kind in _SOFTMAX_ATTENTION for kind in types[:layers])
-        per_token += attending * config.num_attention_heads * (seq_len or tokens) * (4 + (a if a < 4 else 0))
+    per_layer = _layer_bytes(model, arch, sizes, act_bytes, on_gpu, seq_len or tokens)
+    first, attention_too = _kept_from(model, arch, layers, trained)
+    kept = sum(sum(terms) for terms in per_layer[first:]) - (per_layer[first][0] if attention_too else 0)
     cast = ("attention", "shared_experts", "dense_mlp") + (("routed_experts",) if expert_copies else ())
     matmul = sum(sizes[n] for n, part in arch.parts.items()
                  if part in cast
                  and len(model.get_parameter(n).shape) > 1)
     copies = 2 * matmul / layers if autocast else 0
-    return per_token, copies, layers, tokens * 10 * hidden
+    return kept, copies, layers - first, tokens * 10 * hidden, sum(sum(terms) for terms in per_layer)
+
+
+def _layer_bytes(model, arch, sizes, a, on_gpu, seq_len) -> list[tuple[float, float]]:
+    """Per decoder layer, what autograd keeps per token: (attention side, MLP side); see
+    saved_activation_bytes."""
+    config = text_config(model.config)
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    layer_of = decoder_layer_of(model)
+    # each layer's plain-MLP width (shared experts, dense MLP): its 2-D parameters / 3H; a tensor
+    # outside the decoder layers is spread over all of them
+    width = {part: [0.0] * layers for part in ("shared_experts", "dense_mlp")}
+    for part, per_layer in width.items():
+        for n in arch.params_in(part):
+            if len(model.get_parameter(n).shape) > 1:
+                i = layer_of(n)
+                for j in range(layers) if i is None else (i,):
+                    per_layer[j] += sizes[n] / (3 * hidden) / (layers if i is None else 1)
+    moe = {layer_of(layer.block): layer for layer in arch.layers}
+    if None in moe:  # no decoder ModuleList found: the MoE layers taken to be the last ones
+        moe = dict(zip(range(layers - len(arch.layers), layers), arch.layers))
+    types = getattr(config, "layer_types", None) or ["full_attention"] * layers
+    eager = getattr(config, "_attn_implementation", None) == "eager"
+    gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    out = []
+    for i in range(layers):
+        attention = hidden * (26 + 2 * a)
+        if eager and types[i] in _SOFTMAX_ATTENTION:  # (B, heads, S, S) probabilities
+            attention += config.num_attention_heads * seq_len * (4 + (a if a < 4 else 0))
+        shared, dense = width["shared_experts"][i], width["dense_mlp"][i]
+        visits = (1 if shared else 0) if i in moe else 1  # a shared expert beside the routed ones; a dense MLP
+        mlp = visits * 3 * a * hidden + 4 * a * (shared + dense)
+        if i in moe:
+            layer = moe[i]
+            routed = _expert_width(sizes, layer, hidden) * layer.top_k  # intermediate width a token visits
+            if gpu:  # transformers' grouped ops (fast_experts._grouped)
+                mlp += layer.top_k * 3 * a * hidden + 4 * a * routed
+            else:  # fast_experts._ExpertsMLP
+                mlp += a * hidden * (1 + layer.top_k) + 2 * a * routed
+        out.append((attention, mlp))
+    return out
+
+
+# Parts on a layer's MLP side: where these alone train in a layer, its attention keeps nothing.
+_MLP_SIDE = ("routed_experts", "shared_experts", "router", "dense_mlp")
+
+
+def _kept_from(model, arch, layers: int, trained) -> tuple[int, bool]:
+    """(the first decoder layer whose activations autograd keeps, whether that layer's attention
+    side keeps nothing either). Autograd keeps nothing for an op none of whose inputs needs a
+    gradient, so the layers ahead of the first trained tensor keep nothing (lora_experts at a
+    shape whose first layer is dense, e.g. DeepSeek's: that whole layer). ``trained`` None: every
+    layer keeps (the input embedding trains, or checkpointing made the embeddings' output need a
+    gradient)."""
+    if trained is None:
+        return 0, False
+    layer_of = decoder_layer_of(model)
+    at = {}  # layer -> the parts trained there
+    for name in trained:
+        i = layer_of(name)
+        if i is None:
+            i = -1 if arch.parts.get(name) == "embeddings" else layers  # the LM head and final norm come last
+        at.setdefault(i, set()).add(arch.parts.get(name))
+    first = min(at, default=layers)
+    if first < 0:
+        return 0, False
+    if first >= layers:  # only the head trains
+        return layers, False
+    return first, at[first] <= set(_MLP_SIDE)
 
 
 def _expert_width(sizes: dict[str, int], layer, hidden: int) -> float:

@@ -18,6 +18,7 @@ every parameter into a part. Code outside this module asks it, and never looks a
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -259,6 +260,22 @@ def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
             if layer is not None:
                 layers.append(layer)
     return layers
+
+
+def decoder_layer_of(model: nn.Module) -> Callable[[str], int | None]:
+    """Maps a parameter or module name to the index of the decoder layer holding it, or None
+    outside the layers (embeddings, final norm, LM head). The layers are the first ModuleList
+    (in module order) as long as the config's ``num_hidden_layers``; where none is, every name
+    maps to None."""
+    count = getattr(text_config(model.config), "num_hidden_layers", None)
+    prefix = next((f"{name}." for name, m in model.named_modules()
+                   if isinstance(m, nn.ModuleList) and len(m) == count), None)
+
+    def layer_of(name: str) -> int | None:
+        if prefix is None or not name.startswith(prefix):
+            return None
+        return int(name[len(prefix):].split(".", 1)[0])
+    return layer_of
 
 
 def param_owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:

@@ -161,7 +161,8 @@ def per_device(setup, gpus: int) -> dict[str, dict[str, float]]:
     dtype_bytes = DTYPE_BYTES[report["memory_dtype"]]
     state = report["state_bytes"]
     # on a GPU the experts run as transformers' grouped ops, whatever this machine planned with
-    acts = micro_batch_activations(setup.meta, setup.arch, report["memory_dtype"], setup.sft_args, on_gpu=True)[0]
+    acts = micro_batch_activations(setup.meta, setup.arch, report["memory_dtype"], setup.sft_args, on_gpu=True,
+                                   trained=setup.plan.trained)[0]
     full = sum(r["trainable"] for r in report["parts"] if r["mode"] == "train")  # ESFT: selected experts' share
     mixed = bool(setup.sft_args.bf16 or setup.sft_args.fp16)
     # e.g. bf16: 8 more bytes per trained parameter (16 in fp32 against DDP's 2 + 2 + 2 x 2)
@@ -193,7 +194,8 @@ def _activation_remedy(setup, room: float) -> str:
     left = f"{room / GB:.3f} GB left beside the states"
     for ckpt in dict.fromkeys((checkpointing, True)):  # as the recipe sets it, then with checkpointing
         for b in range(batch, 0, -1):
-            acts = micro_batch_activations(setup.meta, setup.arch, dtype, sft, b, ckpt, on_gpu=True)[0]
+            acts = micro_batch_activations(setup.meta, setup.arch, dtype, sft, b, ckpt, on_gpu=True,
+                                           trained=setup.plan.trained)[0]
             if acts < room:
                 change = _smaller_batch(b, batch) if ckpt == checkpointing else \
                     "sft.activation_checkpointing: true" + (f" and {_smaller_batch(b, batch)}" if b < batch else "")

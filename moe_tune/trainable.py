@@ -55,6 +55,11 @@ class Plan:
         """Parameter names that must carry LoRA."""
         return [f"{m}.weight" for m in self.lora_modules] + self.lora_parameters
 
+    @property
+    def trained(self) -> list[str]:
+        """Parameter names that get a gradient: trained in full, adapted by LoRA, or with new rows."""
+        return self.train + self.lora_targets + list(self.token_rows)
+
 
 def resolve_modes(preset: str, overrides: dict[str, str | None]) -> dict[str, str]:
     modes = {part: PRESETS[preset].get(part, "freeze") for part in PARTS}
@@ -341,10 +346,11 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
         "warnings": plan_warnings(arch, plan, recipe.trainable.preset, rows, selection),
     }
     if sft_args is not None:
-        acts, basis = micro_batch_activations(model, arch, dtype, sft_args, narrowed_experts=narrowed_experts)
+        acts, basis = micro_batch_activations(model, arch, dtype, sft_args, narrowed_experts=narrowed_experts,
+                                              trained=plan.trained)
         checkpointing = bool(sft_args.gradient_checkpointing)
         other, _ = micro_batch_activations(model, arch, dtype, sft_args, checkpointing=not checkpointing,
-                                           narrowed_experts=narrowed_experts)
+                                           narrowed_experts=narrowed_experts, trained=plan.trained)
         report.update(activation_gb=round(acts / 1e9, 3), peak_gb=round((state + acts) / 1e9, 3),
                       activation_bytes=acts, activation_basis=basis, checkpointing=checkpointing,
                       # the peak with activation checkpointing the other way: memory against speed

@@ -130,14 +130,8 @@ def _loss(model, ids, autocast):
         return -model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.sum()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
-@pytest.mark.parametrize("autocast", [False, True])
-def test_saved_activation_estimate_matches_autograd(autocast, family):
-    """The activation term of `plan` against what autograd actually saves for backward, with sdpa
-    attention and with eager attention's probabilities."""
-    from moe_tune.accounting import saved_activation_bytes
-
-    model = _tiny_moe(1536, family)
+def _saved_bytes(model, autocast: bool) -> int:
+    """Bytes of the tensors autograd keeps for the backward of a (2, 512) batch, weights aside."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
@@ -147,10 +141,42 @@ def test_saved_activation_estimate_matches_autograd(autocast, family):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         _loss(model, torch.randint(0, 1536, (2, 512)), autocast)
-    saved = sum(n for ptr, n in storages.items() if ptr not in params)
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_saved_activation_estimate_matches_autograd(autocast, family):
+    """The activation term of `plan` against what autograd actually saves for backward, with sdpa
+    attention and with eager attention's probabilities."""
+    from moe_tune.accounting import saved_activation_bytes
+
+    model = _tiny_moe(1536, family)
+    saved = _saved_bytes(model, autocast)
     estimate = saved_activation_bytes(model, describe(model), 1024, 2 if autocast else 4, autocast, False,
                                       seq_len=512)
     assert estimate == pytest.approx(saved, rel=0.05)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("trained", ["experts", "last_layer_experts"])
+def test_layers_ahead_of_the_first_trained_tensor_keep_nothing(trained, family):
+    """With only routed experts training (lora_experts, experts_only), autograd keeps nothing ahead
+    of the first trained tensor: not the first layer's attention, nor any layer before the first
+    trained one (a dense first layer, DeepSeek's). The plan, given the trained names, stays above
+    what autograd keeps, by at most a quarter: frozen norms, attention and routers keep less than
+    trained ones, which the estimate does not take off."""
+    from moe_tune.accounting import saved_activation_bytes
+
+    model = _tiny_moe(1536, family)
+    arch = describe(model)
+    names = arch.params_in("routed_experts")
+    names = [n for n in names if n.startswith("model.layers.2.")] if trained == "last_layer_experts" else names
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    saved = _saved_bytes(model, False)
+    estimate = saved_activation_bytes(model, arch, 1024, 4, False, False, seq_len=512, trained=names)
+    assert saved <= estimate <= 1.25 * saved
 
 
 @pytest.mark.parametrize(("vocab", "autocast", "family"), [(1536, False, "mixtral"), (40000, True, "mixtral"),
