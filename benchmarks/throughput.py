@@ -333,7 +333,9 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
 
 def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str, checkpointing: bool = False) -> dict:
     """``moe-tune plan``'s report for the run (parts, trainable counts, peak memory), with the bf16
-    autocast the plan chose (``bf16``)."""
+    autocast the plan chose (``bf16``) and the active parameters the backward runs through
+    (``backward_params``)."""
+    from moe_tune.accounting import backward_params  # noqa: PLC0415
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
     from moe_tune.train import plan_run  # noqa: PLC0415
 
@@ -342,20 +344,22 @@ def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str, che
         "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": strategy}, "lora": LORA,
         "sft": {"per_device_train_batch_size": batch, "max_length": seq, "activation_checkpointing": checkpointing}}))
     setup = plan_run(load_recipe(work / "plan.yaml"))
-    return {**setup.report, "bf16": bool(setup.sft_args.bf16)}
+    return {**setup.report, "bf16": bool(setup.sft_args.bf16),
+            "backward_params": backward_params(setup.meta, setup.arch, setup.plan.trained)}
 
 
 def flops_per_token(report: dict, n_active: int, dims: dict[str, int]) -> float:
-    """Matmul FLOPs a training step needs per token for the planned strategy: the forward and the
-    activation gradients of every active weight (2 + 2 per weight, LoRA factors included), and
-    weight gradients (2 per weight) only for trained tensors: a routed expert's share is top-k of
-    the experts; the input embedding is a lookup, not a matmul."""
+    """Matmul FLOPs a training step needs per token for the planned strategy: the forward of every
+    active weight (2 per weight, LoRA factors included), activation gradients (2 per weight) only
+    from the first trained tensor on (``backward_params``: ahead of it nothing needs a gradient),
+    and weight gradients (2 per weight) only for trained tensors: a routed expert's share is top-k
+    of the experts; the input embedding is a lookup, not a matmul."""
     routed = dims["top_k"] / dims["experts"]
     trained = sum(r["trainable"] * (routed if r["part"] == "routed_experts" else 1)
                   for r in report["parts"] if r["part"] != "embeddings")
     lora = sum(r["trainable"] * (routed if r["part"] == "routed_experts" else 1)
                for r in report["parts"] if r["mode"] == "lora")
-    return 4 * (n_active + lora) + 2 * trained
+    return 2 * (n_active + lora) + 2 * (report["backward_params"] + lora) + 2 * trained
 
 
 def active_params(work: Path) -> int:

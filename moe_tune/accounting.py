@@ -270,6 +270,38 @@ def active_params(model: nn.Module, arch: MoeArch, with_input_embedding: bool = 
     return round(active)
 
 
+def backward_params(model: nn.Module, arch: MoeArch, trained: list[str]) -> int:
+    """Active parameters per token (as active_params counts them, the input embedding aside: a
+    lookup) whose activation gradients the backward computes: those at or after the first trained
+    tensor (_kept_from). Ahead of it nothing needs a gradient, so the backward never runs there
+    (lora_experts at a shape whose first layer is dense: none of that layer). Where the first
+    trained layer trains its attention, the projections reading that layer's input are counted
+    though they pass no gradient back (a few percent of the count at one or two layers); dbrx's
+    flat experts, whose down projection is stored (E*I, H), are not counted in their first layer."""
+    config = text_config(model.config)
+    first, attention_too = _kept_from(model, arch, config.num_hidden_layers, trained)
+    layer_of = decoder_layer_of(model)
+    share = {n: layer.top_k / layer.num_experts for layer in arch.layers for n in layer.expert_params}
+    transposed = {n for layer in arch.layers if layer.transposed for n in layer.expert_params}
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    count = 0.0
+    for name, p in model.named_parameters():
+        if p is embed and (head is None or head.weight is not embed):
+            continue
+        i = layer_of(name)
+        i = config.num_hidden_layers if i is None else i  # the LM head and final norm come last
+        if i < first:
+            continue
+        if i == first and attention_too:
+            # only the MLP side trains here and its input needs no gradient: of its matmuls only
+            # those reading the intermediate activations (down projections) pass one back
+            reads = p.shape[-2] if name in transposed else p.shape[-1]  # (out, in), (E, out, in), (E, in, out)
+            if arch.parts[name] not in _MLP_SIDE or p.dim() < 2 or reads == config.hidden_size:
+                continue
+        count += p.numel() * share.get(name, 1)
+    return round(count)
+
+
 def lora_params(shape: tuple[int, ...], rank: int = LORA_RANK) -> int:
     """PEFT LoRA size for a weight: (out, in) -> r*(in+out); fused (E, a, b) -> r*E*(a+b)."""
     experts = shape[0] if len(shape) == 3 else 1

@@ -50,9 +50,10 @@ def ernie_copy() -> Path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def tiny_checkpoint(model_type: str, dest: Path) -> Path:
-    """A randomly initialised tiny model of ``model_type`` with the shipped tokenizer, saved to
-    ``dest`` so that ``moe-tune train`` can load it like any checkpoint."""
+def tiny_checkpoint(model_type: str, dest: Path, **config) -> Path:
+    """A randomly initialised tiny model of ``model_type`` (with ``config``'s fields changed) and
+    the shipped tokenizer, saved to ``dest`` so that ``moe-tune train`` can load it like any
+    checkpoint."""
     import shutil
 
     import torch
@@ -61,15 +62,16 @@ def tiny_checkpoint(model_type: str, dest: Path) -> Path:
     from families import tiny_config
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
-    config = tiny_config(model_type)
-    text = config.get_text_config()
+    built = tiny_config(model_type)
+    text = built.get_text_config()
+    text.update(config)
     for key in [k for k in text.to_dict() if k.startswith("vocab_size")]:  # gemma4: per-layer vocab too
         setattr(text, key, len(tokenizer))
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if hasattr(text, key):
             setattr(text, key, getattr(tokenizer, key))
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
+    AutoModelForCausalLM.from_config(built).save_pretrained(dest)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(SHIPPED_MODEL / name, dest / name)
     return dest

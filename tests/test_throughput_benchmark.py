@@ -11,7 +11,7 @@ from moe_tune.accounting import expert_intermediate
 from moe_tune.arch import describe
 from moe_tune.loading import build_meta_model
 
-from conftest import ROOT, SHIPPED_MODEL
+from conftest import ROOT, SHIPPED_MODEL, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +45,52 @@ def test_flops_count_weight_gradients_only_where_weights_train(bench):
             {"part": "routed_experts", "params": 800, "mode": "train", "trainable": 800},
             {"part": "embeddings", "params": 50, "mode": "train", "trainable": 50}]
     active = 100 + 800 * 2 // 8
-    assert bench.flops_per_token({"parts": rows}, active, dims) == 6 * active  # full: 2 + 2 + 2 per weight
+    every = {"parts": rows, "backward_params": active}  # the backward reaches every layer
+    assert bench.flops_per_token(every, active, dims) == 6 * active  # full: 2 + 2 + 2 per weight
     frozen = [dict(r, mode="freeze", trainable=0) if r["part"] == "routed_experts" else r for r in rows]
-    assert bench.flops_per_token({"parts": frozen}, active, dims) == 4 * active + 2 * 100
+    assert bench.flops_per_token({**every, "parts": frozen}, active, dims) == 4 * active + 2 * 100
     lora = [dict(r, mode="freeze", trainable=0) for r in rows]
     lora[1] = dict(rows[1], mode="lora", trainable=16)  # LoRA factors of all 8 experts; 2 are active
-    assert bench.flops_per_token({"parts": lora}, active, dims) == 4 * (active + 4) + 2 * 4
+    assert bench.flops_per_token({**every, "parts": lora}, active, dims) == 4 * (active + 4) + 2 * 4
+    # the backward stops at the first trained tensor: only the experts' 200 active weights pass gradients
+    assert bench.flops_per_token({"parts": lora, "backward_params": 200}, active, dims) == \
+        2 * (active + 4) + 2 * (200 + 4) + 2 * 4
+
+
+@pytest.mark.parametrize("strategy", ["full", "freeze_experts", "lora_attention", "lora_experts"])
+def test_the_flop_count_is_what_a_training_step_runs(bench, strategy, tmp_path):
+    """flops_per_token x tokens against torch's FLOP counter over one `moe-tune train` step: its
+    matmuls, forward and backward (attention's score and value products aside: the count leaves
+    them out), at a Qwen3-MoE whose first layer is dense, where lora_experts' backward reaches
+    neither that layer nor the second layer's attention (nor, in that layer, the projections that
+    read the hidden states). TRL's fused LM head recomputes its logits in the backward (one more
+    2 V H per scored token), which the count, of what a step needs, leaves out; it scores the 63
+    of 64 tokens of a row that have a next one. The count's one known excess: where the first
+    layer's attention trains (lora_attention), its q/k/v projections pass no gradient back to the
+    embeddings, though the count has them do so."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vocab, hidden = 1536, 256
+    tiny_checkpoint("qwen3_moe", tmp_path / "model", num_hidden_layers=3, mlp_only_layers=[0], hidden_size=hidden,
+                    intermediate_size=1024, moe_intermediate_size=128, num_experts=8)
+    bench.build_data(tmp_path / "train.jsonl", 4, 64)
+    report = bench.plan_report(strategy, tmp_path, 2, 64, "float32")
+    needed = bench.flops_per_token(report, bench.active_params(tmp_path), bench.layer_dims(tmp_path)) * 2 * 64
+    trainer = bench.moe_tune_trainer(strategy, tmp_path, 1, 2, 64, "float32")
+    # TRL's head adds its gradients up in place (addmm_), which the counter does not know
+    addmm_ = {torch.ops.aten.addmm_: lambda acc, a, b, out_shape=None, **_: 2 * a[0] * a[1] * b[1]}
+    with FlopCounterMode(display=False, custom_mapping=addmm_) as counter:
+        trainer.train()
+    counts = counter.get_flop_counts()["Global"]
+    matmuls = sum(n for op, n in counts.items() if "scaled_dot_product" not in str(op))
+    if strategy == "lora_attention":
+        reads_input = sum(p.numel() for n, p in trainer.model.named_parameters()  # PEFT's names
+                          if ".layers.0.self_attn." in n and n.endswith(".base_layer.weight")
+                          and n.split(".")[-3] in ("q_proj", "k_proj", "v_proj"))
+        assert reads_input > 0
+        needed -= 2 * reads_input * 2 * 64
+    assert matmuls == pytest.approx(needed + 2 * vocab * hidden * 2 * 63, rel=0.01)
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
