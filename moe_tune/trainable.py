@@ -13,6 +13,7 @@ training the whole tensor with the gradient of every other row zeroed.
 from __future__ import annotations
 
 import re
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -231,7 +232,34 @@ def apply_plan(model: nn.Module, plan: Plan, arch: MoeArch, lora) -> nn.Module:
     verify_coverage(model, plan)
     if plan.token_rows:
         _pass_head_bias_through(model)
+    _adapt_linear_parameters_as_linears(model)
     return model
+
+
+def _adapt_linear_parameters_as_linears(model: nn.Module) -> None:
+    """Give each PEFT ``ParamWrapper`` on a Linear's weight (the renamed ones of
+    _dodge_v4_renames, e.g. DeepSeek's shared experts) the forward of PEFT's LoRA Linear:
+    ``base(x) + s (x A^T) B^T``. PEFT's own forward adds B A into a copy of the whole weight on
+    every call, which autograd keeps for the backward, and computes the whole weight's gradient
+    from it: at DeepSeek-V3's shape, 44M weights per layer copied and differentiated, where LoRA
+    needs 2r (in + out) per token. Equal outputs and LoRA gradients (tested); where the adapters
+    are disabled or merged, or several are active, PEFT's forward runs."""
+    from peft.tuners.lora.layer import ParamWrapper  # noqa: PLC0415
+
+    for wrapper in model.modules():
+        if isinstance(wrapper, ParamWrapper) and isinstance(wrapper.base_layer, nn.Linear) \
+                and wrapper.parameter_name == "weight":
+            wrapper.forward = types.MethodType(_linear_lora_forward, wrapper)  # rebound by deepcopy
+
+
+def _linear_lora_forward(self, x, *args, **kwargs):
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    if self.disable_adapters or self.merged or len(active) != 1 or "adapter_names" in kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    lora_a, lora_b = self.lora_A[active[0]], self.lora_B[active[0]]
+    result = self.base_layer(x, *args, **kwargs)
+    lora = lora_b(lora_a(x.to(lora_a.weight.dtype))) * self.scaling[active[0]]
+    return result + lora.to(result.dtype)
 
 
 def _pass_head_bias_through(model: nn.Module) -> None:

@@ -4,10 +4,14 @@ Frozen parameters must be bit-identical afterwards, trained ones must move, and 
 on exactly the planned tensors.
 """
 
+import copy
 import warnings
 
 import pytest
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers import AutoModelForCausalLM
 
 from moe_tune.arch import PARTS, describe
 from moe_tune.errors import MoeTuneError
@@ -18,6 +22,7 @@ from moe_tune.trainer import build_trainer
 from moe_tune.trainable import PRESETS, adapted_tensors, apply_plan, make_plan, resolve_modes, unwrapped
 
 from conftest import ROOT, SHIPPED_MODEL
+from families import tiny_config
 
 STEPS = ["sft.max_steps=3", "sft.learning_rate=1e-2", "sft.eval_strategy=no", "data.max_train_rows=96",
          "eval.files=[]", "sft.warmup_steps=0", "sft.logging_steps=1"]
@@ -239,3 +244,46 @@ def test_new_token_rows_train_in_the_embeddings_and_an_untied_lm_head(preset):
         new = model.get_parameter(name).detach()
         assert torch.equal(new[:vocab], old[:vocab]), name
         assert (new[vocab:] - old[vocab:]).abs().min() > 0, name
+
+
+def test_a_linear_weight_adapted_as_a_parameter_runs_as_peft_lora_linear():
+    """DeepSeek's shared experts are Linear layers whose names PEFT would take for fused experts,
+    so their weights are adapted as parameters (PEFT's ParamWrapper). They run as PEFT's LoRA
+    Linear does, base(x) + s (x A^T) B^T, never adding B A into a copy of the whole weight: the
+    same logits and LoRA gradients as PEFT's own forward, and the base model's logits with the
+    adapter disabled."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("deepseek_v3")).float()
+    arch = describe(model)
+    plan = make_plan(model, arch, resolve_modes("lora_experts", {}))
+    model = apply_plan(model, plan, arch, LoraSection(r=4, alpha=8))
+    wrappers = [m for m in model.modules() if isinstance(m, ParamWrapper) and isinstance(m.base_layer, nn.Linear)]
+    assert len(wrappers) == 3 * len(arch.layers)  # each MoE layer's shared gate, up and down projections
+    g = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if "lora_" in name:  # PEFT starts B at zero: give both factors values
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    reference = copy.deepcopy(model)
+    for wrapper in reference.modules():
+        if isinstance(wrapper, ParamWrapper):
+            wrapper.__dict__.pop("forward", None)  # PEFT's own forward
+    parametrized = []
+    for wrapper in wrappers:
+        wrapper.base_layer.register_forward_pre_hook(lambda m, a: parametrized.append(parametrize.is_parametrized(m)))
+    ids = torch.randint(3, 128, (2, 12), generator=g)
+    results = []
+    for m in (model, reference):
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        with torch.no_grad(), m.disable_adapter():
+            off = m(input_ids=ids).logits
+        results.append((out.logits.detach(), off, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (logits, off, grads), (ref_logits, ref_off, ref_grads) = results
+    assert parametrized and not any(parametrized)  # B A never added into the weight
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(off, ref_off)
+    assert grads.keys() == ref_grads.keys() and any(".shared_experts." in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-3, msg=name)
