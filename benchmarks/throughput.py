@@ -240,7 +240,8 @@ def _timer(warmup: int):
 
 
 def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dtype: str,
-                     checkpointing: bool = False):
+                     checkpointing: bool = False, sft: dict | None = None):
+    """``sft``: recipe ``sft`` keys set beside the benchmark's own (none: moe_tune's defaults)."""
     from moe_tune.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
     from moe_tune.train import plan_run, trainer_for  # noqa: PLC0415
@@ -251,7 +252,7 @@ def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int
               "sft": {"max_steps": steps, "per_device_train_batch_size": batch, "max_length": seq,
                       "learning_rate": 1e-4, "logging_steps": 1000, "report_to": "none",
                       "assistant_only_loss": False, "dataloader_num_workers": 0, "save_strategy": "no",
-                      **({"activation_checkpointing": True} if checkpointing else {})},
+                      **({"activation_checkpointing": True} if checkpointing else {}), **(sft or {})},
               "eval": {"files": []}}
     (work / "recipe.yaml").write_text(json.dumps(recipe))
     recipe = load_recipe(work / "recipe.yaml")

@@ -67,7 +67,9 @@ def test_the_flop_count_is_what_a_training_step_runs(bench, strategy, tmp_path):
     2 V H per scored token), which the count, of what a step needs, leaves out; it scores the 63
     of 64 tokens of a row that have a next one. The count's one known excess: where the first
     layer's attention trains (lora_attention), its q/k/v projections pass no gradient back to the
-    embeddings, though the count has them do so."""
+    embeddings, though the count has them do so. The step runs in fp32: under bf16 autocast (where
+    the plan measures fast bf16 matmuls, as on AMX CPUs) the experts kernel zero-pads each
+    expert's rows (``fast_experts._padded_rows``), work the count of what a step needs leaves out."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -77,7 +79,8 @@ def test_the_flop_count_is_what_a_training_step_runs(bench, strategy, tmp_path):
     bench.build_data(tmp_path / "train.jsonl", 4, 64)
     report = bench.plan_report(strategy, tmp_path, 2, 64, "float32")
     needed = bench.flops_per_token(report, bench.active_params(tmp_path), bench.layer_dims(tmp_path)) * 2 * 64
-    trainer = bench.moe_tune_trainer(strategy, tmp_path, 1, 2, 64, "float32")
+    trainer = bench.moe_tune_trainer(strategy, tmp_path, 1, 2, 64, "float32", sft={"bf16": False})
+    assert not trainer.args.bf16
     # TRL's head adds its gradients up in place (addmm_), which the counter does not know
     addmm_ = {torch.ops.aten.addmm_: lambda acc, a, b, out_shape=None, **_: 2 * a[0] * a[1] * b[1]}
     with FlopCounterMode(display=False, custom_mapping=addmm_) as counter:
