@@ -96,13 +96,19 @@ def build_model(folder: Path, shape: str = "benchmark", layers: int | None = Non
 
 
 def cpu_model() -> str:
-    """lscpu's model name (what a CPU result is only valid for), or the platform's processor."""
+    """lscpu's model name (what a CPU result is only valid for), with its family and model
+    numbers where they are known (VMs give different CPUs the same name: "Intel(R) Xeon(R)
+    Processor" has meant CPUs whose bf16 peaks differ 3x), or the platform's processor."""
     import platform  # noqa: PLC0415
 
+    info = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    if "model name" not in info:
+        return platform.processor() or "unknown"
+    numbers = f" (family {info['cpu family']} model {info['model']})" if "cpu family" in info and "model" in info else ""
+    return info["model name"] + numbers
 
 
 def build_data(path: Path, rows: int, seq: int) -> None:

@@ -144,3 +144,18 @@ def test_loading_and_training_peaks_are_measured_apart(bench, tmp_path):
     weights = 4 * (tmp_path / "model" / "model.safetensors").stat().st_size / 2 / 1e9
     assert result["load_peak_gb"] >= 0.9 * weights
     assert result["peak_mem_gb"] >= 0.9 * weights * 4  # full fine-tuning: + gradients and AdamW's two moments
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads /proc/cpuinfo (Linux)")
+def test_the_cpu_is_named_with_its_family_and_model(bench):
+    """VMs give different CPUs one name, so a result names the CPU's family and model too."""
+    first = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        first.setdefault(key.strip(), value.strip())
+    if "model name" not in first:
+        pytest.skip("this CPU reports no model name")
+    name = bench.cpu_model()
+    assert name.startswith(first["model name"])
+    if "cpu family" in first:
+        assert name.endswith(f"(family {first['cpu family']} model {first['model']})")
