@@ -41,17 +41,30 @@ def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int
     return weights + trained_full * 3 * dtype_bytes + lora * ADAPTER_BYTES
 
 
-def loading_bytes(model: nn.Module, arch: MoeArch, weights: float, expert_bytes: int, stacked: bool) -> float:
+def loading_bytes(model: nn.Module, arch: MoeArch, weights: float, expert_bytes: int, stacked: bool,
+                  narrowed: float = 0) -> float:
     """Loading's peak: the ``weights`` it leaves, plus, where the checkpoint stores each routed
     expert apart (loading.experts_stored_apart, ``stacked``), the largest fused expert tensor of a
     layer at ``expert_bytes`` per element. transformers casts each expert's tensors to the load
     dtype, stacks them per projection and concatenates gate and up; the stacked halves live while
     the (E, 2I, H) result is written. Measured at the Qwen3-30B-A3B, OLMoE and benchmark shapes
     (1-2 layers, bf16 checkpoints loaded in fp32): within 2%. At 1 layer of Qwen3's shape this
-    is 1.6 GB above the 2.5 GB of weights, more than training adds; at 48 layers it is 1%."""
+    is 1.6 GB above the 2.5 GB of weights, more than training adds; at 48 layers it is 1%.
+
+    Where the frozen routed experts are held in bf16 (``narrowed``: their bytes), the model loads
+    in bf16 and only then are its other weights widened (loading.load_model): while the experts
+    are stacked, the other weights are still views of the checkpoint's file, not memory of the
+    process. The peak is then the experts and the stacked halves, or the widened weights,
+    whichever is more: within 1% at the Qwen3, OLMoE and DeepSeek-V2-Lite shapes (1-2 layers;
+    Intel Xeon, 2026-12-03), where the old sum was 1.05-1.25x above; 1.25x above at Mixtral's,
+    whose down-projections load after gate and up are stacked."""
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     largest = max((sizes[n] for layer in arch.layers for n in layer.expert_params), default=0)
-    return weights + (largest * expert_bytes if stacked else 0)
+    if not stacked:
+        return weights
+    if narrowed:
+        return max(weights, narrowed + largest * expert_bytes)
+    return weights + largest * expert_bytes
 
 
 def saved_activation_bytes(model: nn.Module, arch: MoeArch, tokens: int, act_bytes: int, autocast: bool,

@@ -356,7 +356,7 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
                               narrowed)
     weights = plan_memory_bytes(total, 0, 0, DTYPE_BYTES[dtype], quantized, recipe.model.bits, narrowed)
     load = loading_bytes(model, arch, weights, 2 if narrowed_experts else DTYPE_BYTES[dtype],
-                         experts_stored_apart(recipe.model.path))
+                         experts_stored_apart(recipe.model.path), narrowed=2 * narrowed)
     report = {
         "parts": rows,
         "total_params": total,
