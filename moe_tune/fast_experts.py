@@ -102,6 +102,12 @@ def _grouped(x: torch.Tensor) -> bool:
 
 
 ROW_BLOCK = 64  # see _padded_rows
+# Under bf16 an expert's rows go through its matmuls in pieces of at most this many (a multiple
+# of ROW_BLOCK), so that the row counts oneDNN compiles kernels for are at most ROW_PIECE /
+# ROW_BLOCK whatever the routing: with 8 experts of 512 tokens on average, padded counts ran from
+# 64 to 1856 (29 values, 12 kernels each), every new one a compile of 0.3-1.7 ms, and oneDNN
+# kept each compiled kernel, 0.26 GB more in 12 steps and growing (benchmark shape, lora_experts).
+ROW_PIECE = 512
 
 
 def _padded_rows(n: int, low_precision: bool) -> int:
@@ -120,13 +126,6 @@ def _padded_rows(n: int, low_precision: bool) -> int:
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def _padded(x: torch.Tensor, low_precision: bool) -> torch.Tensor:
-    """x (n, k) zero-padded to ``_padded_rows`` rows: the rows an expert's matmuls run on (and
-    their outputs are cut back to n). Zero rows add nothing to a weight gradient's sum."""
-    pad = _padded_rows(x.shape[0], low_precision) - x.shape[0]
-    return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
 # per experts module: {what: (its mapping, a weak reference to the view the last step's tensor uses)}
@@ -218,13 +217,21 @@ class _Route:
         self.padded_tokens = torch.full((sum(rows),), tokens, dtype=torch.long, device=ids.device)
         self.padded_tokens[at] = self.tokens
         self.rows = rows
+        self.piece = ROW_PIECE if low_precision else max(rows, default=0)
+        self.largest = min(max(rows, default=0), self.piece)  # the most rows one matmul runs on
 
-    def experts(self):
-        """(expert, its row count n, its padded count p, its first grouped row, its first padded row)
-        for every expert that received tokens."""
+    def pieces(self):
+        """(expert, its row count n in this piece, the piece's padded count p, its first grouped
+        row, its first padded row, whether it is the expert's first piece) for every expert that
+        received tokens, in pieces of at most ROW_PIECE padded rows under bf16 (see ROW_PIECE).
+        Only the last piece of an expert has pad rows, and every piece has a real row."""
         for e, n in enumerate(self.counts):
-            if n:
-                yield e, n, self.rows[e], self.starts[e], self.padded_starts[e]
+            if not n:
+                continue
+            rows, s, ps = self.rows[e], self.starts[e], self.padded_starts[e]
+            step = min(self.piece, rows)
+            for j in range(0, rows, step):
+                yield e, min(step, n - j), min(step, rows - j), s + j, ps + j, j == 0
 
 
 class _Side:
@@ -263,10 +270,11 @@ class _Side:
             y += self.bias[e]
         return y
 
-    def backward(self, g, e, x, h, grads, need_in):
+    def backward(self, g, e, x, h, grads, need_in, first):
         """g (p, out), the gradient of y; x (p, in) and h (p, r) as in forward -> the gradient of x
         (p, in) when ``need_in``; each trained tensor's gradient goes into its expert's slice of
-        ``grads`` (weight, bias, A, B: None where not trained). Zero pad rows of g add nothing."""
+        ``grads`` (weight, bias, A, B: None where not trained), written by the expert's ``first``
+        piece of rows and added to by the others (_Route.pieces). Zero pad rows of g add nothing."""
         grad_w, grad_bias, grad_a, grad_b = grads
         gh = g @ self.b[e] if self.lora and (need_in or grad_a is not None) else None  # (p, r): g B_e
         grad_in = None
@@ -278,15 +286,18 @@ class _Side:
         if grad_w is not None:  # (out, in), or (in, out) transposed
             left, right = (x.t(), g) if self.transposed else (g.t(), x)
             if grad_w.dtype == g.dtype:  # straight into the slice: a copy of each expert's gradient less
-                torch.mm(left, right, out=grad_w[e])
-            else:  # bf16 compute, fp32 gradient: the copy is the cast
+                torch.mm(left, right, out=grad_w[e]) if first else grad_w[e].addmm_(left, right)
+            elif first:  # bf16 compute, fp32 gradient: the copy is the cast
                 grad_w[e] = left @ right
+            else:
+                grad_w[e] += left @ right
+        # the bias's and LoRA's gradient buffers start at zero (gradients)
         if grad_bias is not None:
-            grad_bias[e] = g.sum(0, dtype=torch.float32)
+            grad_bias[e] += g.sum(0, dtype=torch.float32)
         if grad_a is not None:
-            grad_a[e] = gh.t() @ x  # (r, in)
+            grad_a[e] += gh.t() @ x  # (r, in)
         if grad_b is not None:
-            grad_b[e] = g.t() @ h  # (out, r)
+            grad_b[e] += g.t() @ h  # (out, r)
         return grad_in
 
     def gradients(self, needs: tuple[bool, bool, bool, bool]) -> list:
@@ -392,7 +403,7 @@ class _ExpertsMLP(torch.autograd.Function):
             w = weights.to(dtype) if combine else None  # (S,) routing weights, grouped
             out = torch.zeros(tokens, hidden, dtype=torch.float32, device=x.device) if combine else \
                 xz.new_empty(len(route.tokens), hidden)
-            for e, n, p, s, ps in route.experts():
+            for e, n, p, s, ps, _ in route.pieces():
                 xe = xz.index_select(0, route.padded_tokens[ps:ps + p])  # (p, H), zero pad rows
                 ue = up.forward(xe, e, u[ps:ps + p], hu[ps:ps + p] if up.lora else None)  # (p, 2I)
                 ae = experts._apply_gate(ue) if experts.has_gate else experts.act_fn(ue)  # (p, I)
@@ -431,23 +442,23 @@ class _ExpertsMLP(torch.autograd.Function):
             grad_weights = torch.zeros(len(route.tokens), dtype=torch.float32, device=xz.device) \
                 if need_weights else None
             # (max p, 2I): each expert's activation gradient in turn (_Activation)
-            buffer = u.new_empty(max(route.rows) if need_up else 0, u.shape[1]) if _silu_gated(experts) else None
-            for e, n, p, s, ps in route.experts():
+            buffer = u.new_empty(route.largest if need_up else 0, u.shape[1]) if _silu_gated(experts) else None
+            for e, n, p, s, ps, first in route.pieces():
                 if combine:
                     ge = gz.index_select(0, route.padded_tokens[ps:ps + p])  # (p, H), zero pad rows
                     if need_weights:
                         grad_weights[s:s + n] = (ge[:n].float() * d[ps:ps + n].float()).sum(1)
                     ge[:n] *= w[s:s + n, None]
                 else:
-                    ge = _padded(g_rows[s:s + n], dtype in (torch.bfloat16, torch.float16))
+                    ge = F.pad(g_rows[s:s + n], (0, 0, 0, p - n))  # (p, H), zero pad rows
                 act = _Activation(experts, u[ps:ps + p], buffer)  # the activation again, for its gradient
-                ga = down.backward(ge, e, act.out, hd[ps:ps + p] if down.lora else None, down_grads, need_up)
+                ga = down.backward(ge, e, act.out, hd[ps:ps + p] if down.lora else None, down_grads, need_up, first)
                 if not need_up:
                     continue
                 gu = act.grad(ga)  # (p, 2I) or (p, I)
                 xe = xz.index_select(0, route.padded_tokens[ps:ps + p]) \
                     if up_grads[0] is not None or up_grads[2] is not None else None
-                gx = up.backward(gu, e, xe, hu[ps:ps + p] if up.lora else None, up_grads, need_x)
+                gx = up.backward(gu, e, xe, hu[ps:ps + p] if up.lora else None, up_grads, need_x, first)
                 if need_x:
                     grad_x.index_add_(0, route.tokens[s:s + n], gx[:n].float())
         return (grad_x.to(ctx.x_dtype) if need_x else None,
