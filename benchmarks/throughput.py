@@ -19,7 +19,8 @@ for each strategy it trains a few steps with
   the precision moe_tune's plan chose for this CPU and shape instead, so that both paths match.
 
 On a CPU each measurement is its own process, and memory is measured in separate short runs
-that sample the process's anonymous resident memory (the checkpoint's file pages, which stay
+that sample the process's anonymous resident memory, each path with its allocator's settings
+as its users run it (the checkpoint's file pages, which stay
 resident after loading reads them, are not training memory); on CUDA, where the allocator
 reports an exact, resettable peak, they run one after another in this process, which saves a
 dozen process starts (most of the run time at this model size). Loading's peak (``load_peak_gb``)
@@ -387,12 +388,14 @@ def measure(path, strategy, work, args, memory: bool = False, trl_bf16: bool | N
            "--warmup", str(warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype]
     cmd += (["--memory"] if memory else []) + (["--checkpointing"] if args.checkpointing else [])
     cmd += [] if trl_bf16 is None else ["--trl-bf16", str(int(trl_bf16))]
+    # Each path's memory is measured with its own allocator settings, as its users run it: TRL's
+    # process with glibc's defaults, moe_tune's with the thresholds its loading sets. (Until
+    # 7e49171 the memory runs set MALLOC_MMAP_THRESHOLD_=65536, which moe_tune's loading
+    # overrides, so only TRL's process mapped every block above 64 KiB and gave it back when
+    # freed: leaner than TRL as users run it, and slower, hence never in the timed runs. Around
+    # trl_trainer at the Qwen3 shape, 1 layer, full fine-tuning with checkpointing, 3 steps,
+    # TRL's process peaked at 10.65 GB so and at 11.00-11.04 GB with glibc's defaults.)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if memory:
-        # a separate, short run with big allocations straight from mmap (no dynamic threshold):
-        # anonymous memory then follows the live tensors instead of what glibc keeps cached, so its
-        # peak is a fair measure on CPU. It slows every allocation, hence not in the timed runs.
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"{path} {strategy} failed:\n{out.stderr[-3000:]}")
