@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import time
 from pathlib import Path
 
 from moe_tune import distributed
@@ -275,8 +276,22 @@ def _drop_logs_after(run: Path, step: int) -> None:
     if (run / TENSORBOARD_DIR).is_dir():
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
 
-        # an event at purge_step tells TensorBoard to hide earlier files' events from that step on
+        # an event at purge_step tells TensorBoard to hide earlier files' events from that step on;
+        # it is read in file-name order, so it and the resumed run's own file open in later seconds
+        after_newest_events(run / TENSORBOARD_DIR)
         SummaryWriter(str(run / TENSORBOARD_DIR), purge_step=step + 1).close()
+        after_newest_events(run / TENSORBOARD_DIR)
+
+
+def after_newest_events(folder: Path) -> None:
+    """Wait (a second at most) until the clock is past the second in which the newest event
+    file in ``folder`` was opened. TensorBoard reads a folder's files in the order of their names,
+    ``events.out.tfevents.SECOND.HOST.PID.N``: two opened in the same second sort by process id
+    and counter, so a run resumed within a second of its last file would read as steps 3, 4, 1, 2."""
+    opened = [int(name.split(".")[3]) for name in (p.name for p in folder.glob("events.out.tfevents.*"))
+              if name.split(".")[3].isdigit()]
+    if opened:
+        time.sleep(max(0.0, max(opened) + 1 - time.time()))
 
 
 # --- the run's model ------------------------------------------------------------------------------

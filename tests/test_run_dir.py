@@ -5,7 +5,7 @@ import json
 import pytest
 
 from moe_tune.errors import MoeTuneError
-from moe_tune.run_dir import prepare_run_dir, write_json
+from moe_tune.run_dir import _drop_logs_after, prepare_run_dir, write_json
 
 
 def test_prepare_run_dir(tmp_path):
@@ -64,3 +64,26 @@ def test_a_lora_run_loads_from_any_directory(tmp_path, monkeypatch, capsys):
     model = AutoPeftModelForCausalLM.from_pretrained(run / "model")
     assert model.peft_config["default"].base_model_name_or_path == str(ROOT / "data" / "tiny-moe")
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_a_run_resumed_within_a_second_of_its_last_events_reads_in_step_order(tmp_path):
+    """TensorBoard reads event files in name order, whose first field is the second each was
+    opened in: the purge event and the resumed run's file must come after the killed run's."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    board = tmp_path / "tensorboard"
+    with SummaryWriter(str(board)) as killed:  # steps 1-3, the last after its checkpoint
+        for step in (1, 2, 3):
+            killed.add_scalar("train/loss", 1.0 / step, step)
+    # opened this second by another process, whose host and id sort after this one's
+    next(board.glob("events.out.tfevents.*")).rename(board / f"events.out.tfevents.{int(time.time()):010d}.zz.9.0")
+    _drop_logs_after(tmp_path, 2)  # resumed from checkpoint-2
+    with SummaryWriter(str(board)) as resumed:
+        for step in (3, 4):
+            resumed.add_scalar("train/loss", 1.0 / step, step)
+    events = EventAccumulator(str(board))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
