@@ -287,11 +287,12 @@ def after_newest_events(folder: Path) -> None:
     """Wait (a second at most) until the clock is past the second in which the newest event
     file in ``folder`` was opened. TensorBoard reads a folder's files in the order of their names,
     ``events.out.tfevents.SECOND.HOST.PID.N``: two opened in the same second sort by process id
-    and counter, so a run resumed within a second of its last file would read as steps 3, 4, 1, 2."""
+    and counter, so a run resumed within a second of its last file would read as steps 3, 4, 1, 2.
+    A file stamped by a clock further ahead (a folder moved from another machine) is not waited out."""
     opened = [int(name.split(".")[3]) for name in (p.name for p in folder.glob("events.out.tfevents.*"))
               if name.split(".")[3].isdigit()]
     if opened:
-        time.sleep(max(0.0, max(opened) + 1 - time.time()))
+        time.sleep(min(1.0, max(0.0, max(opened) + 1 - time.time())))
 
 
 # --- the run's model ------------------------------------------------------------------------------

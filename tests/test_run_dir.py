@@ -5,7 +5,7 @@ import json
 import pytest
 
 from moe_tune.errors import MoeTuneError
-from moe_tune.run_dir import _drop_logs_after, prepare_run_dir, write_json
+from moe_tune.run_dir import _drop_logs_after, after_newest_events, prepare_run_dir, write_json
 
 
 def test_prepare_run_dir(tmp_path):
@@ -87,3 +87,14 @@ def test_a_run_resumed_within_a_second_of_its_last_events_reads_in_step_order(tm
     events = EventAccumulator(str(board))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def test_event_files_from_a_clock_ahead_are_waited_for_a_second_at_most(tmp_path):
+    import time
+
+    board = tmp_path / "tensorboard"
+    board.mkdir()  # as if the folder came from a machine whose clock runs 30 s ahead
+    (board / f"events.out.tfevents.{int(time.time()) + 30:010d}.other.1.0").write_bytes(b"")
+    start = time.monotonic()
+    after_newest_events(board)
+    assert time.monotonic() - start < 1.5
