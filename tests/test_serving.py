@@ -1,6 +1,7 @@
 """Exports served where users serve them: vLLM's CPU engine on the merged checkpoint and
-llama.cpp on the GGUF file, after a full fine-tune and after LoRA on the experts, answering 100
-held-out prompts greedily as transformers does.
+llama.cpp on the GGUF file, after a full fine-tune, after LoRA on the experts and, where bf16
+pays, after a run that held its frozen experts in bf16 (a model folder of two dtypes), answering
+100 held-out prompts greedily as transformers does.
 
 The engines come from ``make serving-env`` and ``make llama-cpp``; ``make test`` builds both
 and points MOE_TUNE_SERVE_ENV and MOE_TUNE_LLAMA_CPP at them. A plain ``pytest`` without them
@@ -10,9 +11,11 @@ skips these tests with the command to run; with the variables set, a missing eng
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from moe_tune import serving
 from moe_tune.cli import main
@@ -20,7 +23,8 @@ from moe_tune.data import read_chat_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.evaluate import greedy_answers
 from moe_tune.gguf_convert import declared_family
-from moe_tune.loading import load_model
+from moe_tune.loading import checkpoint_dtypes, load_model
+from moe_tune.trainer import BF16_PAYS, bf16_speedup
 
 from conftest import ROOT, SHIPPED_MODEL
 
@@ -40,16 +44,47 @@ def _engine(variable: str, find, make: str):
     return find()
 
 
+def _bf16_pays() -> bool:
+    """Where a run holds frozen experts in bf16 by default: a CPU whose bf16 matmuls pay (a
+    CPU that emulates them would take an hour over the run below)."""
+    return not torch.cuda.is_available() and bf16_speedup(2048, 2048) >= BF16_PAYS
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A full fine-tune and a LoRA-on-experts run of the shipped model (the quickstart recipe)."""
+    """A full fine-tune and a LoRA-on-experts run of the shipped model (the quickstart recipe);
+    where bf16 pays, also a freeze_experts run of it stored in bf16, under bf16 autocast, whose
+    model folder keeps the frozen experts in bf16 and every other weight in fp32
+    (fast_experts.holds_frozen_experts_in_bf16)."""
     folder = tmp_path_factory.mktemp("serving")
+    presets = [("full", ["trainable.preset=full"]), ("lora_experts", ["trainable.preset=lora_experts"])]
+    if _bf16_pays():
+        bf16 = folder / "tiny-moe-bf16"
+        AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.bfloat16).save_pretrained(bf16)
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(SHIPPED_MODEL / name, bf16 / name)
+        presets.append(("bf16_frozen_experts", ["trainable.preset=freeze_experts", f"model.path={bf16}",
+                                                "sft.bf16=true"]))
     made = {}
-    for name, preset in (("full", "full"), ("lora_experts", "lora_experts")):
+    for name, options in presets:
         made[name] = folder / name
-        assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={made[name]}",
-                     f"trainable.preset={preset}", *TUNE]) == 0
+        assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={made[name]}", *options,
+                     *TUNE]) == 0
     return made
+
+
+def _run(runs, name):
+    if name not in runs:
+        pytest.skip("frozen experts are held in bf16 only on a CPU whose bf16 matmuls pay")
+    return runs[name]
+
+
+@pytest.mark.slow
+def test_the_bf16_frozen_experts_run_saves_two_dtypes(runs):
+    """What the serving tests below then read for it: frozen experts in bf16, the rest fp32."""
+    dtypes = checkpoint_dtypes(str(_run(runs, "bf16_frozen_experts") / "model"))
+    assert {("experts" if ".experts." in key else "other", dtype) for key, dtype in dtypes.items()} == {
+        ("experts", "BF16"), ("other", "F32")}
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +108,11 @@ def _served_answers_differ_from_base(checkpoint, base_answers) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["full", "lora_experts"])
+@pytest.mark.parametrize("run", ["full", "lora_experts", "bf16_frozen_experts"])
 def test_vllm_answers_as_transformers_does(run, runs, base_answers, tmp_path, capsys):
     _engine("MOE_TUNE_SERVE_ENV", serving.vllm_python, "serving-env")
     out = tmp_path / "merged"
-    assert main(["export", str(runs[run]), "--merged", str(out), "--verify", "vllm"]) == 0
+    assert main(["export", str(_run(runs, run)), "--merged", str(out), "--verify", "vllm"]) == 0
     identical, total = _agreement(capsys.readouterr().out)
     assert total == 100 and identical >= 95
     # what vLLM served is the tuned model: the expert deltas reached it
@@ -85,11 +120,11 @@ def test_vllm_answers_as_transformers_does(run, runs, base_answers, tmp_path, ca
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["full", "lora_experts"])
+@pytest.mark.parametrize("run", ["full", "lora_experts", "bf16_frozen_experts"])
 def test_llama_cpp_answers_as_transformers_does(run, runs, base_answers, tmp_path, capsys):
     _engine("MOE_TUNE_LLAMA_CPP", serving.llama_cpp_home, "llama-cpp")
     gguf = tmp_path / "model.gguf"
-    assert main(["export", str(runs[run]), "--gguf", str(gguf)]) == 0
+    assert main(["export", str(_run(runs, run)), "--gguf", str(gguf)]) == 0
     identical, total = _agreement(capsys.readouterr().out)
     assert total == 100 and identical >= 95
     assert gguf.read_bytes()[:4] == b"GGUF"
