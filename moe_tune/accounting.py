@@ -59,7 +59,7 @@ def loading_bytes(model: nn.Module, arch: MoeArch, weights: float, expert_bytes:
     Intel Xeon, 2026-12-03), where the old sum was 1.05-1.25x above; 1.25x above at Mixtral's,
     whose down-projections load after gate and up are stacked."""
     sizes = {n: p.numel() for n, p in model.named_parameters()}
-    largest = max((sizes[n] for layer in arch.layers for n in layer.expert_params), default=0)
+    largest = max((sizes[n] for n in arch.expert_params), default=0)
     if not stacked:
         return weights
     if narrowed:
@@ -334,7 +334,7 @@ def memory_bytes(model: nn.Module, arch: MoeArch, dtype_bytes: int = 2) -> dict[
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     total = sum(sizes.values())
     experts = sum(sizes[n] for n in arch.params_in("routed_experts"))
-    expert_tensors = [n for layer in arch.layers for n in layer.expert_params]
+    expert_tensors = arch.expert_params
     expert_lora = sum(lora_params(shapes[n]) for n in expert_tensors)
     attention_linears = [n for n in quantized_weights(model) if arch.parts.get(n) == "attention"]
     attention_lora = sum(lora_params(shapes[n]) for n in attention_linears)

@@ -79,6 +79,16 @@ class MoeArch:
     def top_k(self) -> int:
         return self.layers[0].top_k
 
+    @property
+    def expert_params(self) -> list[str]:
+        """Every MoE layer's routed expert tensors (leading dim num_experts), in layer order."""
+        return [name for layer in self.layers for name in layer.expert_params]
+
+    @property
+    def expert_modules(self) -> list[str]:
+        """The modules that hold them, one experts module per MoE layer."""
+        return sorted({name.rsplit(".", 1)[0] for name in self.expert_params})
+
     def params_in(self, part: str) -> list[str]:
         return [name for name, p in self.parts.items() if p == part]
 

@@ -173,7 +173,7 @@ def load_model(path: str, dtype: str = "float32", bits: int | None = None, templ
 def _widen_all_but_routed_experts(model, dtype: torch.dtype) -> None:
     """Every floating-point weight except the routed experts' to ``dtype``, one at a time (the
     checkpoint's bf16 values, exactly); the configs say ``dtype``, which a save records."""
-    keep = {n for layer in describe(model).layers for n in layer.expert_params}
+    keep = set(describe(model).expert_params)
     for name, p in model.named_parameters():
         if name not in keep and p.is_floating_point():
             p.data = p.data.to(dtype)

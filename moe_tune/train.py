@@ -208,8 +208,7 @@ def trainer_for(setup: RunSetup, model, tokenizer) -> tuple[MoeSFTTrainer, MoeAr
     architecture (the benchmarks build theirs here too)."""
     set_experts_implementation(setup.recipe, model)
     arch = describe(model)
-    fast_experts.cast_on_use(model, sorted({n.rsplit(".", 1)[0] for layer in arch.layers for n in layer.expert_params}),
-                             bool(setup.sft_args.gradient_checkpointing))
+    fast_experts.cast_on_use(model, arch.expert_modules, bool(setup.sft_args.gradient_checkpointing))
     distributed.register_moe_leaf_modules(model, arch)
     # the anchor is the base routing, also on resume
     regularizer, balancer = attach_regularizers(setup, model, arch)

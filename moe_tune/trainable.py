@@ -351,7 +351,7 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
     # the new rows: PEFT's own copy of them beside LoRA; otherwise the whole tensor has gradients and moments
     memory_full, memory_lora = (full, lora + new_rows) if plan.lora_targets else \
         (full + sum(sizes[n] for n in plan.token_rows), lora)
-    narrowed = sum(sizes[n] for layer in arch.layers for n in layer.expert_params) if narrowed_experts else 0
+    narrowed = sum(sizes[n] for n in arch.expert_params) if narrowed_experts else 0
     state = plan_memory_bytes(total, memory_full, memory_lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits,
                               narrowed)
     weights = plan_memory_bytes(total, 0, 0, DTYPE_BYTES[dtype], quantized, recipe.model.bits, narrowed)

@@ -94,7 +94,7 @@ def test_lora_param_count_matches_peft():
     model = AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL)
     arch = describe(model)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    experts = [n for layer in arch.layers for n in layer.expert_params]
+    experts = arch.expert_params
     attention = [n.removesuffix(".weight") for n in arch.params_in("attention")]
     expected = sum(lora_params(shapes[n], rank=4) for n in experts)
     expected += sum(lora_params(shapes[n + ".weight"], rank=4) for n in attention)

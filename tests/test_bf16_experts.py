@@ -32,7 +32,7 @@ def bf16_copy(tmp_path_factory) -> Path:
 
 
 def expert_names(model) -> list[str]:
-    return [n for layer in describe(model).layers for n in layer.expert_params]
+    return describe(model).expert_params
 
 
 def test_loaded_in_bf16_equal_to_fp32_elsewhere_fp32(bf16_copy):

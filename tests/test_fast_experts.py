@@ -238,9 +238,9 @@ def test_cast_on_use_keeps_no_weight_copy_and_the_same_numbers(model_type):
     for model in (ref, fast):
         fast_experts.use_fast_experts(model)
     arch = describe(fast)
-    modules = sorted({n.rsplit(".", 1)[0] for layer in arch.layers for n in layer.expert_params})
+    modules = arch.expert_modules
     fast_experts.cast_on_use(fast, modules, True)
-    expert_weights = {fast.get_parameter(n).data_ptr() for layer in arch.layers for n in layer.expert_params}
+    expert_weights = {fast.get_parameter(n).data_ptr() for n in arch.expert_params}
     saved = []
 
     def pack(t):
@@ -255,7 +255,7 @@ def test_cast_on_use_keeps_no_weight_copy_and_the_same_numbers(model_type):
     assert torch.equal(logits, ref_logits)
     for name in ref_grads:
         assert torch.equal(grads[name], ref_grads[name]), name
-    expert_shapes = {fast.get_parameter(n).shape for layer in arch.layers for n in layer.expert_params}
+    expert_shapes = {fast.get_parameter(n).shape for n in arch.expert_params}
     assert not [s for s in saved if s[0] == torch.bfloat16 and s[1] in expert_shapes]  # no bf16 copy
     assert {s[2] for s in saved} & expert_weights  # the fp32 parameters themselves
 
