@@ -54,8 +54,6 @@ def tiny_checkpoint(model_type: str, dest: Path, **config) -> Path:
     """A randomly initialised tiny model of ``model_type`` (with ``config``'s fields changed) and
     the shipped tokenizer, saved to ``dest`` so that ``moe-tune train`` can load it like any
     checkpoint."""
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,6 +70,21 @@ def tiny_checkpoint(model_type: str, dest: Path, **config) -> Path:
             setattr(text, key, getattr(tokenizer, key))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(built).save_pretrained(dest)
+    return _with_shipped_tokenizer(dest)
+
+
+def shipped_in_bf16(dest: Path) -> Path:
+    """The shipped model stored in bf16, as published checkpoints are."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(SHIPPED_MODEL, dtype=torch.bfloat16).save_pretrained(dest)
+    return _with_shipped_tokenizer(dest)
+
+
+def _with_shipped_tokenizer(dest: Path) -> Path:
+    import shutil
+
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(SHIPPED_MODEL / name, dest / name)
     return dest

@@ -4,7 +4,6 @@ numbers as fp32 weights under bf16 autocast, in training, evaluation and the sav
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,8 @@ from moe_tune.loading import load_model
 from moe_tune.recipe import load_recipe
 from moe_tune.train import plan_run, trainer_for
 
+from conftest import shipped_in_bf16
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
@@ -24,11 +25,7 @@ QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 @pytest.fixture(scope="module")
 def bf16_copy(tmp_path_factory) -> Path:
     """The shipped tiny model stored in bf16, as published checkpoints are."""
-    dest = tmp_path_factory.mktemp("tiny-moe-bf16")
-    AutoModelForCausalLM.from_pretrained(ROOT / "data" / "tiny-moe", dtype=torch.bfloat16).save_pretrained(dest)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(ROOT / "data" / "tiny-moe" / name, dest / name)
-    return dest
+    return shipped_in_bf16(tmp_path_factory.mktemp("tiny-moe-bf16"))
 
 
 def expert_names(model) -> list[str]:
