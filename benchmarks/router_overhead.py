@@ -26,9 +26,9 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moe_tune.loading import load_model  # noqa: E402
+from moe_tune.model.loading import load_model  # noqa: E402
 from moe_tune.recipe import load_recipe  # noqa: E402
-from moe_tune.train import plan_run, trainer_for  # noqa: E402
+from moe_tune.training.pipeline import plan_run, trainer_for  # noqa: E402
 
 VARIANTS = {
     "off": ["router.aux_loss_coef=0"],

@@ -5,7 +5,7 @@
     python benchmarks/throughput.py --shape qwen3-30b-a3b --layers 2          # real layer shapes
 
 On a benchmark-size Mixtral-style MoE (hidden 512, 8 experts, top-2, 4 layers), or with
-``--shape NAME`` the layers of a published checkpoint (``tests/model_configs/NAME``: its widths,
+``--shape NAME`` the layers of a published checkpoint (``moe_tune/model/configs/NAME``: its widths,
 expert count, top-k and shared experts, truncated to ``--layers``), randomly initialised, with the
 shipped tokenizer's vocabulary so that the layers dominate the cost, on sequences of 512 tokens,
 for each strategy it trains a few steps with
@@ -59,7 +59,7 @@ STRATEGIES = ("full", "freeze_experts", "lora_attention", "lora_experts")
 LORA = {"r": 8, "alpha": 16}
 MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024)
-CONFIGS = ROOT / "tests" / "model_configs"  # published configs: the --shape names
+CONFIGS = ROOT / "moe_tune" / "model" / "configs"  # published configs: the --shape names
 SHAPES = ("benchmark", *sorted(p.name for p in CONFIGS.iterdir() if (p / "config.json").is_file()))
 
 
@@ -131,9 +131,9 @@ def build_data(path: Path, rows: int, seq: int) -> None:
 
 def layer_dims(work: Path) -> dict[str, int]:
     """hidden, expert intermediate, experts and top-k of the benchmark model's MoE layers."""
-    from moe_tune.accounting import expert_intermediate  # noqa: PLC0415
-    from moe_tune.arch import describe, text_config  # noqa: PLC0415
-    from moe_tune.loading import build_meta_model, load_config  # noqa: PLC0415
+    from moe_tune.plan.accounting import expert_intermediate  # noqa: PLC0415
+    from moe_tune.model.arch import describe, text_config  # noqa: PLC0415
+    from moe_tune.model.loading import build_meta_model, load_config  # noqa: PLC0415
 
     model = build_meta_model(load_config(str(work / "model")))
     arch = describe(model)
@@ -249,9 +249,9 @@ def _timer(warmup: int):
 def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dtype: str,
                      checkpointing: bool = False, sft: dict | None = None):
     """``sft``: recipe ``sft`` keys set beside the benchmark's own (none: moe_tune's defaults)."""
-    from moe_tune.loading import load_model  # noqa: PLC0415
+    from moe_tune.model.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
-    from moe_tune.train import plan_run, trainer_for  # noqa: PLC0415
+    from moe_tune.training.pipeline import plan_run, trainer_for  # noqa: PLC0415
 
     run = work / f"run-moe_tune-{strategy}"
     recipe = {"output_dir": str(run), "model": {"path": str(work / "model"), "dtype": dtype},
@@ -300,7 +300,7 @@ def worker(path: str, strategy: str, work: Path, steps: int, warmup: int, batch:
            memory: bool = False, checkpointing: bool = False, trl_bf16: bool | None = None) -> dict:
     import torch  # noqa: PLC0415
 
-    import moe_tune.train  # noqa: F401, PLC0415  (libraries imported before the baseline is taken,
+    import moe_tune.training.pipeline  # noqa: F401, PLC0415  (libraries imported before the baseline is taken,
     import peft, trl  # noqa: F401, E401, PLC0415  so that their import is not counted as training memory)
 
     cuda = torch.cuda.is_available()
@@ -343,9 +343,9 @@ def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str, che
     """``moe-tune plan``'s report for the run (parts, trainable counts, peak memory), with the bf16
     autocast the plan chose (``bf16``) and the active parameters the backward runs through
     (``backward_params``)."""
-    from moe_tune.accounting import backward_params  # noqa: PLC0415
+    from moe_tune.plan.accounting import backward_params  # noqa: PLC0415
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
-    from moe_tune.train import plan_run  # noqa: PLC0415
+    from moe_tune.training.pipeline import plan_run  # noqa: PLC0415
 
     (work / "plan.yaml").write_text(json.dumps({
         "output_dir": str(work / "plan"), "model": {"path": str(work / "model"), "dtype": dtype},
@@ -371,9 +371,9 @@ def flops_per_token(report: dict, n_active: int, dims: dict[str, int]) -> float:
 
 
 def active_params(work: Path) -> int:
-    from moe_tune.accounting import active_params as count  # noqa: PLC0415
-    from moe_tune.arch import describe  # noqa: PLC0415
-    from moe_tune.loading import build_meta_model, load_config  # noqa: PLC0415
+    from moe_tune.plan.accounting import active_params as count  # noqa: PLC0415
+    from moe_tune.model.arch import describe  # noqa: PLC0415
+    from moe_tune.model.loading import build_meta_model, load_config  # noqa: PLC0415
 
     model = build_meta_model(load_config(str(work / "model")))
     return count(model, describe(model), with_input_embedding=False)
@@ -414,7 +414,7 @@ def compare(args) -> dict:
         peak = matmul_peak(args.batch * args.seq, device, dims)
         n_active = active_params(work)
         plans = {s: plan_report(s, work, args.batch, args.seq, args.dtype, args.checkpointing) for s in args.strategies}
-        from moe_tune.fit import available_bytes  # noqa: PLC0415
+        from moe_tune.plan.fit import available_bytes  # noqa: PLC0415
 
         free = available_bytes() / 1e9
         planned = {s: max(plans[s]["peak_gb"], plans[s]["load_peak_gb"]) for s in args.strategies}
@@ -493,7 +493,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--strategies", type=lambda s: s.split(","), default=list(STRATEGIES))
     parser.add_argument("--shape", choices=SHAPES, default="benchmark",
-                        help="the benchmark MoE, or a published config's layers (tests/model_configs/)")
+                        help="the benchmark MoE, or a published config's layers (moe_tune/model/configs/)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the benchmark's 4; "
                         "for a published shape, give a number: its real depth rarely fits a CPU)")
     parser.add_argument("--repeats", type=int, default=2)

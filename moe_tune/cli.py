@@ -15,7 +15,7 @@ from moe_tune.errors import Interrupted, MoeTuneError
 def cmd_train(args) -> None:
     from moe_tune.recipe import load_recipe  # noqa: PLC0415  (heavy imports only once the recipe is valid)
 
-    from moe_tune.run_dir import RECIPE_FILE  # noqa: PLC0415
+    from moe_tune.training.run_dir import RECIPE_FILE  # noqa: PLC0415
 
     target, overrides = Path(args.recipe), args.overrides
     if target.is_dir():  # a run folder: its own recipe.yaml, to resume, wherever the folder is now
@@ -27,13 +27,13 @@ def cmd_train(args) -> None:
     recipe = load_recipe(target, overrides)
     if args.resume and args.overwrite:
         raise MoeTuneError("--resume and --overwrite: choose one (continue the run, or start it again)")
-    from moe_tune.train import run_training  # noqa: PLC0415
+    from moe_tune.training.pipeline import run_training  # noqa: PLC0415
 
     run_training(recipe, overwrite=args.overwrite, resume=args.resume)
 
 
 def cmd_compare(args) -> None:
-    from moe_tune.compare import load_spec, run_comparison  # noqa: PLC0415
+    from moe_tune.evaluation.compare import load_spec, run_comparison  # noqa: PLC0415
 
     run_comparison(load_spec(args.spec, args.overrides), overwrite=args.overwrite)
 
@@ -45,13 +45,13 @@ def cmd_plan(args) -> None:
 
     gpus = None
     if args.gpu_memory or args.gpus is not None or args.accelerate_config:  # checked before anything loads
-        from moe_tune.fit import fit_report, format_fit, target  # noqa: PLC0415
+        from moe_tune.plan.fit import fit_report, format_fit, target  # noqa: PLC0415
 
         gpus = target(args.gpu_memory, args.gpus, args.accelerate_config)
     recipe = load_recipe(args.recipe, args.overrides)
-    from moe_tune.chat_template import first_training_row  # noqa: PLC0415
-    from moe_tune.train import plan_run  # noqa: PLC0415
-    from moe_tune.trainable import format_plan  # noqa: PLC0415
+    from moe_tune.plan.report import first_training_row  # noqa: PLC0415
+    from moe_tune.training.pipeline import plan_run  # noqa: PLC0415
+    from moe_tune.plan.modes import format_plan  # noqa: PLC0415
 
     setup = plan_run(recipe)
     report = setup.report if gpus is None else {**setup.report, "per_device": fit_report(setup, gpus)}
@@ -68,10 +68,10 @@ def cmd_select_experts(args) -> None:
     from moe_tune.recipe import load_recipe  # noqa: PLC0415
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from moe_tune.arch import describe  # noqa: PLC0415
-    from moe_tune.chat_template import recipe_template  # noqa: PLC0415
-    from moe_tune.expert_selection import save_selection, scoring_rows, select_experts  # noqa: PLC0415
-    from moe_tune.loading import load_model  # noqa: PLC0415
+    from moe_tune.model.arch import describe  # noqa: PLC0415
+    from moe_tune.model.templates import recipe_template  # noqa: PLC0415
+    from moe_tune.moe.expert_selection import save_selection, scoring_rows, select_experts  # noqa: PLC0415
+    from moe_tune.model.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import ExpertSelectionSection  # noqa: PLC0415
 
     out = Path(args.out)
@@ -113,11 +113,11 @@ def eval_section(args, base=None):
 
 
 def cmd_eval(args) -> None:
-    from moe_tune.data import read_chat_rows  # noqa: PLC0415
-    from moe_tune.loading import load_model  # noqa: PLC0415
+    from moe_tune.data.rows import read_chat_rows  # noqa: PLC0415
+    from moe_tune.model.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import ModelSection  # noqa: PLC0415
-    from moe_tune.report import evaluate_and_report  # noqa: PLC0415
-    from moe_tune.run_dir import (EVAL_DIR, MODEL_DIR, RECIPE_FILE, REPORT_MD, check_replaceable,  # noqa: PLC0415
+    from moe_tune.evaluation.report import evaluate_and_report  # noqa: PLC0415
+    from moe_tune.training.run_dir import (EVAL_DIR, MODEL_DIR, RECIPE_FILE, REPORT_MD, check_replaceable,  # noqa: PLC0415
                                   folder_in_place, is_evaluation, load_run_model, load_run_recipe)
 
     target = Path(args.model)
@@ -153,18 +153,18 @@ def cmd_eval(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from moe_tune import export  # noqa: PLC0415
+    from moe_tune.export import checkpoint  # noqa: PLC0415
 
     if args.adapter:
-        export.export_adapter(Path(args.run), Path(args.adapter), args.engine, args.overwrite)
+        checkpoint.export_adapter(Path(args.run), Path(args.adapter), args.engine, args.overwrite)
         return
-    export.export_run(Path(args.run), merged=args.merged and Path(args.merged), gguf=args.gguf and Path(args.gguf),
+    checkpoint.export_run(Path(args.run), merged=args.merged and Path(args.merged), gguf=args.gguf and Path(args.gguf),
                       quant=args.quant, verify=args.verify, data=args.data, verify_rows=args.verify_rows,
                       min_identical=args.min_identical, check_rows=args.check_rows, overwrite=args.overwrite)
 
 
 def cmd_prune(args) -> None:
-    from moe_tune.prune import run_prune  # noqa: PLC0415
+    from moe_tune.export.prune import run_prune  # noqa: PLC0415
 
     run_prune(Path(args.model), args.keep, args.data, Path(args.out), by=args.by, rows=args.rows,
               keep_layer=args.keep_layer or [], eval_data=args.eval_data, retention=args.retention,
@@ -174,9 +174,9 @@ def cmd_prune(args) -> None:
 def cmd_inspect(args) -> None:
     import json  # noqa: PLC0415
 
-    from moe_tune.accounting import format_summary, summary  # noqa: PLC0415
-    from moe_tune.arch import describe, require_moe  # noqa: PLC0415
-    from moe_tune.loading import build_meta_model, load_config  # noqa: PLC0415
+    from moe_tune.plan.accounting import format_summary, summary  # noqa: PLC0415
+    from moe_tune.model.arch import describe, require_moe  # noqa: PLC0415
+    from moe_tune.model.loading import build_meta_model, load_config  # noqa: PLC0415
 
     source = args.model
     if Path(source).suffix in (".yaml", ".yml") and Path(source).is_file():
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, help="prompts generated per batch (default: as in a recipe)")
     ev.add_argument("--max-new-tokens", type=int, help="greedy generation length (default: as in a recipe)")
     ev.add_argument("--max-rows", type=int, help="evaluate only the first N rows of each file")
-    ev.add_argument("--dtype", type=_one_of("moe_tune.loading", "DTYPES"),
+    ev.add_argument("--dtype", type=_one_of("moe_tune.model.loading", "DTYPES"),
                     help="dtype the weights are loaded in (default: as in a recipe)")
     ev.set_defaults(func=cmd_eval)
 
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--adapter", help="with --for vllm: the run's LoRA adapter, unmerged, in the layout that "
                                          "engine loads for fused experts")
     exp.add_argument("--for", dest="engine", choices=["vllm"], help="the engine --adapter is converted for")
-    exp.add_argument("--quant", default="f16", type=_one_of("moe_tune.serving", "GGUF_TYPES"),
+    exp.add_argument("--quant", default="f16", type=_one_of("moe_tune.export.serving", "GGUF_TYPES"),
                      help="GGUF type (default f16)")
     exp.add_argument("--verify", choices=["vllm"], help="with --merged: check the checkpoint's greedy answers in vLLM")
     exp.add_argument("--data", help="held-out chat rows for the serving check (default: the run's eval.files)")
@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "at least top-k")
     pr.add_argument("--data", required=True, help="the task's rows (chat, Alpaca, ShareGPT, ...) the experts are scored on")
     pr.add_argument("--out", required=True, help="folder for the pruned checkpoint, pruning.json and eval/")
-    pr.add_argument("--by", default="reap", type=_one_of("moe_tune.prune", "SCORES"),
+    pr.add_argument("--by", default="reap", type=_one_of("moe_tune.export.prune", "SCORES"),
                     help="reap: router-weighted norm of each expert's output (default); frequency: share of top-k "
                          "slots; gate: mean router probability")
     pr.add_argument("--keep-layer", action="append", metavar="LAYER=KEEP",
@@ -326,14 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: a run's eval.retention_file)")
     pr.add_argument("--no-base", action="store_true", help="evaluate only the pruned model")
     pr.add_argument("--overwrite", action="store_true", help="replace a folder moe-tune pruned before")
-    pr.add_argument("--dtype", type=_one_of("moe_tune.loading", "DTYPES"),
+    pr.add_argument("--dtype", type=_one_of("moe_tune.model.loading", "DTYPES"),
                     help="dtype the weights are loaded in (default: a run's, else float32)")
     pr.set_defaults(func=cmd_prune)
 
     ins = sub.add_parser("inspect", parents=[common], help="experts, parameters per part, active parameters, memory estimates")
     ins.add_argument("model", help="a checkpoint or config folder, a recipe, or a hub id (online only)")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
-    ins.add_argument("--dtype", default="bfloat16", type=_one_of("moe_tune.accounting", "DTYPE_BYTES"),
+    ins.add_argument("--dtype", default="bfloat16", type=_one_of("moe_tune.plan.accounting", "DTYPE_BYTES"),
                      help="weight dtype assumed by the memory estimates")
     ins.set_defaults(func=cmd_inspect)
     return parser

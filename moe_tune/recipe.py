@@ -18,12 +18,30 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from moe_tune.arch import PARTS
-from moe_tune.chat_template import NAMES
-from moe_tune.data import FORMATS
 from moe_tune.errors import MoeTuneError
-from moe_tune.loading import DTYPES
-from moe_tune.trainable import PRESETS
+
+# The words a recipe is written in, each defined here once. This module imports no torch, so that
+# a recipe is checked before anything heavy loads; the modules that act on these words (arch,
+# modes, loading, rows, templates) import them from here.
+PARTS = ("embeddings", "attention", "router", "routed_experts", "shared_experts", "dense_mlp",
+         "norms", "lm_head", "other")
+_EVERYTHING = dict.fromkeys(PARTS, "train")
+# Unlisted parts are frozen.
+PRESETS: dict[str, dict[str, str]] = {
+    "full": _EVERYTHING,
+    "freeze_router": {**_EVERYTHING, "router": "freeze"},
+    "freeze_experts": {**_EVERYTHING, "routed_experts": "freeze"},  # ST-MoE: non-expert params only
+    "experts_only": {"routed_experts": "train", "shared_experts": "train"},
+    "attention_only": {"attention": "train"},
+    "lora_attention": {"attention": "lora"},
+    "lora_experts": {"routed_experts": "lora", "shared_experts": "lora"},
+    "lora_all": {"attention": "lora", "routed_experts": "lora", "shared_experts": "lora", "dense_mlp": "lora"},
+    "esft": {"routed_experts": "train"},  # restricted to the selected experts (moe/expert_selection.py)
+}
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
+FORMATS = ("auto", "chat", "alpaca", "sharegpt", "prompt_completion")
+TEMPLATES = Path(__file__).parent / "model" / "chat_templates"  # named templates, one .jinja file each
+TEMPLATE_NAMES = tuple(sorted(p.stem for p in TEMPLATES.glob("*.jinja")))
 
 
 class Section(BaseModel):
@@ -35,10 +53,10 @@ class ModelSection(Section):
     """Local folder of a transformers MoE checkpoint (with its tokenizer), or a hub id when online."""
     chat_template: str | None = None
     """A chat template for a checkpoint that has none (a base model), or to replace its own: a
-    name of moe_tune/chat_templates (chatml), a .jinja file, or a tokenizer folder whose template
+    name of moe_tune/model/chat_templates (chatml), a .jinja file, or a tokenizer folder whose template
     to copy. Special tokens it names that the tokenizer lacks are added; their embedding rows
     train even where the embeddings are frozen or LoRA-adapted."""
-    dtype: Literal[tuple(DTYPES)] = "float32"
+    dtype: Literal[DTYPE_NAMES] = "float32"
     """Dtype the weights are loaded in. float32 is the fast and exact choice on CPU."""
     load_in_4bit: bool = False
     """QLoRA: bitsandbytes NF4 for nn.Linear layers (attention, shared experts, dense MLPs). Fused
@@ -48,7 +66,7 @@ class ModelSection(Section):
     experts_implementation: Literal["moe_tune", "grouped_mm", "batched_mm", "eager"] = "moe_tune"
     """How fused routed experts compute in training. moe_tune: per-expert matmuls that bf16
     autocast reaches on a CPU (transformers' grouped kernel on CUDA) and LoRA applied to the
-    grouped inputs instead of rebuilding each expert's weight (moe_tune/fast_experts.py); the
+    grouped inputs instead of rebuilding each expert's weight (moe_tune/moe/fast_experts.py); the
     others are transformers' own kernels."""
 
     @model_validator(mode="after")
@@ -369,7 +387,7 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     out = recipe.model_copy(deep=True)
     out.output_dir = str(Path(recipe.output_dir).resolve())
     out.model.path = absolute(recipe.model.path)
-    if recipe.model.chat_template not in NAMES:
+    if recipe.model.chat_template not in TEMPLATE_NAMES:
         out.model.chat_template = absolute(recipe.model.chat_template)
     out.data.train, out.data.valid = absolute(recipe.data.train), absolute(recipe.data.valid)
     out.eval.files = [absolute(f) for f in recipe.eval.files]

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from IPython.display import Image, Markdown, display
 
-from moe_tune.compare import load_spec, run_comparison
+from moe_tune.evaluation.compare import load_spec, run_comparison
 
 # recipes name their files relative to the repository root
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()

@@ -8,8 +8,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from families import tiny_config
-from moe_tune.arch import describe
-from moe_tune.bias_balance import BiasBalancer
+from moe_tune.model.arch import describe
+from moe_tune.moe.bias_balance import BiasBalancer
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

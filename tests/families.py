@@ -63,7 +63,7 @@ Surprises found while verifying (upstream behaviour, not bugs in this file):
     (not a field) and ``clamp``s with ``clip_qkv=None``; both are set below.
   * Composite configs (qwen3_5_moe, llama4, gemma4, ...) have no top-level ``pad_token_id``
     (AttributeError); use ``config.get_text_config()``.
-  * At the time of writing, ``moe_tune.arch.moe_shape`` reads top-k 1 for aria_text (``moe_topk``)
+  * At the time of writing, ``moe_tune.model.arch.moe_shape`` reads top-k 1 for aria_text (``moe_topk``)
     and gemma4 (``top_k_experts``), and calls a default dense Doge (``is_moe=False``,
     ``num_experts=16384``) an MoE.
 """

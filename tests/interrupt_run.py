@@ -12,14 +12,16 @@ import os
 import signal
 import sys
 
-from moe_tune import cli, report, run_dir, train, trainer
+from moe_tune import cli
+from moe_tune.evaluation import report
+from moe_tune.training import pipeline, run_dir, sft_trainer
 
 
 def hit() -> None:
     os.kill(os.getpid(), getattr(signal, sys.argv[2]))
 
 
-def during_third_step(guard=trainer.GradientGuard.on_pre_optimizer_step):
+def during_third_step(guard=sft_trainer.GradientGuard.on_pre_optimizer_step):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if state.global_step == 2:
             hit()
@@ -46,11 +48,11 @@ def before(function):
 if __name__ == "__main__":
     phase = sys.argv[1]
     if phase == "train":
-        trainer.GradientGuard.on_pre_optimizer_step = during_third_step()
+        sft_trainer.GradientGuard.on_pre_optimizer_step = during_third_step()
     elif phase == "save":
         run_dir.save_pretrained = save_pretrained
     elif phase == "evaluate":
         report.evaluate = before(report.evaluate)
     elif phase == "report":
-        train.write_report = before(train.write_report)
+        pipeline.write_report = before(pipeline.write_report)
     sys.exit(cli.main(sys.argv[3:]))

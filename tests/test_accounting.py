@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-from moe_tune.accounting import active_params, lora_params, memory_bytes, summary
-from moe_tune.arch import describe
+from moe_tune.plan.accounting import active_params, lora_params, memory_bytes, summary
+from moe_tune.model.arch import describe
 from moe_tune.cli import main
-from moe_tune.loading import build_meta_model, load_config
+from moe_tune.model.loading import build_meta_model, load_config
 
 from conftest import ROOT, SHIPPED_MODEL
 
-CONFIGS = ROOT / "tests" / "model_configs"  # copies of the published config.json files
+CONFIGS = ROOT / "moe_tune" / "model" / "configs"  # copies of the published config.json files
 # Published counts (model cards). Mistral and Qwen count the input embedding in "active";
 # DeepSeek and OpenAI (gpt-oss) leave it out.
 PUBLISHED = {
@@ -109,7 +109,7 @@ def _tiny_moe(vocab: int, family: str = "mixtral", hidden: int = 256):
     from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from moe_tune import fast_experts
+    from moe_tune.moe import fast_experts
 
     torch.manual_seed(0)
     shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=3,
@@ -149,7 +149,7 @@ def _saved_bytes(model, autocast: bool) -> int:
 def test_saved_activation_estimate_matches_autograd(autocast, family):
     """The activation term of `plan` against what autograd actually saves for backward, with sdpa
     attention and with eager attention's probabilities."""
-    from moe_tune.accounting import saved_activation_bytes
+    from moe_tune.plan.accounting import saved_activation_bytes
 
     model = _tiny_moe(1536, family)
     saved = _saved_bytes(model, autocast)
@@ -166,7 +166,7 @@ def test_layers_ahead_of_the_first_trained_tensor_keep_nothing(trained, family):
     trained one (a dense first layer, DeepSeek's). The plan, given the trained names, stays above
     what autograd keeps, by at most a quarter: frozen norms, attention and routers keep less than
     trained ones, which the estimate does not take off."""
-    from moe_tune.accounting import saved_activation_bytes
+    from moe_tune.plan.accounting import saved_activation_bytes
 
     model = _tiny_moe(1536, family)
     arch = describe(model)
@@ -189,7 +189,7 @@ def test_activation_peak_matches_what_torch_allocates(vocab, autocast, family, t
     grow with the chunk, not with the vocabulary."""
     from torch.profiler import ProfilerActivity, profile
 
-    from moe_tune.accounting import activation_bytes
+    from moe_tune.plan.accounting import activation_bytes
 
     model = _tiny_moe(vocab, family)
     for p in model.parameters():
@@ -207,9 +207,9 @@ def test_activation_peak_matches_what_torch_allocates(vocab, autocast, family, t
 LOADING_PEAK = """
 import json, sys
 sys.path.insert(0, {bench!r})
-import moe_tune.train  # noqa: F401  (imported before the baseline, as the benchmark does)
+import moe_tune.training.pipeline  # noqa: F401  (imported before the baseline, as the benchmark does)
 from throughput import AnonPeak, _anon_gb
-from moe_tune.loading import load_model
+from moe_tune.model.loading import load_model
 before = _anon_gb()
 sampler = AnonPeak()
 model, _ = load_model({path!r}, "float32", bf16_experts={bf16_experts!r})
@@ -232,8 +232,8 @@ def test_loading_peak_counts_the_experts_being_stacked(tmp_path, bf16_experts):
 
     from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from moe_tune.accounting import loading_bytes
-    from moe_tune.loading import experts_stored_apart
+    from moe_tune.plan.accounting import loading_bytes
+    from moe_tune.model.loading import experts_stored_apart
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL)  # load_model reads the tokenizer first
     torch.manual_seed(0)
@@ -265,7 +265,7 @@ def test_loading_peak_counts_the_experts_being_stacked(tmp_path, bf16_experts):
 def test_experts_stored_fused_are_not_stacked(tmp_path):
     from safetensors.torch import save_file
 
-    from moe_tune.loading import experts_stored_apart
+    from moe_tune.model.loading import experts_stored_apart
 
     save_file({"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 8, 2, dtype=torch.bfloat16)},
               tmp_path / "model.safetensors")

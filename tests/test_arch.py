@@ -3,7 +3,7 @@
 import pytest
 from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, OlmoeConfig, Qwen3MoeConfig
 
-from moe_tune.arch import moe_shape, require_moe
+from moe_tune.model.arch import moe_shape, require_moe
 from moe_tune.errors import MoeTuneError
 
 

@@ -186,7 +186,7 @@ CASES = [
      "not a LoRA run (no model/adapter_config.json)"),
     ("cli_resume_without_checkpoint", lambda f: ["train", f["fake_run"], "--resume"],
      "sft.save_strategy is 'no', so it kept no checkpoint"),
-    ("model_hub_id_offline", lambda f: ["inspect", "org-x/no-such-moe"], "tests/model_configs"),
+    ("model_hub_id_offline", lambda f: ["inspect", "org-x/no-such-moe"], "moe_tune/model/configs"),
     # data files
     ("data_missing", lambda f: train(f, "data.train=no/such.jsonl"), "no/such.jsonl"),
     ("data_empty", lambda f: train(f, f"data.train={f['empty_data']}"), "empty.jsonl"),

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe_tune import fast_experts
-from moe_tune.arch import describe
-from moe_tune.loading import load_model
+from moe_tune.moe import fast_experts
+from moe_tune.model.arch import describe
+from moe_tune.model.loading import load_model
 from moe_tune.recipe import load_recipe
-from moe_tune.train import plan_run, trainer_for
+from moe_tune.training.pipeline import plan_run, trainer_for
 
 from conftest import shipped_in_bf16
 

@@ -1,4 +1,4 @@
-"""moe_tune/bias_balance.py: aux-loss-free load balancing."""
+"""moe_tune/moe/bias_balance.py: aux-loss-free load balancing."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, tiny_checkpoint
 from families import tiny_config
-from moe_tune.arch import describe
-from moe_tune.bias_balance import BiasBalancer
-from moe_tune.routing_stats import imbalance
+from moe_tune.model.arch import describe
+from moe_tune.moe.bias_balance import BiasBalancer
+from moe_tune.evaluation.routing_stats import imbalance
 
 
 def _unbalanced(family: str = "deepseek_v3"):
@@ -111,10 +111,10 @@ def test_bias_balancing_refusals(overrides, expected, tmp_path, capsys):
 def test_every_family_with_a_selection_bias_balances_and_the_others_are_refused():
     from families import FAMILIES
 
-    from moe_tune.bias_balance import check_bias_balance
+    from moe_tune.moe.bias_balance import check_bias_balance
     from moe_tune.errors import MoeTuneError
     from moe_tune.recipe import RouterSection
-    from moe_tune.routing import router_bias
+    from moe_tune.moe.routing import router_bias
 
     section = RouterSection(bias_balance_rate=0.1)
     modes = {"router": "train"}
@@ -146,8 +146,8 @@ def test_every_family_with_a_selection_bias_balances_and_the_others_are_refused(
 
 def test_the_ernie_copy_of_the_shipped_model_has_its_logits_and_a_bias_to_balance(ernie_copy):
     """scripts/ernie_copy.py: the regularizers spec's bias_balance variant trains this copy."""
-    from moe_tune.loading import load_model
-    from moe_tune.routing import router_bias
+    from moe_tune.model.loading import load_model
+    from moe_tune.moe.routing import router_bias
 
     shipped, tokenizer = load_model(str(ROOT / "data" / "tiny-moe"))
     copy, _ = load_model(str(ernie_copy))

@@ -13,9 +13,9 @@ import pytest
 import trl
 from transformers import AutoTokenizer
 
-from moe_tune.chat_template import (check_rows, first_row, give_template, masking, read_template, show_trained,
+from moe_tune.model.templates import (check_rows, first_row, give_template, masking, read_template, show_trained,
                                     tokenize_row)
-from moe_tune.data import read_chat_rows
+from moe_tune.data.rows import read_chat_rows
 from moe_tune.errors import MoeTuneError
 
 from conftest import ROOT, SHIPPED_MODEL, without_template
@@ -168,7 +168,7 @@ def test_turn_by_turn_finds_what_the_markers_mark():
     on every training row kind (the path real templates without markers take)."""
     import json
 
-    from moe_tune.chat_template import Masking
+    from moe_tune.model.templates import Masking
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
     marked = masking(tokenizer)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from moe_tune.cli import main
-from moe_tune.compare import aggregate, check_spec, load_spec
+from moe_tune.evaluation.compare import aggregate, check_spec, load_spec
 
 from conftest import ROOT
 
@@ -103,7 +103,7 @@ def fake_run(tmp_path):
 
 
 def test_the_scored_group_is_the_specs_and_the_whole_file_by_default(tmp_path):
-    from moe_tune.compare import measure
+    from moe_tune.evaluation.compare import measure
 
     run = fake_run(tmp_path)
     assert measure(run, 1.0, 0.1)["heldout_exact_match"] == 0.5
@@ -112,7 +112,7 @@ def test_the_scored_group_is_the_specs_and_the_whole_file_by_default(tmp_path):
 
 
 def test_the_heldout_line_names_the_file_and_the_rows_scored(tmp_path):
-    from moe_tune.compare import heldout_line, measure
+    from moe_tune.evaluation.compare import heldout_line, measure
 
     run = fake_run(tmp_path)
     whole, group = measure(run, 1.0, 0.1), measure(run, 1.0, 0.1, "new_phrasing")
@@ -135,7 +135,7 @@ def measured(em, wall, curve=True):
 
 @pytest.mark.parametrize("seeds", [1, 3])
 def test_comparison_shows_a_spread_only_over_several_seeds(tmp_path, seeds):
-    from moe_tune.compare import COLUMNS, write_outputs
+    from moe_tune.evaluation.compare import COLUMNS, write_outputs
 
     runs = {"a": [measured(0.5 + 0.1 * i, 10 + 2 * i) for i in range(seeds)],
             "b": [measured(0.2, 5, curve=False) for _ in range(seeds)]}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moe_tune.data import messages_dataset, read_chat_rows, read_rows, split_prompt
+from moe_tune.data.rows import messages_dataset, read_chat_rows, read_rows, split_prompt
 from moe_tune.errors import MoeTuneError
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "task": "t"}

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from moe_tune.distributed import register_moe_leaf_modules
+from moe_tune.training.distributed import register_moe_leaf_modules
 
 from conftest import ROOT, SHIPPED_MODEL
 
@@ -51,7 +51,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert (two / "eval" / "report.json").is_file()
     # the saved model loads and scores like the single-process one (parameters are not compared
     # one by one: Adam turns float-order differences in near-zero gradients into lr-sized steps)
-    from moe_tune.run_dir import load_run_model
+    from moe_tune.training.run_dir import load_run_model
 
     load_run_model(two, "float32")
     scores = [json.loads((r / "eval" / "report.json").read_text()) for r in (one, two)]
@@ -61,8 +61,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 
 def test_zero3_leaf_modules_only_under_zero3(monkeypatch):
-    from moe_tune.arch import describe
-    from moe_tune.loading import load_model
+    from moe_tune.model.arch import describe
+    from moe_tune.model.loading import load_model
 
     model, _ = load_model(str(SHIPPED_MODEL))
     assert register_moe_leaf_modules(model, describe(model)) == []  # no ZeRO-3: nothing to do
@@ -105,6 +105,6 @@ def test_fsdp2_config_trains_and_saves_like_plain_training(tmp_path):
     for step in a:  # bf16 autocast against FSDP2's bf16 parameters: close, not equal
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=0.05), step
     assert (fsdp / "model" / "model.safetensors").is_file() and (fsdp / "eval" / "report.json").is_file()
-    from moe_tune.run_dir import load_run_model
+    from moe_tune.training.run_dir import load_run_model
 
     load_run_model(fsdp, "float32")

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from moe_tune.data import read_chat_rows
-from moe_tune.evaluate import evaluate, exact_match, format_table, normalize
-from moe_tune.loading import load_model
+from moe_tune.data.rows import read_chat_rows
+from moe_tune.evaluation.heldout import evaluate, exact_match, format_table, normalize
+from moe_tune.model.loading import load_model
 
 from conftest import SHIPPED_MODEL
 
@@ -70,7 +70,7 @@ def test_per_task_and_group_breakdown(model_and_tokenizer, rows):
 
 
 def test_rouge_l_uses_the_maintained_scorer():
-    from moe_tune.evaluate import rouge_l
+    from moe_tune.evaluation.heldout import rouge_l
 
     # LCS "the cat sat" = 3 tokens; precision 3/3, recall 3/4 -> F = 6/7
     assert rouge_l(["the cat sat"], ["the cat sat down"]) == pytest.approx([6 / 7])
@@ -78,7 +78,7 @@ def test_rouge_l_uses_the_maintained_scorer():
 
 
 def test_text_loss_by_hand(model_and_tokenizer):
-    from moe_tune.evaluate import text_loss
+    from moe_tune.evaluation.heldout import text_loss
 
     model, tok = model_and_tokenizer
     texts = ["The capital of Falfenia is Zorbro.", "After 17 comes 18."]

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe_tune.arch import describe
-from moe_tune.expert_dropout import ExpertDropout, drop_selected
+from moe_tune.model.arch import describe
+from moe_tune.moe.expert_dropout import ExpertDropout, drop_selected
 
 from families import tiny_config
 

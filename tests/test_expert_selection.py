@@ -6,16 +6,16 @@ import json
 import pytest
 import torch
 
-from moe_tune.arch import describe
-from moe_tune.data import read_chat_rows
+from moe_tune.model.arch import describe
+from moe_tune.data.rows import read_chat_rows
 from moe_tune.errors import MoeTuneError
-from moe_tune.expert_selection import check_selection, load_selection, score_experts, select_top_p
-from moe_tune.loading import load_model
+from moe_tune.moe.expert_selection import check_selection, load_selection, score_experts, select_top_p
+from moe_tune.model.loading import load_model
 from moe_tune.recipe import load_recipe
-from moe_tune.routing import RouterTap
-from moe_tune.train import make_trainable, plan_run
-from moe_tune.trainer import build_trainer
-from moe_tune.trainable import make_plan, resolve_modes
+from moe_tune.moe.routing import RouterTap
+from moe_tune.training.pipeline import make_trainable, plan_run
+from moe_tune.training.sft_trainer import build_trainer
+from moe_tune.plan.modes import make_plan, resolve_modes
 
 from conftest import ROOT, SHIPPED_MODEL
 

@@ -5,11 +5,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from moe_tune.arch import describe
+from moe_tune.model.arch import describe
 from moe_tune.cli import main
-from moe_tune.data import read_chat_rows
-from moe_tune.export import _fingerprint, _sample_batch, check_merge
-from moe_tune.loading import load_model
+from moe_tune.data.rows import read_chat_rows
+from moe_tune.export.checkpoint import _fingerprint, _sample_batch, check_merge
+from moe_tune.model.loading import load_model
 
 from conftest import ROOT, SHIPPED_MODEL
 

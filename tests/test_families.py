@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from moe_tune.arch import describe, moe_shape, text_config
+from moe_tune.model.arch import describe, moe_shape, text_config
 from moe_tune.cli import main
 from moe_tune.errors import MoeTuneError
 

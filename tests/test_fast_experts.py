@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from moe_tune import fast_experts
-from moe_tune.arch import describe
+from moe_tune.moe import fast_experts
+from moe_tune.model.arch import describe
 from moe_tune.recipe import LoraSection
-from moe_tune.trainable import apply_plan, make_plan, resolve_modes
+from moe_tune.plan.modes import apply_plan, make_plan, resolve_modes
 
 from families import tiny_config
 

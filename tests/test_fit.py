@@ -6,17 +6,17 @@ import json
 import pytest
 import torch
 
-from moe_tune.accounting import loss_head_bytes, micro_batch_activations, saved_activation_bytes
+from moe_tune.plan.accounting import loss_head_bytes, micro_batch_activations, saved_activation_bytes
 from moe_tune.cli import main
-from moe_tune.fit import GB, fit_report, parse_memory, per_device, target
+from moe_tune.plan.fit import GB, fit_report, parse_memory, per_device, target
 from moe_tune.recipe import load_recipe
-from moe_tune.train import plan_run
+from moe_tune.training.pipeline import plan_run
 
 from conftest import ROOT
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 QWEN = ROOT / "recipes" / "hub" / "qwen3-30b-a3b-lora-experts.yaml"
-QWEN_CONFIG = f"model.path={ROOT / 'tests' / 'model_configs' / 'qwen3-30b-a3b'}"
+QWEN_CONFIG = f"model.path={ROOT / 'moe_tune' / 'model' / 'configs' / 'qwen3-30b-a3b'}"
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
 
-from moe_tune.loading import _glibc
+from moe_tune.model.loading import _glibc
 
 pytestmark = pytest.mark.skipif(_glibc() is None or not Path("/proc/self/status").is_file(),
                                 reason="glibc's allocator on Linux")
 
 LOAD = """
 import json, sys, torch
-from moe_tune.loading import load_model
+from moe_tune.model.loading import load_model
 
 def anon():
     for line in open("/proc/self/status"):

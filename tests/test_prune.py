@@ -1,4 +1,4 @@
-"""moe_tune/prune.py: expert pruning surgery for every family, scores, the command."""
+"""moe_tune/export/prune.py: expert pruning surgery for every family, scores, the command."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from families import FAMILIES, tiny_config
-from moe_tune.arch import describe, expert_groups
+from moe_tune.model.arch import describe, expert_groups
 from moe_tune.errors import MoeTuneError
-from moe_tune.prune import Keep, check_prunable, choose, kept_count, prune_model
-from moe_tune.routing import RouterTap
+from moe_tune.export.prune import Keep, check_prunable, choose, kept_count, prune_model
+from moe_tune.moe.routing import RouterTap
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUSED = {"jetmoe": "not a module of their own", "deepseek_v4": "hash routing"}
@@ -142,9 +142,9 @@ def test_reap_score_matches_a_hand_computation(root):
     """REAP on the shipped Mixtral: mean over the tokens routed to expert j of g_j(x) ||f_j(x)||,
     with the router, its renormalised top-2 weights and each expert's SwiGLU computed here from
     the weights alone."""
-    from moe_tune.data import read_chat_rows
-    from moe_tune.expert_selection import expert_scores
-    from moe_tune.loading import load_model
+    from moe_tune.data.rows import read_chat_rows
+    from moe_tune.moe.expert_selection import expert_scores
+    from moe_tune.model.loading import load_model
 
     model, tokenizer = load_model(str(root / "data" / "tiny-moe"))
     arch = describe(model)

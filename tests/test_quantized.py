@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from moe_tune.arch import describe
+from moe_tune.model.arch import describe
 from moe_tune.cli import main
 from moe_tune.errors import MoeTuneError
-from moe_tune.loading import load_model
+from moe_tune.model.loading import load_model
 from moe_tune.recipe import load_recipe
-from moe_tune.train import make_trainable, plan_run
-from moe_tune.trainer import build_trainer
+from moe_tune.training.pipeline import make_trainable, plan_run
+from moe_tune.training.sft_trainer import build_trainer
 
 from conftest import ROOT, SHIPPED_MODEL
 
@@ -86,7 +86,7 @@ def test_guard_stops_when_gradients_vanish():
     import bitsandbytes as bnb
     from bitsandbytes.functional import has_avx512bf16
 
-    from moe_tune.trainer import GradientGuard
+    from moe_tune.training.sft_trainer import GradientGuard
 
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16 kernel path to break the graph")
@@ -100,7 +100,7 @@ def test_guard_stops_when_gradients_vanish():
 
 
 def test_work_around_keeps_every_adapter_learning():
-    from moe_tune.trainer import GradientGuard
+    from moe_tune.training.sft_trainer import GradientGuard
 
     model, _ = load_model(str(SHIPPED_MODEL), bits=4)
     guard = GradientGuard()
@@ -127,8 +127,8 @@ def test_quantization_conflicts(tmp_path, capsys, overrides, expected):
 
 
 def test_plan_memory_counts_4bit_linears():
-    from moe_tune.accounting import NF4_BYTES
-    from moe_tune.train import plan_run
+    from moe_tune.plan.accounting import NF4_BYTES
+    from moe_tune.training.pipeline import plan_run
 
     full = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml", ["trainable.preset=lora_attention"])).report
     q4 = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml",

@@ -62,9 +62,9 @@ def test_shipped_recipes_point_at_existing_files(path):
 def test_the_trainable_section_has_a_field_per_part_and_the_presets_of_trainable():
     import typing
 
-    from moe_tune.arch import PARTS
+    from moe_tune.recipe import PARTS
     from moe_tune.recipe import TrainableSection
-    from moe_tune.trainable import PRESETS
+    from moe_tune.recipe import PRESETS
 
     fields = set(TrainableSection.model_fields) - {"preset", "expert_selection"}
     assert fields == set(PARTS)
@@ -72,7 +72,7 @@ def test_the_trainable_section_has_a_field_per_part_and_the_presets_of_trainable
 
 
 def test_every_preset_has_a_recipe_for_the_shipped_model():
-    from moe_tune.trainable import PRESETS
+    from moe_tune.recipe import PRESETS
 
     for preset in PRESETS:
         recipe = load_recipe(ROOT / "recipes" / "strategies" / f"{preset}.yaml")
@@ -89,14 +89,14 @@ def test_hub_recipe_headers_state_the_planned_memory(name, capsys):
 
     path = HUB / f"{name}.yaml"
     stated = float(re.search(r"weights \+ optimizer: ([\d.]+) GB", path.read_text()).group(1))
-    config = ROOT / "tests" / "model_configs" / HUB_CONFIGS[name]
+    config = ROOT / "moe_tune" / "model" / "configs" / HUB_CONFIGS[name]
     assert main(["plan", str(path), f"model.path={config}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["memory_gb"] == pytest.approx(stated, abs=0.05)
 
 
 @pytest.mark.parametrize("name", sorted(HUB_CONFIGS))
 def test_hub_recipes_train_the_answers_only(name, tmp_path):
-    from moe_tune.trainer import sft_config
+    from moe_tune.training.sft_trainer import sft_config
 
     recipe = load_recipe(HUB / f"{name}.yaml")
     assert recipe.sft["assistant_only_loss"] is True and sft_config(recipe, tmp_path).assistant_only_loss is True
@@ -181,7 +181,7 @@ def test_yaml_12_scalars(tmp_path):
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
 def test_every_comparison_spec_validates(path, ernie_copy):
-    from moe_tune.compare import check_spec, load_spec
+    from moe_tune.evaluation.compare import check_spec, load_spec
 
     spec = load_spec(path)
     check_spec(spec)  # every variant's recipe

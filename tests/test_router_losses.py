@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moe_tune.arch import describe
-from moe_tune.router_losses import RouterRegularizer, load_balancing_loss, router_kl, z_loss
+from moe_tune.model.arch import describe
+from moe_tune.moe.router_losses import RouterRegularizer, load_balancing_loss, router_kl, z_loss
 
 from families import tiny_config
 
@@ -130,10 +130,10 @@ def test_router_terms_send_gradients_to_the_router_and_what_feeds_it_only(family
 def test_all_terms_off_gives_trls_plain_loss(tmp_path):
     from trl import SFTTrainer
 
-    from moe_tune.loading import load_model
+    from moe_tune.model.loading import load_model
     from moe_tune.recipe import load_recipe
-    from moe_tune.train import attach_regularizers, plan_run
-    from moe_tune.trainer import build_trainer, load_data, sft_config
+    from moe_tune.training.pipeline import attach_regularizers, plan_run
+    from moe_tune.training.sft_trainer import build_trainer, load_data, sft_config
 
     from conftest import ROOT, SHIPPED_MODEL
 

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from moe_tune.arch import describe
-from moe_tune.data import read_chat_rows
-from moe_tune.loading import load_model
-from moe_tune.report import write_report
-from moe_tune.routing import RouterTap, chat_batches
-from moe_tune.routing_stats import imbalance, js_divergence, profile, summarize
+from moe_tune.model.arch import describe
+from moe_tune.data.rows import read_chat_rows
+from moe_tune.model.loading import load_model
+from moe_tune.evaluation.report import write_report
+from moe_tune.moe.routing import RouterTap, chat_batches
+from moe_tune.evaluation.routing_stats import imbalance, js_divergence, profile, summarize
 
 from conftest import ROOT, SHIPPED_MODEL
 
@@ -74,7 +74,7 @@ def test_summary_and_drift(shipped):
 
 
 def test_report_files(shipped, tmp_path):
-    from moe_tune.evaluate import evaluate
+    from moe_tune.evaluation.heldout import evaluate
 
     model, tokenizer, arch, rows = shipped
     results = {"base": evaluate(model, tokenizer, rows, max_new_tokens=3, progress=False)}

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from moe_tune.errors import MoeTuneError
-from moe_tune.run_dir import _drop_logs_after, after_newest_events, prepare_run_dir, write_json
+from moe_tune.training.run_dir import _drop_logs_after, after_newest_events, prepare_run_dir, write_json
 
 
 def test_prepare_run_dir(tmp_path):
@@ -28,7 +28,7 @@ def test_write_json_is_atomic(tmp_path):
 
 
 def test_folder_in_place_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
-    from moe_tune.run_dir import folder_in_place
+    from moe_tune.training.run_dir import folder_in_place
 
     final = tmp_path / "model"
     final.mkdir()

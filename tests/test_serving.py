@@ -15,14 +15,14 @@ import re
 import pytest
 import torch
 
-from moe_tune import serving
+from moe_tune.export import serving
 from moe_tune.cli import main
-from moe_tune.data import read_chat_rows
+from moe_tune.data.rows import read_chat_rows
 from moe_tune.errors import MoeTuneError
-from moe_tune.evaluate import greedy_answers
-from moe_tune.gguf_convert import declared_family
-from moe_tune.loading import checkpoint_dtypes, load_model
-from moe_tune.trainer import BF16_PAYS, bf16_speedup
+from moe_tune.evaluation.heldout import greedy_answers
+from moe_tune.export.gguf import declared_family
+from moe_tune.model.loading import checkpoint_dtypes, load_model
+from moe_tune.training.sft_trainer import BF16_PAYS, bf16_speedup
 
 from conftest import ROOT, SHIPPED_MODEL, shipped_in_bf16
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoTokenizer
 
-from moe_tune.accounting import expert_intermediate
-from moe_tune.arch import describe
-from moe_tune.loading import build_meta_model
+from moe_tune.plan.accounting import expert_intermediate
+from moe_tune.model.arch import describe
+from moe_tune.model.loading import build_meta_model
 
 from conftest import ROOT, SHIPPED_MODEL, tiny_checkpoint
 

@@ -47,7 +47,7 @@ def test_the_architecture_is_found_once_per_model(tmp_path, capsys, monkeypatch)
     model it trains, the base it compares with) and hands that description down."""
     from transformers import AutoModelForCausalLM
 
-    from moe_tune import arch, loading
+    from moe_tune.model import arch, loading
 
     described, built = [], []
     find = arch.find_moe_layers  # describe()'s search, the costly part on a large model
@@ -76,17 +76,17 @@ def test_the_architecture_is_found_once_per_model(tmp_path, capsys, monkeypatch)
 
 
 def test_activation_checkpointing_auto_is_on_only_where_the_plan_exceeds_the_machine(monkeypatch):
-    from moe_tune import train
+    from moe_tune.training import pipeline
     from moe_tune.recipe import load_recipe
 
     recipe = load_recipe(QUICKSTART, ["sft.activation_checkpointing=auto"])
     monkeypatch.setattr(train, "available_bytes", lambda: 1e12)
-    setup = train.plan_run(recipe)
+    setup = pipeline.plan_run(recipe)
     without, other = setup.report["peak_gb"], setup.report["other_peak_gb"]
     assert setup.sft_args.gradient_checkpointing is False and other < without
     assert "auto -> off" in setup.report["checkpointing_note"]
     monkeypatch.setattr(train, "available_bytes", lambda: (without - 0.001) * 1e9)  # just short of the peak
-    setup = train.plan_run(recipe)
+    setup = pipeline.plan_run(recipe)
     assert setup.sft_args.gradient_checkpointing is True
     assert setup.report["peak_gb"] == pytest.approx(other) and setup.report["other_peak_gb"] == pytest.approx(without)
     assert f"auto -> on (planned peak {without:.3f} GB without it" in setup.report["checkpointing_note"]
@@ -94,9 +94,9 @@ def test_activation_checkpointing_auto_is_on_only_where_the_plan_exceeds_the_mac
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU default")
 def test_bf16_on_a_cpu_is_chosen_by_measuring_its_matmuls(tmp_path, monkeypatch):
-    from moe_tune import train
+    from moe_tune.training import pipeline
     from moe_tune.recipe import load_recipe
-    from moe_tune.trainer import bf16_speedup
+    from moe_tune.training.sft_trainer import bf16_speedup
 
     assert bf16_speedup(128, 256) > 0  # measured here, whatever this CPU is
     path = tmp_path / "r.yaml"
@@ -104,9 +104,9 @@ def test_bf16_on_a_cpu_is_chosen_by_measuring_its_matmuls(tmp_path, monkeypatch)
                     f"data: {{train: {ROOT}/data/train.jsonl}}\nsft: {{max_steps: 2}}\n")
     for speedup, on in ((3.9, True), (1.2, False)):  # AMX; a CPU that emulates bf16
         monkeypatch.setattr(train, "bf16_speedup", lambda hidden, intermediate, s=speedup: s)
-        setup = train.plan_run(load_recipe(path))
+        setup = pipeline.plan_run(load_recipe(path))
         assert setup.sft_args.bf16 is on and setup.report["bf16_note"].startswith(f"bf16 autocast {'on' if on else 'off'}")
-    setup = train.plan_run(load_recipe(path, ["sft.bf16=false"]))  # the recipe decides: nothing measured
+    setup = pipeline.plan_run(load_recipe(path, ["sft.bf16=false"]))  # the recipe decides: nothing measured
     assert setup.sft_args.bf16 is False and "bf16_note" not in setup.report
 
 
@@ -114,7 +114,7 @@ def test_emulated_bf16_is_told_by_one_call(monkeypatch):
     """Where a CPU emulates bf16 matmuls (AVX2: about 100x slower than fp32, seconds a call at a
     real layer's shape), one bf16 call decides, not sixteen; where the first call is merely slow
     (a kernel compiled, a stall), the best of the alternating calls does."""
-    from moe_tune import trainer
+    from moe_tune.training import sft_trainer
 
     for first_bf16, want, calls in ((4.0, 0.01, 2), (0.06, 2.0, 16)):
         timed = []
@@ -126,7 +126,7 @@ def test_emulated_bf16_is_told_by_one_call(monkeypatch):
             return first if timed.count(torch.bfloat16) == 1 else 0.02
 
         monkeypatch.setattr(trainer, "_timed", fake)
-        trainer.bf16_speedup.cache_clear()
-        assert trainer.bf16_speedup(128, 256) == pytest.approx(want)
+        sft_trainer.bf16_speedup.cache_clear()
+        assert sft_trainer.bf16_speedup(128, 256) == pytest.approx(want)
         assert len(timed) == calls
-    trainer.bf16_speedup.cache_clear()
+    sft_trainer.bf16_speedup.cache_clear()

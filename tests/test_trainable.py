@@ -13,13 +13,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import AutoModelForCausalLM
 
-from moe_tune.arch import PARTS, describe
+from moe_tune.model.arch import describe
+from moe_tune.recipe import PARTS, PRESETS
 from moe_tune.errors import MoeTuneError
-from moe_tune.loading import load_model
+from moe_tune.model.loading import load_model
 from moe_tune.recipe import LoraSection, load_recipe
-from moe_tune.train import make_trainable, plan_run
-from moe_tune.trainer import build_trainer
-from moe_tune.trainable import PRESETS, adapted_tensors, apply_plan, make_plan, resolve_modes, unwrapped
+from moe_tune.training.pipeline import make_trainable, plan_run
+from moe_tune.training.sft_trainer import build_trainer
+from moe_tune.plan.modes import adapted_tensors, apply_plan, make_plan, resolve_modes, unwrapped
 
 from conftest import ROOT, SHIPPED_MODEL
 from families import tiny_config
@@ -114,7 +115,7 @@ def test_norms_cannot_take_lora():
 
 
 def test_dropout_on_fused_experts_is_refused():
-    from moe_tune.trainable import apply_plan
+    from moe_tune.plan.modes import apply_plan
 
     model, _ = load_model(str(SHIPPED_MODEL))
     arch = describe(model)
@@ -124,7 +125,7 @@ def test_dropout_on_fused_experts_is_refused():
 
 
 def test_train_and_lora_in_one_module_is_refused():
-    from moe_tune.trainable import apply_plan
+    from moe_tune.plan.modes import apply_plan
 
     model, _ = load_model(str(SHIPPED_MODEL))
     arch = describe(model)
@@ -144,7 +145,7 @@ def plan_json(capsys, *overrides):
 
 @pytest.mark.parametrize("preset", ["lora_experts", "lora_all", "freeze_experts"])
 def test_plan_counts_match_the_real_wrapped_model(capsys, preset):
-    from moe_tune.trainable import apply_plan
+    from moe_tune.plan.modes import apply_plan
 
     report = plan_json(capsys, f"trainable.preset={preset}")
     model, _ = load_model(str(SHIPPED_MODEL))
@@ -198,9 +199,9 @@ def test_rank_per_part_on_expert_tensors_applies_without_warning():
 
 def test_plan_table_aligns_large_counts():
     """DeepSeek-V3's 653,908,770,816 expert parameters keep the columns in line."""
-    from moe_tune.trainable import format_plan
+    from moe_tune.plan.modes import format_plan
 
-    config = ROOT / "tests" / "model_configs" / "deepseek-v3"
+    config = ROOT / "moe_tune" / "model" / "configs" / "deepseek-v3"
     setup = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"model.path={config}", "trainable.preset=full"]))
     lines = format_plan(setup.report).splitlines()
     table = lines[:len(setup.report["parts"]) + 1]  # the header and a row per part

@@ -8,7 +8,7 @@ import torch
 
 from moe_tune.errors import MoeTuneError
 from moe_tune.recipe import load_recipe
-from moe_tune.trainer import load_data, sft_config
+from moe_tune.training.sft_trainer import load_data, sft_config
 
 from conftest import ROOT
 
@@ -75,8 +75,8 @@ def test_fsdp_in_one_process_is_refused(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="accelerate keeps FSDP on a GPU")
 def test_fsdp_dropped_on_a_cpu_is_said(tmp_path, monkeypatch, capsys):
     """accelerate turns FSDP off on a CPU without a word; the run says so at start."""
-    from moe_tune.loading import load_model
-    from moe_tune.train import plan_run, trainer_for
+    from moe_tune.model.loading import load_model
+    from moe_tune.training.pipeline import plan_run, trainer_for
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch with an FSDP config sets
     recipe = load_recipe(QUICKSTART, [f"output_dir={tmp_path}", "eval.files=[]"])
@@ -94,8 +94,8 @@ def test_resume_reads_back_the_experts_and_routers_trainer_would_miss(tmp_path):
     Trainer stops calling it, the perturbed weights below survive the resume and this fails."""
     from safetensors import safe_open
 
-    from moe_tune.loading import load_model
-    from moe_tune.train import plan_run, trainer_for
+    from moe_tune.model.loading import load_model
+    from moe_tune.training.pipeline import plan_run, trainer_for
 
     recipe = load_recipe(QUICKSTART, [f"output_dir={tmp_path}", "sft.max_steps=2", "sft.save_strategy=steps",
                                       "sft.save_steps=2", "sft.eval_strategy=no", "sft.logging_steps=1",
@@ -122,8 +122,8 @@ def test_resume_reads_back_the_experts_and_routers_trainer_would_miss(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_the_cross_entropy_is_logged_beside_the_loss_with_the_router_terms(tmp_path, accumulation):
-    from moe_tune.loading import load_model
-    from moe_tune.train import plan_run, trainer_for
+    from moe_tune.model.loading import load_model
+    from moe_tune.training.pipeline import plan_run, trainer_for
 
     recipe = load_recipe(QUICKSTART, [f"output_dir={tmp_path}", "sft.max_steps=3", "sft.logging_steps=1",
                                       "sft.eval_strategy=no", "data.max_train_rows=96", "eval.files=[]",
@@ -149,14 +149,14 @@ def test_packed_rows_attend_to_each_other():
     """Why packing is refused: rows packed into one sequence (position_ids restarting per row,
     as TRL's padding-free collator makes them) do not score as the same rows apart. When
     transformers isolates packed rows here, this fails, and packing can be allowed."""
-    from moe_tune import chat_template
-    from moe_tune.loading import load_model
+    from moe_tune.model import templates
+    from moe_tune.model.loading import load_model
 
     model, tokenizer = load_model(str(ROOT / "data" / "tiny-moe"))
     model.eval()
     rows = [json.loads(line) for line in (ROOT / "data" / "train.jsonl").read_text().splitlines()[:8]]
-    how = chat_template.masking(tokenizer)
-    encoded = [chat_template.tokenize_row(tokenizer, r["messages"], how) for r in rows]
+    how = templates.masking(tokenizer)
+    encoded = [templates.tokenize_row(tokenizer, r["messages"], how) for r in rows]
     labels = [[i if m else -100 for i, m in zip(ids, mask)] for ids, mask in encoded]
     with torch.no_grad():
         apart = [model(input_ids=torch.tensor([ids]), labels=torch.tensor([lab])).loss.item() * sum(m[1:])

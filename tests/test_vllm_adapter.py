@@ -16,7 +16,7 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from moe_tune.cli import main
 from moe_tune.errors import MoeTuneError
-from moe_tune.vllm_adapter import PREFIX, vllm_layout
+from moe_tune.export.vllm_adapter import PREFIX, vllm_layout
 
 from conftest import ROOT, SHIPPED_MODEL
 from families import tiny_config

@@ -1,0 +1,241 @@
+"""Loading a model and tokenizer: config and tokenizer are checked before any weights load."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from moe_tune.errors import MoeTuneError
+from moe_tune.model.arch import describe, require_moe
+from moe_tune.model.sources import LOCAL_CONFIGS, hub_unreachable, read_tokenizer
+from moe_tune.model.templates import TEMPLATE_KEY, give_template
+from moe_tune.recipe import DTYPE_NAMES, TEMPLATE_NAMES
+
+# the recipe's dtype names as torch dtypes; "auto": the checkpoint's own
+DTYPES = {name: "auto" if name == "auto" else getattr(torch, name) for name in DTYPE_NAMES}
+
+
+
+
+def load_config(path: str):
+    """The model config, or a clear error when ``path`` is neither a checkpoint nor reachable."""
+    if not Path(path).exists() and (why := hub_unreachable()):
+        hint = f" (for plan and inspect, a config folder such as {LOCAL_CONFIGS}/<name>)" if LOCAL_CONFIGS.is_dir() else ""
+        raise MoeTuneError(f"{path}: no such model folder, and not reachable as a Hugging Face Hub id offline "
+                           f"({why}); point model.path at a local checkpoint{hint}")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if Path(path).exists():
+            raise MoeTuneError(f"{path}: not a transformers checkpoint ({str(e).splitlines()[0]})") from None
+        raise MoeTuneError(f"{path}: no such model folder, and not reachable as a Hugging Face Hub "
+                           "id (offline?); point model.path at a local checkpoint") from None
+
+
+def checkpoint_dtypes(path: str) -> dict[str, str]:
+    """{tensor name: safetensors dtype ("BF16", "F32", ...)} of the checkpoint folder ``path``,
+    read from the files' headers (no weights); empty where ``path`` is not a local folder."""
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    dtypes = {}
+    for file in files:
+        try:
+            with safe_open(file, "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    dtypes[key] = f.get_slice(key).get_dtype()
+        except (SafetensorError, OSError) as e:
+            raise MoeTuneError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]}); download or "
+                               "save the checkpoint again") from None
+    return dtypes
+
+
+def experts_stored_apart(path: str) -> bool:
+    """Whether the checkpoint at ``path`` stores each routed expert's weights as tensors of their
+    own (``...experts.3.down_proj.weight``: Mixtral, Qwen3, OLMoE, DeepSeek), which transformers
+    stacks into its fused (E, out, in) parameters while it loads, rather than fused already
+    (gpt-oss). Where no safetensors file is here to read (a hub id, a config folder), True, as
+    for most published MoE checkpoints: the loading estimate is then an upper bound."""
+    dtypes = checkpoint_dtypes(path)
+    return not dtypes or any(re.search(r"\.experts\.\d+\.", key) for key in dtypes)
+
+
+def load_tokenizer(path: str, template=None):
+    """The checkpoint's tokenizer; with ``template`` (chat_template.GivenTemplate, from
+    model.chat_template), given that template and the special tokens it needs."""
+    tokenizer = read_tokenizer(path)
+    if tokenizer.pad_token is None:  # before a template changes eos: padding stays apart from turn ends
+        tokenizer.pad_token = tokenizer.eos_token
+    if template is not None:
+        give_template(tokenizer, template)
+    if not tokenizer.chat_template:
+        raise MoeTuneError(f"{path}: the tokenizer has no chat template (a base checkpoint?); give it one with "
+                           f"{TEMPLATE_KEY}: {TEMPLATE_NAMES[0]} in the recipe (or a .jinja file, or a tokenizer folder "
+                           "whose template to copy)")
+    return tokenizer
+
+
+def fit_embeddings(model, tokenizer) -> None:
+    """Grow the embeddings (and an untied LM head) to a tokenizer given new tokens by a chat
+    template, the new rows initialised at the mean of the others (transformers' resize), and
+    stop generation where the tokenizer's turns end."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    stops = model.generation_config.eos_token_id
+    if tokenizer.eos_token_id not in (stops if isinstance(stops, list) else [stops]):
+        model.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+@contextlib.contextmanager
+def padding_side(tokenizer, side: str):
+    """Pad on ``side`` inside the block: left for batched generation, right for teacher-forced
+    passes; the tokenizer's own setting is restored afterwards."""
+    saved, tokenizer.padding_side = tokenizer.padding_side, side
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = saved
+
+
+def quantization_config(bits: int | None, dtype: str):
+    if bits is None:
+        return None
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.float32 if dtype == "float32" else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def load_model(path: str, dtype: str = "float32", bits: int | None = None, template=None, tokenizer=None,
+               bf16_experts: bool = False):
+    """(model, tokenizer), after checking that ``path`` holds an MoE with a usable tokenizer.
+    ``bits`` 4 or 8 quantizes the nn.Linear layers with bitsandbytes. ``template`` is given to
+    the checkpoint's tokenizer (model.chat_template); a ``tokenizer`` given instead (a tuned
+    run's, for its base model) is used as it is. The embeddings fit the tokenizer either way.
+    ``bf16_experts``: the routed experts stay in the bf16 the checkpoint stores them in, every
+    other weight is ``dtype`` (fast_experts.holds_frozen_experts_in_bf16)."""
+    config = load_config(path)
+    require_moe(config, path)
+    refit = template is not None or tokenizer is not None  # a checkpoint's own tokenizer fits it already
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path, template)
+    # a local folder by its absolute path: PEFT records it in adapter_config.json as the base
+    # model, which must then load from any working directory
+    source = str(Path(path).resolve()) if Path(path).is_dir() else path
+    with returning_freed_memory():
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16 if bf16_experts else DTYPES[dtype],
+                                                     quantization_config=quantization_config(bits, dtype))
+    if bf16_experts:
+        _widen_all_but_routed_experts(model, DTYPES[dtype])
+    _point_base_model_at_backbone(model)
+    if refit:
+        fit_embeddings(model, tokenizer)
+    if bits == 4:
+        keep_4bit_trainable_on_cpu(model)
+    return model, tokenizer
+
+
+def _widen_all_but_routed_experts(model, dtype: torch.dtype) -> None:
+    """Every floating-point weight except the routed experts' to ``dtype``, one at a time (the
+    checkpoint's bf16 values, exactly); the configs say ``dtype``, which a save records."""
+    keep = set(describe(model).expert_params)
+    for name, p in model.named_parameters():
+        if name not in keep and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.dtype = dtype
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+LOAD_MMAP_THRESHOLD = 128 * 1024  # glibc's starting value: every larger block goes back when freed
+TRAIN_MMAP_THRESHOLD = 16 * 1024 * 1024  # see returning_freed_memory
+
+
+def _glibc():
+    """The C library when it is glibc (whose mallopt and malloc_trim these are), else None."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
+
+
+@contextlib.contextmanager
+def returning_freed_memory():
+    """Load weights so that their temporaries go back to the system.
+
+    glibc serves blocks below its mmap threshold from its heaps and keeps them there once freed,
+    and it raises that threshold (up to 32 MiB) whenever a larger block is freed. Loading a bf16
+    checkpoint into fp32 frees a temporary per expert (1-13 MB at real shapes), from several
+    loader threads' heaps; after the plan's bf16 matmul check has raised the threshold, those
+    stayed resident: at the Qwen3-30B-A3B shape (1 layer, 2.5 GB of fp32 weights) the process
+    held 4.9 GB after loading and peaked at 6.6 GB, against 2.5 and 4.1 GB with this.
+
+    While loading, every block above glibc's starting threshold is mapped and unmapped on its
+    own, and what the heaps still hold is trimmed after. Then the thresholds are fixed for
+    training (mmap 16 MiB, trim 32 MiB), which also ends the adjustment a later load would
+    inherit. Measured at OLMoE's shape (2 layers, freeze_experts): at 32 MiB, where glibc's own
+    adjustment ends, the heaps grew step after step to 1.3-1.8x the plan's peak; at 4 MiB memory
+    held at the plan, but training ran 20-25% slower, each step's activations mapped afresh; at
+    16 MiB it ran as fast as at 32 and held 1.13x the plan. Elsewhere than glibc, nothing changes."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
+            libc.mallopt(M_MMAP_THRESHOLD, TRAIN_MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * TRAIN_MMAP_THRESHOLD)
+
+
+def keep_4bit_trainable_on_cpu(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster kernel on the
+    first eval-mode forward, and that kernel passes no gradient back: every LoRA adapter
+    upstream silently stops learning after the first evaluation. Keep the trainable path."""
+    import bitsandbytes as bnb  # noqa: PLC0415
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _point_base_model_at_backbone(model) -> None:
+    """Llama-4's causal LM names its backbone ``model`` but declares the prefix ``language_model``,
+    so ``model.base_model`` is the whole model and TRL's fused LM head calls the LM forward
+    instead of the backbone's. Point the prefix at the real backbone, for this instance only."""
+    if model.base_model is model and isinstance(getattr(model, "model", None), torch.nn.Module):
+        model.base_model_prefix = "model"
+
+
+def build_meta_model(config):
+    """The model's modules and parameter shapes, with no memory: a 671B config builds in seconds."""
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError) as e:
+            raise MoeTuneError(f"transformers cannot build a causal LM from this config "
+                               f"({str(e).splitlines()[0]})") from None
+
+
+def load_adapter_model(base_path: str, adapter_dir: Path, dtype: str = "float32"):
+    """A base model with the PEFT adapter saved by a LoRA run (weights not merged), and the
+    tokenizer saved with the adapter where there is one (a run given a chat template has
+    grown its base's vocabulary)."""
+    from peft import PeftModel  # noqa: PLC0415
+
+    saved = load_tokenizer(str(adapter_dir)) if (adapter_dir / "tokenizer_config.json").is_file() else None
+    model, tokenizer = load_model(base_path, dtype, tokenizer=saved)
+    return PeftModel.from_pretrained(model, adapter_dir), tokenizer

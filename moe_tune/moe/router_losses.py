@@ -1,0 +1,163 @@
+"""Router regularizers, computed once by moe_tune for every family.
+
+- ``aux_loss``: the Switch/Mixtral load-balancing loss, ``E * sum_e f_e * P_e``, where ``f_e``
+  is the share of top-k slots given to expert e and ``P_e`` its mean router probability.
+- ``z_loss``: the ST-MoE router z-loss, mean over tokens of ``logsumexp(logits)^2``.
+- ``router_kl``: how far routing moved from the base model's, on the same hidden states:
+  ``KL(p_base || p_now)`` per token, averaged. A frozen copy of the base router weights (a few
+  MB even for large models) stands in for the base model.
+
+Softmax routers use their softmax. Sigmoid routers (DeepSeek-V3 style) score experts
+independently: ``P_e`` and ``f_e`` use the scores normalised over experts (and top-k with
+the score-correction bias, as the model selects), z-loss is the same function of the logits
+(it keeps them small either way), and the KL is the mean over experts of the Bernoulli KL
+between base and current scores.
+
+The logits are recomputed from each router's captured input and its weight, so the terms are
+differentiable with respect to the router and everything that feeds it, and nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from moe_tune.model.arch import MoeArch, MoeLayer, text_config
+from moe_tune.errors import MoeTuneError
+from moe_tune.moe.routing import router_bias, router_probs
+
+
+def load_balancing_loss(probs: torch.Tensor, topk: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """probs (..., tokens, E) fp32 distribution, topk (..., tokens, k) expert ids -> (...) loss."""
+    f = F.one_hot(topk, num_experts).float().mean(-3)  # (..., k, E): share of each top-k slot per expert
+    p = probs.mean(-2)  # (..., E)
+    return num_experts * (f * p.unsqueeze(-2)).sum((-2, -1))
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """logits (..., tokens, E) -> (...) mean of logsumexp^2, in fp32."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean(-1)
+
+
+def router_kl(logits: torch.Tensor, base_logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """(..., tokens, E) -> (...): KL(base || current) per token, averaged; the base side is a
+    fixed target."""
+    base_logits = base_logits.detach().float()
+    logits = logits.float()
+    if scoring == "sigmoid":  # independent Bernoulli per expert
+        p, log_q, log_1mq = base_logits.sigmoid(), F.logsigmoid(logits), F.logsigmoid(-logits)
+        log_p, log_1mp = F.logsigmoid(base_logits), F.logsigmoid(-base_logits)
+        kl = p * (log_p - log_q) + (1 - p) * (log_1mp - log_1mq)  # (..., tokens, E)
+        return kl.mean(-1).mean(-1)
+    base = router_probs(base_logits, scoring)
+    log_now = router_probs(logits, scoring).clamp_min(1e-12).log()
+    return (base * (base.clamp_min(1e-12).log() - log_now)).sum(-1).mean(-1)
+
+
+class RouterRegularizer:
+    """Captures router inputs during a forward (``with reg: model(...)``) and turns them into
+    the router terms (``reg.terms(attention_mask)``) and their weighted sum (``reg.weighted``)."""
+
+    def __init__(self, model: nn.Module, arch: MoeArch, aux: float, z: float, kl: float):
+        self.arch, self.coef = arch, {"aux_loss": aux, "z_loss": z, "router_kl": kl}
+        self.tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        # frozen copy of the base routers, only when the KL term is on
+        self.base = {layer.block: self.tensors[layer.router_weight].detach().clone() for layer in arch.layers} \
+            if kl else {}
+        self.routers = {layer.block: model.get_submodule(layer.router) for layer in arch.layers}
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    @property
+    def active(self) -> bool:
+        return any(self.coef.values())
+
+    def __enter__(self):
+        for layer in self.arch.layers:
+            hook = (lambda m, args, out, b=layer.block: self._inputs.__setitem__(b, args[0]))
+            self._handles.append(self.routers[layer.block].register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _stack(self, name_of, layers: list[MoeLayer]) -> torch.Tensor | None:
+        tensors = [name_of(layer) for layer in layers]
+        return None if any(t is None for t in tensors) else torch.stack(tensors)
+
+    def _group_terms(self, layers: list[MoeLayer], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Terms of MoE layers that share expert count, top-k and scoring, computed together:
+        hidden (L, tokens, H) -> per-term (L,) values. One batched matmul instead of L small ones."""
+        first = layers[0]
+        weight = torch.stack([self.tensors[layer.router_weight] for layer in layers])  # (L, E, H)
+        logits = torch.bmm(hidden.to(weight.dtype), weight.transpose(1, 2))  # (L, tokens, E)
+        bias = self._stack(lambda layer: router_bias(self.tensors, layer, correction=False), layers)
+        if bias is not None:
+            logits = logits + bias.unsqueeze(1)
+        logits = logits.float()
+        out = {}
+        if self.coef["aux_loss"]:
+            probs = router_probs(logits, first.scoring)
+            correction = self._stack(lambda layer: router_bias(self.tensors, layer, correction=True), layers)
+            select = probs if correction is None else probs + correction.detach().float().unsqueeze(1)
+            out["aux_loss"] = load_balancing_loss(probs, select.topk(first.top_k, -1).indices, first.num_experts)
+        if self.coef["z_loss"]:
+            out["z_loss"] = z_loss(logits)
+        if self.coef["router_kl"]:
+            base = torch.stack([self.base[layer.block] for layer in layers])  # (L, E, H)
+            base_logits = torch.bmm(hidden.detach().to(base.dtype), base.transpose(1, 2))
+            if bias is not None:
+                base_logits = base_logits + bias.detach().unsqueeze(1)
+            out["router_kl"] = router_kl(logits, base_logits, first.scoring)
+        return out
+
+    def terms(self, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Unweighted terms, averaged over MoE layers, for the last forward."""
+        mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None  # (tokens,)
+        # kept positions as indices: index_select's backward is an index_add, much faster on CPU
+        # than the accumulating index_put a boolean mask's backward runs; none when nothing is masked
+        keep = mask.nonzero().squeeze(1) if mask is not None and not mask.all() else None  # (kept,)
+        groups: dict[tuple, list[tuple[MoeLayer, torch.Tensor]]] = {}
+        for layer in self.arch.layers:
+            if layer.block not in self._inputs:
+                continue
+            hidden = self._inputs[layer.block]
+            hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, H)
+            if keep is not None and mask.numel() == hidden.shape[0]:
+                hidden = hidden.index_select(0, keep)
+            key = (layer.num_experts, layer.top_k, layer.scoring, tuple(hidden.shape))
+            groups.setdefault(key, []).append((layer, hidden))
+        self._inputs.clear()
+        values: dict[str, list[torch.Tensor]] = {}
+        for members in groups.values():
+            layers = [layer for layer, _ in members]
+            for name, v in self._group_terms(layers, torch.stack([h for _, h in members])).items():
+                values.setdefault(name, []).append(v)
+        return {name: torch.cat(v).mean() for name, v in values.items()}
+
+    def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.coef[name] * value for name, value in terms.items())
+
+
+# --- which coefficients apply ----------------------------------------------------------------------
+
+def check_router(router, router_mode: str) -> None:
+    """``router`` is the recipe's RouterSection. The terms read the router weight, which LoRA
+    leaves unchanged: with a LoRA router, terms the recipe asks for are refused."""
+    explicit = router.z_loss_coef or router.anchor_kl_coef or router.aux_loss_coef
+    if router_mode == "lora" and explicit:
+        raise MoeTuneError("router: the router terms are computed from the router weight, which LoRA leaves "
+                           "unchanged; set trainable.router to train or freeze, or turn the terms off")
+
+
+def coefficients(router, config, router_mode: str) -> dict[str, float]:
+    """Weights of the three terms. The load-balancing weight defaults to the model config's
+    ``router_aux_loss_coef``, as TRL's does, except with a LoRA router (see ``check_router``)."""
+    declared = getattr(text_config(config), "router_aux_loss_coef", 0.0) or 0.0
+    aux = router.aux_loss_coef if router.aux_loss_coef is not None else declared
+    if router_mode == "lora" and router.aux_loss_coef is None:
+        aux = 0.0
+    return {"aux_loss": aux, "z_loss": router.z_loss_coef, "router_kl": router.anchor_kl_coef}

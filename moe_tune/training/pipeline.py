@@ -1,0 +1,346 @@
+"""``moe-tune train``: the run, in the order it happens.
+
+    plan_run        the recipe's model built weightless (meta device) -> its architecture ->
+                    each part's mode -> the plan of what trains -> TRL's SFTConfig -> the plan
+                    report; LoRA coverage is checked on a weightless copy. All of it is the
+                    RunSetup, worked out once and handed to every later step.
+    check_data      tokenizer, data files, row lengths
+    (run folder)    the checkpoint to resume from, or a folder that may be used; under torchrun
+                    or accelerate launch, the process group is joined here, so that every rank
+                    has decided before rank 0 writes recipe.yaml into a new run folder
+    load_model      weights and tokenizer
+    trainer_for     experts implementation -> ZeRO-3 leaf modules -> router terms and expert
+                    dropout -> expert selection and freeze / train / LoRA -> SFTTrainer
+    train           Trainer.train, from the checkpoint when resuming
+    (save)          RUN/model; in a multi-process run every rank takes part, and rank 0 alone
+                    reloads the saved model and evaluates
+    evaluate_run    held-out evaluation, routing analytics and the report in RUN/eval
+
+Everything before load_model needs no weights, so mistakes surface in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import operator
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import set_seed
+from trl import SFTConfig
+
+from moe_tune.model import templates
+from moe_tune.moe import fast_experts
+from moe_tune.training import distributed
+from moe_tune.plan.accounting import expert_intermediate
+from moe_tune.model.arch import MoeArch, describe, require_moe, text_config
+from moe_tune.moe.bias_balance import BiasBalancer, check_bias_balance
+from moe_tune.data.rows import check_lengths, read_chat_rows
+from moe_tune.errors import Interrupted, MoeTuneError
+from moe_tune.moe.expert_dropout import ExpertDropout
+from moe_tune.training.interrupts import Interrupts, StopOnInterrupt
+from moe_tune.moe.expert_selection import check_selection, load_selection, restrict_full, restrict_lora, save_selection
+from moe_tune.moe.expert_selection import select_experts
+from moe_tune.plan.fit import available_bytes
+from moe_tune.model.loading import build_meta_model, load_config, load_model, load_tokenizer
+from moe_tune.recipe import Recipe, dump_recipe, with_absolute_paths
+from moe_tune.evaluation.report import evaluate_files, write_report
+from moe_tune.moe.router_losses import RouterRegularizer, check_router, coefficients
+from moe_tune.training.run_dir import (CHECKPOINTS, EVAL_DIR, MODEL_DIR, PHASES, PLAN_FILE, RECIPE_FILE, REPORT_JSON, REPORT_MD,
+                              SELECTION_FILE, check_run_dir, checkpoint_step, complete_checkpoints, continue_run,
+                              load_run_model, mark_done, phases_done, prepare_run_dir, put_in_place, resume_point,
+                              save_distributed, save_model, tmp_path, write_json, write_text)
+from moe_tune.plan.modes import (Plan, apply_plan, check_parts_exist, format_plan, make_plan, plan_report,
+                                resolve_modes, unwrapped)
+from moe_tune.training.sft_trainer import (BF16_PAYS, MoeSFTTrainer, bf16_speedup, build_trainer, checkpointing_is_auto,
+                              sft_config, sft_warnings, train)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+    """What a run works out before any weights load, once, for every later step."""
+
+    recipe: Recipe
+    meta: nn.Module      # the model's modules and parameter shapes, without weights (for counting)
+    template: templates.GivenTemplate | None  # model.chat_template, given to the tokenizer
+    arch: MoeArch        # of ``meta``
+    plan: Plan           # per parameter: train, LoRA or freeze
+    sft_args: SFTConfig
+    report: dict         # the plan report; experts scored when training starts are not in it yet
+    frozen_experts_bf16: bool  # fast_experts.holds_frozen_experts_in_bf16
+
+    @property
+    def run(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+
+def plan_run(recipe: Recipe) -> RunSetup:
+    """The plan on a weightless (meta) copy of the model, LoRA coverage verified by wrapping it."""
+    config = load_config(recipe.model.path)
+    require_moe(config, recipe.model.path)
+    template = templates.recipe_template(recipe.model)
+    added = {}
+    if template is not None:  # the vocabulary grows by the tokens it adds
+        text = config.get_text_config()
+        added = templates.new_tokens(recipe.model.path, template, text.vocab_size)
+        text.vocab_size = max([text.vocab_size, *(i + 1 for i in added.values())])
+    meta = build_meta_model(config)
+    arch = describe(meta)
+    modes = resolve_modes(recipe.trainable.preset, recipe.trainable.overrides())
+    plan = make_plan(meta, arch, modes, quantized=recipe.model.bits is not None, new_tokens=list(added.values()))
+    check_selection(recipe, plan)
+    check_router(recipe.router, modes["router"])
+    check_bias_balance(recipe.router, arch, modes, bool(plan.lora_targets),
+                       dict(meta.named_parameters()) | dict(meta.named_buffers()))
+    check_parts_exist(recipe.trainable.overrides(), arch)
+    cfg = recipe.trainable.selection()
+    selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
+    bf16, bf16_note = cpu_bf16(recipe, meta, arch)
+    sft_args = sft_config(recipe, Path(recipe.output_dir), cpu_bf16=bf16)
+    narrowed = fast_experts.holds_frozen_experts_in_bf16(recipe, sft_args, plan.modes["routed_experts"])
+    report = plan_report(meta, arch, plan, recipe, selection, sft_args, narrowed)
+    if checkpointing_is_auto(recipe):  # on only where the planned peak exceeds the machine
+        free, without = available_bytes(), report["peak_gb"]
+        if without * 1e9 > free:
+            sft_args = sft_config(recipe, Path(recipe.output_dir), checkpointing=True, cpu_bf16=bf16)
+            report = plan_report(meta, arch, plan, recipe, selection, sft_args, narrowed)
+        report["checkpointing_note"] = (
+            f"sft.activation_checkpointing: auto -> {'on' if sft_args.gradient_checkpointing else 'off'} (planned "
+            f"peak {without:.3f} GB without it, {free / 1e9:.3f} GB available)")
+    if bf16_note:
+        report["bf16_note"] = bf16_note
+    report["warnings"] += sft_warnings(sft_args)
+    if added:
+        report.update(new_tokens=list(added), chat_template=f"{templates.TEMPLATE_KEY}: {template.source}")
+    if "lora" in recipe.model_fields_set and not plan.lora_targets:
+        report["warnings"].append("a lora section is given, but no part is in LoRA mode: it has no effect "
+                                  "(trainable.preset: lora_experts, or trainable.<part>: lora)")
+    if cfg and not cfg.file:
+        report["selection_note"] = (f"experts are selected (score {cfg.score}, top_p {cfg.top_p}) on "
+                                    f"{cfg.rows} training rows when training starts; counts above are before it")
+    apply_plan(copy.deepcopy(meta), plan, arch, recipe.lora)  # the copy: ``meta`` stays unwrapped for counting
+    return RunSetup(recipe, meta, template, arch, plan, sft_args, report, narrowed)
+
+
+def cpu_bf16(recipe: Recipe, meta: nn.Module, arch: MoeArch) -> tuple[bool, str | None]:
+    """(bf16 autocast by default, and why) on a CPU where the recipe leaves sft.bf16 and sft.fp16
+    unset: on where this CPU's bf16 matmuls are measured BF16_PAYS times faster than fp32 at the
+    model's layer shapes. (False, None) on a GPU or where the recipe decides."""
+    if torch.cuda.is_available() or {"bf16", "fp16"} & set(recipe.sft):
+        return False, None
+    speedup = bf16_speedup(text_config(meta.config).hidden_size, expert_intermediate(meta, arch))
+    on = speedup >= BF16_PAYS
+    return on, (f"bf16 autocast {'on' if on else 'off'}: this CPU's bf16 matmuls run {speedup:.2g}x fp32 at the "
+                f"model's shapes (measured; on from {BF16_PAYS}x); sft.bf16 decides otherwise")
+
+
+def check_data(setup: RunSetup) -> str | None:
+    """The tokenizer and every data file the run will read, before any weights load; returns
+    the first training row with its trained tokens marked (when only assistant tokens train)."""
+    recipe = setup.recipe
+    tokenizer = load_tokenizer(recipe.model.path, setup.template)
+    data = recipe.data
+    rows = read_chat_rows(data.train, data.max_train_rows, data.format, data.skip_bad_rows)
+    shown = None
+    if setup.sft_args.assistant_only_loss:  # before check_lengths: it names a row the template cannot render
+        how = templates.masking(tokenizer)
+        templates.check_rows(data.train, rows, tokenizer, how)
+        shown = templates.first_row(tokenizer, rows, how)
+    check_lengths(data.train, rows, tokenizer, setup.sft_args.max_length, data.skip_bad_rows)
+    if data.valid:
+        read_chat_rows(data.valid, None, data.format, data.skip_bad_rows)
+    for path in recipe.eval.files:
+        read_chat_rows(path)
+    if recipe.eval.retention_file and not Path(recipe.eval.retention_file).is_file():
+        raise MoeTuneError(f"{recipe.eval.retention_file}: eval.retention_file not found")
+    return shown
+
+
+def set_experts_implementation(recipe: Recipe, model) -> None:
+    """The recipe's experts kernel; a model whose experts do not use transformers' experts
+    interface keeps its own forward."""
+    name = recipe.model.experts_implementation
+    if name == fast_experts.NAME:
+        fast_experts.use_fast_experts(model)
+    elif model._can_set_experts_implementation():
+        model.set_experts_implementation(name)
+
+
+def attach_regularizers(setup: RunSetup, model, arch: MoeArch) -> tuple[RouterRegularizer, BiasBalancer | None]:
+    """Router terms, expert dropout and bias balancing, hooked onto the model before any LoRA wrapping."""
+    recipe = setup.recipe
+    experts = recipe.experts
+    if experts.dropout or experts.drop_expert_prob:
+        ExpertDropout(model, arch, experts.dropout, experts.shared_dropout, experts.drop_expert_prob).attach()
+    coef = coefficients(recipe.router, model.config, setup.plan.modes["router"])
+    balancer = BiasBalancer(model, arch, recipe.router.bias_balance_rate) if recipe.router.bias_balance_rate else None
+    return RouterRegularizer(model, arch, coef["aux_loss"], coef["z_loss"], coef["router_kl"]), balancer
+
+
+def make_trainable(setup: RunSetup, model, arch: MoeArch, tokenizer):
+    """Select experts (ESFT), then freeze, train or LoRA-wrap each part as planned; print and
+    save what will train."""
+    recipe, plan, report = setup.recipe, setup.plan, setup.report
+    cfg, selection = recipe.trainable.selection(), None
+    if cfg is not None:
+        shares, selection = select_experts(recipe, model, arch, tokenizer)
+        if not cfg.file and distributed.is_main():  # scored now, not read from a file
+            save_selection(setup.run / SELECTION_FILE, cfg.score, cfg.top_p, shares, selection)
+            print("selected experts: " + "; ".join(f"{b}: {e}" for b, e in selection.items()))
+        if report["expert_selection"] is None:  # counted again, with the selected experts' share
+            report = plan_report(setup.meta, setup.arch, plan, recipe, selection, setup.sft_args,
+                                 setup.frozen_experts_bf16)
+    if distributed.is_main():
+        print(format_plan(report))
+        write_json(setup.run / PLAN_FILE, report)
+    model = apply_plan(model, plan, arch, recipe.lora)
+    fast_experts.route_lora_through(model)  # only where experts_implementation is moe_tune
+    if selection is not None:
+        restrict = restrict_full if plan.modes["routed_experts"] == "train" else restrict_lora
+        restrict(model, arch, selection)
+    return model
+
+
+def trainer_for(setup: RunSetup, model, tokenizer) -> tuple[MoeSFTTrainer, MoeArch]:
+    """The trainer ``moe-tune train`` runs, for a freshly loaded model, and the model's
+    architecture (the benchmarks build theirs here too)."""
+    set_experts_implementation(setup.recipe, model)
+    arch = describe(model)
+    fast_experts.cast_on_use(model, arch.expert_modules, bool(setup.sft_args.gradient_checkpointing))
+    distributed.register_moe_leaf_modules(model, arch)
+    # the anchor is the base routing, also on resume
+    regularizer, balancer = attach_regularizers(setup, model, arch)
+    model = make_trainable(setup, model, arch, tokenizer)
+    if balancer is not None:
+        balancer.freeze()  # the plan may have made the router's tensors trainable
+    return build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, regularizer, balancer=balancer,
+                         no_decay=list(setup.plan.token_rows) if not setup.plan.lora_targets else []), arch
+
+
+def load_trained(setup: RunSetup):
+    """(model, tokenizer, architecture) of the run's saved model, set up as it trained: the
+    recipe's experts kernel, LoRA through it."""
+    model, tokenizer, _ = load_run_model(setup.run, setup.recipe.model.dtype)  # whole, whatever the sharding
+    set_experts_implementation(setup.recipe, unwrapped(model))
+    fast_experts.route_lora_through(model)
+    return model, tokenizer, describe(unwrapped(model))
+
+
+def train_and_save(setup: RunSetup, checkpoint: Path | None, interrupts: Interrupts):
+    """Train (from ``checkpoint`` when resuming) and save RUN/model; (model, tokenizer,
+    architecture) to evaluate, or None on the ranks that do not evaluate."""
+    recipe, run = setup.recipe, setup.run
+    set_seed(recipe.seed)
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits, setup.template,
+                                  bf16_experts=setup.frozen_experts_bf16)
+    trainer, arch = trainer_for(setup, model, tokenizer)
+    trainer.add_callback(StopOnInterrupt(interrupts))
+    start = time.time()
+    with interrupts.gracefully():
+        if checkpoint is not None and operator.ge(*checkpoint_step(checkpoint)):
+            trainer.load_final_checkpoint(checkpoint)  # trained to the end: its weights, and no step more
+        else:
+            train(trainer, recipe, checkpoint)
+    if interrupts.requested:
+        step = trainer.state.global_step
+        raise Interrupted(f"{interrupts.requested} at step {step}: checkpoint {run / CHECKPOINTS}/checkpoint-{step} "
+                          f"saved; continue with: moe-tune train {run} --resume")
+    mark_done(run, "train")
+    with interrupts.gracefully():
+        if distributed.world_size() > 1:
+            save_distributed(trainer, tokenizer, run)
+        else:
+            save_model(trainer.model, tokenizer, run)
+    # rank 0 alone tidies the run folder: another rank could find the folder gone between its
+    # two looks (seen in tests/test_distributed.py)
+    if distributed.is_main() and (run / CHECKPOINTS).is_dir() and not any((run / CHECKPOINTS).iterdir()):
+        (run / CHECKPOINTS).rmdir()
+    mark_done(run, "save")
+    print(f"trained in {time.time() - start:.0f}s; model saved to {run / MODEL_DIR}")
+    if interrupts.requested:
+        raise Interrupted(f"{interrupts.requested} while saving: the model is saved in {run / MODEL_DIR}; "
+                          f"evaluate it with: moe-tune train {run} --resume")
+    if distributed.world_size() > 1:
+        return load_trained(setup) if distributed.is_main() else None
+    return trainer.model, tokenizer, arch
+
+
+def evaluate_run(recipe: Recipe, run: Path, model, tokenizer, arch: MoeArch | None, done: list[str]) -> None:
+    """Held-out evaluation of the tuned model (and the base, if asked), with routing analytics
+    (phase evaluate), then the report and its plots (phase report), into RUN/eval.tmp, renamed
+    to RUN/eval at the end (a run folder with eval/ is a finished run)."""
+    tmp = tmp_path(run / EVAL_DIR)
+    if "evaluate" in done:  # interrupted while reporting: the results are there
+        report = json.loads((tmp / REPORT_JSON).read_text()) if (tmp / REPORT_JSON).is_file() else {}
+    else:
+        tmp.mkdir(parents=True, exist_ok=True)
+        # the base with the tuned tokenizer: tokens a chat template added get rows (untrained) there too
+        base = load_model(recipe.model.path, recipe.model.dtype, tokenizer=tokenizer)[0] \
+            if recipe.eval.compare_base else None
+        report = evaluate_files(model, tokenizer, recipe.eval, tmp, base=base, arch=arch)
+        mark_done(run, "evaluate")
+    if report:
+        write_report(tmp, report)
+        print(f"report: {run / EVAL_DIR / REPORT_MD}")
+    put_in_place(tmp, run / EVAL_DIR)
+    mark_done(run, "report")
+
+
+def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path | None:
+    """The run; under a multi-process launcher, every rank trains and rank 0 alone writes,
+    reloads the saved model and evaluates (it returns None on the other ranks). With
+    ``resume``, an interrupted run continues from the phase it did not complete."""
+    # local paths absolute: recipe.yaml works from anywhere, and a resumed run names its files
+    # (results, report) as the run did
+    recipe = with_absolute_paths(recipe)
+    setup = plan_run(recipe)
+    shown = check_data(setup)
+    if shown and distributed.is_main():
+        print(shown)
+    resumed = resume_point(recipe, setup.sft_args) if resume else None
+    if not resume:
+        check_run_dir(recipe.output_dir, overwrite)  # every rank decides before any rank writes
+    distributed.join(setup.sft_args)
+    distributed.barrier()
+    run = setup.run
+    if resumed is not None:
+        setup = dataclasses.replace(setup, recipe=continue_run(recipe, resumed))
+        if distributed.is_main():
+            write_text(run / RECIPE_FILE, dump_recipe(recipe))  # RESUMABLE keys (output_dir) may have changed
+        print(f"resuming from {resumed.checkpoint}" if resumed.checkpoint else
+              f"resuming after phase {resumed.done[-1]}: {', '.join(p for p in PHASES if p not in resumed.done)} left")
+    elif distributed.is_main():
+        prepare_run_dir(recipe.output_dir, overwrite)
+        write_text(run / RECIPE_FILE, dump_recipe(recipe))
+    distributed.barrier()
+    done = resumed.done if resumed is not None else []
+    with Interrupts() as interrupts:
+        try:
+            if "evaluate" in done:  # only the report is left: it needs no model
+                trained = (None, None, None)
+            elif "save" in done:
+                trained = load_trained(setup)
+            else:
+                trained = train_and_save(setup, resumed.checkpoint if resumed else None, interrupts)
+            if trained is None:
+                return None
+            evaluate_run(recipe, run, *trained, phases_done(run))
+        except KeyboardInterrupt:
+            raise Interrupted(stopped_message(run)) from None
+    print(f"\nrun folder: {run}")
+    return run
+
+
+def stopped_message(run: Path) -> str:
+    """What an interrupted run kept, and how to go on."""
+    done = phases_done(run)
+    if "save" in done:
+        return f"the model is saved in {run / MODEL_DIR}; finish the evaluation with: moe-tune train {run} --resume"
+    checkpoints = complete_checkpoints(run)
+    if checkpoints:
+        return f"the last complete checkpoint is {checkpoints[-1]}; continue with: moe-tune train {run} --resume"
+    return "no checkpoint was saved yet; start the run again with --overwrite"

@@ -1,0 +1,394 @@
+"""TRL's SFTTrainer as moe_tune runs it: its defaults, the router terms in the loss, and the
+callbacks that guard and record a run.
+
+``build_trainer`` takes what the run already worked out (the recipe, the SFTConfig from
+``sft_config``, the model's architecture and its router regularizer) and reads the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import copy
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from moe_tune.evaluation import routing_stats
+from moe_tune.model import templates
+from moe_tune.moe import fast_experts, routing
+from moe_tune.training import distributed
+from moe_tune.moe.bias_balance import BalanceBiases, BiasBalancer
+from moe_tune.data.rows import messages_dataset, read_chat_rows, read_rows
+from moe_tune.errors import MoeTuneError
+from moe_tune.model.loading import returning_freed_memory
+from moe_tune.moe.router_losses import RouterRegularizer
+from moe_tune.plan.modes import unwrapped
+from moe_tune.training.run_dir import (CHECKPOINTS, DATA_REPORT_FILE, METRICS_FILE, TENSORBOARD_DIR,
+                              complete_checkpoints, write_json)
+
+# Where the recipe leaves them unset. On a CPU: no activation checkpointing (it recomputes the
+# forward to save memory a CPU run rarely lacks), torch's fused AdamW (one pass over each tensor:
+# 0.06 s against 0.3 s per step for 80M parameters), and bf16 autocast only where this CPU's bf16
+# matmuls are measured BF16_PAYS times faster than fp32 at the model's shapes (bf16_speedup): AMX
+# runs them about 4x fp32, AVX512-BF16 about 2x, and other CPUs emulate them, slower than fp32.
+# On a GPU, TRL's own.
+CPU_DEFAULTS = {"use_cpu": True, "activation_checkpointing": False, "dataloader_pin_memory": False,
+                "optim": "adamw_torch_fused"}
+BF16_PAYS = 1.5  # autocast casts every weight and activation it multiplies: its matmuls must win by this much
+EMULATED_BF16 = 10  # a bf16 matmul this many times slower than fp32's is emulated (measured: ~100x on AVX2)
+_CHECKPOINTING_NAMES = {"activation_checkpointing", "gradient_checkpointing"}  # new and deprecated name
+# router_aux_loss_coef: moe_tune computes the load-balancing loss itself (router_losses.py), once,
+# for every family; TRL's (and with it the model's own) stays off.
+# TensorBoard (offline, into RUN/tensorboard) gets every logged value, as metrics.jsonl does.
+# Checkpoints (model, optimizer, scheduler, RNG, data position) every 200 steps, the last 2 kept:
+# what `moe-tune train ... --resume` continues from.
+DEFAULTS = {"assistant_only_loss": True, "report_to": "tensorboard", "logging_steps": 10,
+            "save_strategy": "steps", "save_steps": 200, "save_total_limit": 2, "router_aux_loss_coef": 0.0}
+
+
+@functools.lru_cache
+def bf16_speedup(hidden: int, intermediate: int) -> float:
+    """bf16 over fp32 matmul throughput on this CPU, measured at a layer's shapes (512 tokens x
+    hidden x intermediate, each capped at 2048 so that it takes a fraction of a second).
+
+    Each dtype's fastest of 7 calls, alternating between them: a stall elsewhere on the machine
+    then slows single calls, not the verdict. Timed as the total of 5 calls per dtype instead,
+    one run's default at the gpt-oss shape came out under BF16_PAYS where its benchmark measured
+    bf16 at 3.2x fp32, and its full fine-tuning ran in fp32 at half the speed.
+
+    A CPU without native bf16 matmuls (AVX2 only) emulates them about 100x slower than fp32, 4 s
+    a call at this size: there its first call settles it (over 0.1 s and EMULATED_BF16 times
+    fp32's, far beyond what oneDNN's kernel compilation adds to a first call), instead of a
+    minute of calls."""
+    m, k, n = 512, min(hidden, 2048), min(intermediate, 2048)
+    (a32, b32), (a16, b16) = operands = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype))
+                                         for dtype in (torch.float32, torch.bfloat16)]
+    a32 @ b32  # oneDNN compiles a kernel per shape on its first call
+    fp32 = _timed(a32, b32)
+    bf16 = _timed(a16, b16)  # with its compilation
+    if bf16 > max(0.1, EMULATED_BF16 * fp32):
+        return fp32 / bf16
+    a16 @ b16
+    best = [math.inf, math.inf]
+    for _ in range(7):
+        for i, (a, b) in enumerate(operands):
+            best[i] = min(best[i], _timed(a, b))
+    return best[0] / best[1]
+
+
+def _timed(a: torch.Tensor, b: torch.Tensor) -> float:
+    start = time.perf_counter()
+    a @ b
+    return time.perf_counter() - start
+
+
+def checkpointing_is_auto(recipe) -> bool:
+    """``sft.activation_checkpointing: auto``: on only where the planned peak exceeds the memory
+    the machine has (decided in train.plan_run)."""
+    return any(recipe.sft.get(name) == "auto" for name in _CHECKPOINTING_NAMES)
+
+
+def sft_config(recipe, run: Path, checkpointing: bool = False, cpu_bf16: bool = False) -> SFTConfig:
+    """TRL's SFTConfig for the recipe: moe_tune's defaults, then the recipe's ``sft`` section;
+    ``checkpointing`` is what ``activation_checkpointing: auto`` comes to, and ``cpu_bf16`` the
+    CPU's bf16 default (train.plan_run measures it)."""
+    args = dict(DEFAULTS, **({} if torch.cuda.is_available() else {**CPU_DEFAULTS, "bf16": cpu_bf16}))
+    if _CHECKPOINTING_NAMES & set(recipe.sft):  # the recipe's choice, under either name, wins
+        args.pop("activation_checkpointing", None)
+    args.update(recipe.sft)
+    for name in _CHECKPOINTING_NAMES & set(args):
+        if args[name] == "auto":
+            args[name] = checkpointing
+    if recipe.data.valid is None and args.get("eval_strategy", "no") != "no":
+        raise MoeTuneError("sft.eval_strategy is set but data.valid is not; add a validation file")
+    packed = [key for key in ("packing", "padding_free") if args.get(key)]
+    if packed:  # tests/test_trainer.py::test_packed_rows_attend_to_each_other measures it
+        raise MoeTuneError(f"sft.{packed[0]}: transformers' attention here lets packed rows attend to each other "
+                           "(the loss of packed rows differs from the same rows apart), and the router terms would "
+                           "pool them; train without packing")
+    if args.get("fsdp") and distributed.world_size() == 1:  # Trainer would stop with a traceback
+        raise MoeTuneError("sft.fsdp: FSDP shards a model over several processes; launch with torchrun or "
+                           "accelerate launch (recipes/accelerate/fsdp2.yaml sets FSDP up itself), or drop sft.fsdp")
+    try:
+        return SFTConfig(output_dir=str(run / CHECKPOINTS), seed=recipe.seed, **args)
+    except (ValueError, TypeError) as e:
+        raise MoeTuneError(f"sft: TRL rejected the settings: {e}") from None
+
+
+def sft_warnings(args: SFTConfig) -> list[str]:
+    """Settings TRL accepts that make a run other than meant."""
+    warnings, steps = [], args.max_steps
+    if steps > 0 and args.get_warmup_steps(steps) >= steps:
+        warnings.append(f"sft.warmup_steps ({args.get_warmup_steps(steps)}) >= sft.max_steps ({steps}): the learning "
+                        "rate never leaves its warm-up")
+    if steps > 0 and args.logging_strategy == "steps" and args.logging_steps >= 1 and args.logging_steps > steps:
+        warnings.append(f"sft.logging_steps ({args.logging_steps:g}) > sft.max_steps ({steps}): no training loss "
+                        "will be logged before the end")
+    return warnings
+
+
+class GradientGuard(TrainerCallback):
+    """Stop, rather than train on silently, when trainable weights stop receiving gradients.
+
+    At the first step, the tensors that get a gradient are noted (none at all is an error);
+    at the first step after each evaluation, all of them must still get one. Quantized CPU
+    kernels have been seen to cut the graph right after an eval-mode forward."""
+
+    def __init__(self):
+        self.check, self.live = True, None
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.check = True
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.check or model is None:
+            return
+        self.check = False
+        live = {n for n, p in model.named_parameters()
+                if p.requires_grad and p.grad is not None and bool(p.grad.abs().sum() > 0)}
+        if self.live is None:
+            if not live:
+                raise MoeTuneError(f"step {state.global_step + 1}: no trainable tensor received a gradient; "
+                                   "stopping instead of training on silently")
+            self.live = live
+        elif self.live - live:
+            dead = sorted(self.live - live)
+            raise MoeTuneError(f"step {state.global_step + 1}: {len(dead)} trainable tensors stopped receiving "
+                               f"gradients after evaluation (e.g. {dead[0]}); stopping instead of training on "
+                               "silently")
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every logged dict (loss, learning_rate, aux_loss, eval_loss, ...) to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+class RoutingProbe:
+    """Routing summary of the model on a fixed sample of validation rows, with drift from the
+    routing the model had when the probe was made (before training)."""
+
+    SAMPLE = 64  # rows: enough for a stable load estimate, a fraction of a second on the tiny model
+
+    def __init__(self, model, arch, tokenizer, rows: list[dict]):
+        self.model, self.arch, self.tokenizer, self.rows = model, arch, tokenizer, rows[:self.SAMPLE]
+        self.base = routing_stats.profile(model, arch, tokenizer, self.rows)
+
+    def __call__(self) -> dict[str, float]:
+        now = routing_stats.profile(self.model, self.arch, self.tokenizer, self.rows)
+        summary = routing_stats.summarize(now, self.base)["mean_over_layers"]
+        # eval_: TensorBoard files it under eval/, beside the validation loss it goes with
+        return {f"eval_routing/{key}": value for key, value in summary.items()}
+
+
+def non_finite_message(step: int, value: float, run: Path) -> str:
+    done = complete_checkpoints(run)
+    keep = (f"the last good checkpoint is {done[-1]}: resume from it with --resume" if done
+            else "no checkpoint was saved yet")
+    return (f"step {step}: the loss is {value}; stopping ({keep}). Lower sft.learning_rate, keep "
+            "sft.max_grad_norm on, or use model.dtype: float32 / bf16 instead of float16")
+
+
+class MoeSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer plus moe_tune's router terms, each logged under its own name, and a
+    routing summary after each evaluation."""
+
+    def __init__(self, *args, regularizer: RouterRegularizer | None = None,
+                 routing_probe: RoutingProbe | None = None, no_decay: list[str] = (),
+                 balancer: BiasBalancer | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer
+        self.balancer = balancer  # aux-loss-free balancing: counts choices here, moves biases per step
+        if balancer is not None:
+            self.add_callback(BalanceBiases(balancer))
+        self.routing_probe = routing_probe
+        self.no_decay = set(no_decay)  # weights trained on some rows only (trainable.train_rows_only)
+        # cross-entropy and router terms per micro-batch since the last log, by mode; averaged into the next log
+        self.router_terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """Trainer's, less the weights trained on some rows only: decay would shrink their frozen rows."""
+        return [n for n in super().get_decay_parameter_names(model) if n not in self.no_decay]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The means of the cross-entropy and the router terms join the logged values, named as
+        TRL names its own (``eval_`` in front during evaluation)."""
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({f"{prefix}{name}": sum(v) / len(v) for name, v in self.router_terms[mode].items()})
+        self.router_terms[mode].clear()
+        if self.balancer is not None and mode == "train":
+            logs["routing/bias_abs_max"] = self.balancer.bias_abs_max()
+        super().log(logs, start_time)
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        if self.routing_probe is not None:
+            self.log(self.routing_probe())
+        return metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self._moe_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if self.model.training and not bool(torch.isfinite(loss.detach()).all()):
+            raise MoeTuneError(non_finite_message(self.state.global_step + 1, loss.item(),
+                                                  Path(self.args.output_dir).parent))
+        return result
+
+    def _moe_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss (the cross-entropy, logged as ``ce_loss``) plus the weighted router terms."""
+        reg = self.regularizer if self.regularizer is not None and self.regularizer.active else None
+        with reg or contextlib.nullcontext():
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        if self.balancer is not None and mode == "train":
+            self.balancer.take(inputs.get("attention_mask"))
+        # With token-count normalisation Trainer sums a step's micro-batch losses (each is a share of
+        # the step's tokens) and leaves accumulation to the loss: scaled by the accumulation steps,
+        # the mean over micro-batches is the per-step value Trainer logs as ``loss``; the router
+        # terms are per-micro-batch means, so they are averaged over the steps (as TRL does).
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and mode == "train" else 1
+        self.router_terms[mode]["ce_loss"].append((result[0] if return_outputs else result).item() * steps)
+        terms = reg.terms(inputs.get("attention_mask")) if reg is not None else {}
+        if not terms:
+            return result
+        weighted = reg.weighted(terms)
+        for name, value in terms.items():
+            self.router_terms[mode][name].append(value.item())
+        self.router_terms[mode]["router_loss"].append(weighted.item())
+        if return_outputs:
+            return result[0] + weighted / steps, result[1]
+        return result + weighted / steps
+
+    # --- the reach into Trainer's and TRL's internals (tests/test_trainer.py fails if they move) ---
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resume with the checkpoint's weights read through transformers' own loading.
+
+        transformers 5 saves fused experts in the checkpoint family's original layout (Mixtral:
+        one w1/w2/w3 per expert) and Trainer reads the file back with strict=False, so on resume
+        the experts and routers would silently stay at their base values. PEFT adapters keep
+        their names and go through Trainer's own path."""
+        model = model if model is not None else self.model
+        self._continue_token_count(Path(resume_from_checkpoint))
+        if hasattr(model, "peft_config"):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with returning_freed_memory():
+            saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+
+    def _continue_token_count(self, checkpoint: Path) -> None:
+        """TRL counts ``num_tokens`` from 0 in every process; a resumed run goes on from the
+        checkpoint's count."""
+        history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+        counts = [h["num_tokens"] for h in history if "num_tokens" in h]
+        if counts:
+            self._total_train_tokens = int(counts[-1])
+
+    def load_final_checkpoint(self, checkpoint: Path) -> None:
+        """The weights of a checkpoint saved at the last step, without training: resumed there,
+        Trainer would train one step past max_steps when the run ends mid-epoch."""
+        self._load_from_checkpoint(str(checkpoint))
+
+
+def load_data(recipe, run: Path, tokenizer=None):
+    """(train, valid) datasets; rows skipped under data.skip_bad_rows are reported in the run.
+    With ``tokenizer``, rows come tokenized with their assistant mask (templates.py), for any
+    chat template; without, as chat ``messages`` for TRL to tokenize."""
+    data, skipped, sets = recipe.data, {}, []
+    how = templates.masking(tokenizer) if tokenizer is not None else None
+    for path, limit in ((data.train, data.max_train_rows), (data.valid, None)):
+        if path is None:
+            sets.append(None)
+            continue
+        rows, bad, fmt = read_rows(path, limit, data.format, data.skip_bad_rows)
+        print(f"read {len(rows):,} rows of {path} ({fmt})")
+        sets.append(messages_dataset(rows) if how is None else masked_dataset(rows, tokenizer, how))
+        if bad:
+            skipped[path] = bad
+            print(f"note: skipped {len(bad)} bad rows of {path} (see {DATA_REPORT_FILE}), e.g. {bad[0]}")
+    if skipped and distributed.is_main():
+        write_json(run / DATA_REPORT_FILE, {"skipped_rows": {p: len(b) for p, b in skipped.items()},
+                                             "messages": skipped})
+    return sets[0], sets[1]
+
+
+def masked_dataset(rows: list[dict], tokenizer, how) -> Dataset:
+    """``input_ids`` and ``assistant_masks`` (1: trained) per row, as TRL's own tokenization makes them."""
+    encoded = [templates.tokenize_row(tokenizer, r["messages"], how) for r in rows]
+    return Dataset.from_dict({"input_ids": [ids for ids, _ in encoded], "assistant_masks": [m for _, m in encoded]})
+
+
+def routing_probe(recipe, model, arch, tokenizer) -> RoutingProbe | None:
+    """A probe on the validation rows, when there are some and the routers can be read."""
+    inner = unwrapped(model)
+    if recipe.data.valid is None or not routing.readable(inner, arch):
+        return None
+    rows = read_chat_rows(recipe.data.valid, RoutingProbe.SAMPLE, recipe.data.format, recipe.data.skip_bad_rows)
+    return RoutingProbe(inner, arch, tokenizer, rows)
+
+
+def fsdp_dropped(args: SFTConfig, trainer: SFTTrainer) -> bool:
+    """FSDP was asked for (sft.fsdp, or an accelerate config) but accelerate did not turn it on:
+    it does so only on accelerators, and on a CPU the run is plain DDP with whole parameters."""
+    asked = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return asked and not trainer.is_fsdp_enabled
+
+
+def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch,
+                  regularizer: RouterRegularizer | None = None, no_decay: list[str] = (),
+                  balancer: BiasBalancer | None = None) -> MoeSFTTrainer:
+    """The trainer of the run in ``recipe.output_dir``, for a model made trainable already;
+    ``no_decay``: weights trained on some rows only, kept out of weight decay; ``balancer``:
+    aux-loss-free balancing (router.bias_balance_rate)."""
+    run = Path(recipe.output_dir)
+    train, valid = load_data(recipe, run, tokenizer if args.assistant_only_loss else None)
+    if "tensorboard" in (args.report_to or []):
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / TENSORBOARD_DIR)  # read by transformers' TB callback
+    if args.assistant_only_loss:  # the mask is in the data, for any template: TRL would ask for markers
+        args = copy.copy(args)
+        args.assistant_only_loss = False
+    trainer = MoeSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
+                            processing_class=tokenizer, regularizer=regularizer, no_decay=no_decay, balancer=balancer,
+                            routing_probe=routing_probe(recipe, model, arch, tokenizer),
+                            callbacks=[MetricsLog(run / METRICS_FILE), GradientGuard()])
+    if fsdp_dropped(args, trainer) and distributed.is_main():
+        print(f"note: FSDP was asked for, but accelerate does not shard on {args.device.type.upper()}: every "
+              "process holds every parameter whole (plain DDP)")
+    return trainer
+
+
+def out_of_memory_message(recipe) -> str:
+    sft = recipe.sft
+    return ("out of memory while training: lower sft.per_device_train_batch_size "
+            f"(now {sft.get('per_device_train_batch_size', 8)}) and raise sft.gradient_accumulation_steps to "
+            f"keep the batch, lower sft.max_length (now {sft.get('max_length', 1024)}), set "
+            "sft.activation_checkpointing: true, or train fewer parts (trainable.preset: lora_experts, "
+            "freeze_experts); `moe-tune plan` estimates the peak")
+
+
+def train(trainer: MoeSFTTrainer, recipe, checkpoint: Path | None) -> None:
+    """Trainer.train, from ``checkpoint`` when resuming; running out of memory says what to lower."""
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        fast_experts.release_kept(trainer.model)  # the step buffers, before evaluation
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise MoeTuneError(out_of_memory_message(recipe)) from e
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        raise MoeTuneError(out_of_memory_message(recipe)) from e
