@@ -264,7 +264,7 @@ def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int
     (work / "recipe.yaml").write_text(json.dumps(recipe))
     recipe = load_recipe(work / "recipe.yaml")
     setup = plan_run(recipe)
-    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, bf16_experts=setup.frozen_experts_bf16)
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, frozen_experts_in_bf16=setup.frozen_experts_in_bf16)
     run.mkdir(exist_ok=True)
     return trainer_for(setup, model, tokenizer)[0]  # what `moe-tune train` runs
 
@@ -352,8 +352,8 @@ def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str, che
         "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": strategy}, "lora": LORA,
         "sft": {"per_device_train_batch_size": batch, "max_length": seq, "activation_checkpointing": checkpointing}}))
     setup = plan_run(load_recipe(work / "plan.yaml"))
-    return {**setup.report, "bf16": bool(setup.sft_args.bf16),
-            "backward_params": backward_params(setup.meta, setup.arch, setup.plan.trained)}
+    return {**setup.report.to_json(), "bf16": bool(setup.sft_args.bf16),
+            "backward_params": backward_params(setup.meta, setup.arch, setup.plan.with_gradients)}
 
 
 def flops_per_token(report: dict, n_active: int, dims: dict[str, int]) -> float:

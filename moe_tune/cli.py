@@ -1,20 +1,23 @@
-"""The ``moe-tune`` command. User mistakes (MoeTuneError) become one line on stderr and exit 2."""
+"""The ``moe-tune`` command. User mistakes (MoeTuneError) become one line on stderr and exit 2.
+
+Each command imports what it runs inside its own function, on purpose: torch, transformers and
+TRL take seconds to import, and ``moe-tune --help``, ``moe-tune CMD --help`` and a recipe with a
+typo must answer at once (tests/test_cli.py checks that --help imports no torch)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
-import warnings
 import sys
+import warnings
 from pathlib import Path
 
 from moe_tune.errors import Interrupted, MoeTuneError
 
 
 def cmd_train(args) -> None:
-    from moe_tune.recipe import load_recipe  # noqa: PLC0415  (heavy imports only once the recipe is valid)
-
+    from moe_tune.recipe import load_recipe  # noqa: PLC0415
     from moe_tune.training.run_dir import RECIPE_FILE  # noqa: PLC0415
 
     target, overrides = Path(args.recipe), args.overrides
@@ -51,17 +54,18 @@ def cmd_plan(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     from moe_tune.plan.report import first_training_row  # noqa: PLC0415
     from moe_tune.training.pipeline import plan_run  # noqa: PLC0415
-    from moe_tune.plan.modes import format_plan  # noqa: PLC0415
 
     setup = plan_run(recipe)
-    report = setup.report if gpus is None else {**setup.report, "per_device": fit_report(setup, gpus)}
-    report = {**report, "first_row": first_training_row(recipe, setup.sft_args, setup.template)}  # None: nothing to show
+    report = setup.report
+    if gpus is not None:
+        report.per_device = fit_report(setup, gpus)
+    report.first_row = first_training_row(recipe, setup.sft_args, setup.template)  # None: nothing to show
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.to_json(), indent=2))
     else:
         # the verdict (fits, or what to change) stays the last line
-        print(format_plan(report) + (f"\n{report['first_row']}" if report["first_row"] else "")
-              + (f"\n{format_fit(report['per_device'])}" if gpus else ""))
+        print(report.format() + (f"\n{report.first_row}" if report.first_row else "")
+              + (f"\n{format_fit(report.per_device)}" if gpus else ""))
 
 
 def cmd_select_experts(args) -> None:
@@ -69,9 +73,9 @@ def cmd_select_experts(args) -> None:
 
     recipe = load_recipe(args.recipe, args.overrides)
     from moe_tune.model.arch import describe  # noqa: PLC0415
+    from moe_tune.model.loading import load_model  # noqa: PLC0415
     from moe_tune.model.templates import recipe_template  # noqa: PLC0415
     from moe_tune.moe.expert_selection import save_selection, scoring_rows, select_experts  # noqa: PLC0415
-    from moe_tune.model.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import ExpertSelectionSection  # noqa: PLC0415
 
     out = Path(args.out)
@@ -114,42 +118,41 @@ def eval_section(args, base=None):
 
 def cmd_eval(args) -> None:
     from moe_tune.data.rows import read_chat_rows  # noqa: PLC0415
+    from moe_tune.evaluation.report import evaluate_and_report  # noqa: PLC0415
     from moe_tune.model.loading import load_model  # noqa: PLC0415
     from moe_tune.recipe import ModelSection  # noqa: PLC0415
-    from moe_tune.evaluation.report import evaluate_and_report  # noqa: PLC0415
-    from moe_tune.training.run_dir import (EVAL_DIR, MODEL_DIR, RECIPE_FILE, REPORT_MD, check_replaceable,  # noqa: PLC0415
-                                  folder_in_place, is_evaluation, load_run_model, load_run_recipe)
+    from moe_tune.training import run_dir  # noqa: PLC0415
 
     target = Path(args.model)
-    is_run = (target / RECIPE_FILE).is_file()
+    is_run = (target / run_dir.RECIPE_FILE).is_file()
     if args.adapter and is_run:
         raise MoeTuneError(f"{target}: a run folder already knows its adapter; drop --adapter")
     if not is_run and not args.data:
         raise MoeTuneError(f"{target}: not a run folder, so give the held-out data with --data FILE")
-    if is_run and not (target / MODEL_DIR).is_dir():
+    if is_run and not (target / run_dir.MODEL_DIR).is_dir():
         raise MoeTuneError(f"{target}: this run has no saved model yet (did training finish?)")
     # a run is evaluated as it was (its own eval section and dtype) unless an option says otherwise
-    recipe = load_run_recipe(target) if is_run else None
+    recipe = run_dir.load_run_recipe(target) if is_run else None
     cfg = eval_section(args, recipe.eval if recipe else None)
     dtype = args.dtype or (recipe.model.dtype if recipe else ModelSection.model_fields["dtype"].default)
     if is_run:  # RUN/eval is the run's own evaluation; other data gets a folder of its own
-        default_out = target / EVAL_DIR if not args.data else target / f"{EVAL_DIR}-{'+'.join(Path(f).stem for f in cfg.files)}"
+        default_out = target / run_dir.EVAL_DIR if not args.data else target / f"{run_dir.EVAL_DIR}-{'+'.join(Path(f).stem for f in cfg.files)}"
     elif args.adapter:  # runs' adapters are all called model: name the folder by the run too
-        default_out = Path(EVAL_DIR) / f"{Path(args.adapter).resolve().parent.name}-{Path(args.adapter).name}"
+        default_out = Path(run_dir.EVAL_DIR) / f"{Path(args.adapter).resolve().parent.name}-{Path(args.adapter).name}"
     else:
-        default_out = Path(EVAL_DIR) / target.name
+        default_out = Path(run_dir.EVAL_DIR) / target.name
     out = Path(args.out) if args.out else default_out
-    check_replaceable(out, args.overwrite, is_evaluation, "a moe-tune evaluation")
+    run_dir.check_replaceable(out, args.overwrite, run_dir.is_evaluation, "a moe-tune evaluation")
     for path in cfg.files:  # bad data is reported before any model loads
         read_chat_rows(path, cfg.max_rows)
     if cfg.retention_file and not Path(cfg.retention_file).is_file():
         raise MoeTuneError(f"{cfg.retention_file}: --retention file not found")
-    model, tokenizer, base_path = load_run_model(target, dtype, args.adapter)
+    model, tokenizer, base_path = run_dir.load_run_model(target, dtype, args.adapter)
     base = load_model(base_path, dtype, tokenizer=tokenizer)[0] if base_path and not args.no_base else None
     label = "tuned" if base_path else target.name
-    with folder_in_place(out) as tmp:  # an evaluation replaced (--overwrite) stays whole until the new one is
+    with run_dir.folder_in_place(out) as tmp:  # an evaluation replaced (--overwrite) stays whole until the new one is
         reported = evaluate_and_report(model, tokenizer, cfg, tmp, base=base, label=label)
-    print(f"report: {out / REPORT_MD}" if reported else f"written to {out}")
+    print(f"report: {out / run_dir.REPORT_MD}" if reported else f"written to {out}")
 
 
 def cmd_export(args) -> None:
@@ -174,9 +177,9 @@ def cmd_prune(args) -> None:
 def cmd_inspect(args) -> None:
     import json  # noqa: PLC0415
 
-    from moe_tune.plan.accounting import format_summary, summary  # noqa: PLC0415
     from moe_tune.model.arch import describe, require_moe  # noqa: PLC0415
     from moe_tune.model.loading import build_meta_model, load_config  # noqa: PLC0415
+    from moe_tune.plan.accounting import format_summary, summary  # noqa: PLC0415
 
     source = args.model
     if Path(source).suffix in (".yaml", ".yml") and Path(source).is_file():

@@ -66,7 +66,7 @@ class ModelSection(Section):
     experts_implementation: Literal["moe_tune", "grouped_mm", "batched_mm", "eager"] = "moe_tune"
     """How fused routed experts compute in training. moe_tune: per-expert matmuls that bf16
     autocast reaches on a CPU (transformers' grouped kernel on CUDA) and LoRA applied to the
-    grouped inputs instead of rebuilding each expert's weight (moe_tune/moe/fast_experts.py); the
+    grouped inputs instead of rebuilding each expert's weight (moe_tune/moe/experts_kernel.py); the
     others are transformers' own kernels."""
 
     @model_validator(mode="after")

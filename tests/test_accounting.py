@@ -109,7 +109,7 @@ def _tiny_moe(vocab: int, family: str = "mixtral", hidden: int = 256):
     from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
-    from moe_tune.moe import fast_experts
+    from moe_tune.moe import experts_policy
 
     torch.manual_seed(0)
     shape = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=3,
@@ -120,7 +120,7 @@ def _tiny_moe(vocab: int, family: str = "mixtral", hidden: int = 256):
     else:
         model = MixtralForCausalLM(MixtralConfig(**shape))
         assert model.config._attn_implementation == "sdpa"
-    fast_experts.use_fast_experts(model)
+    experts_policy.use_experts_kernel(model)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer adds
     return model
 
@@ -212,7 +212,7 @@ from throughput import AnonPeak, _anon_gb
 from moe_tune.model.loading import load_model
 before = _anon_gb()
 sampler = AnonPeak()
-model, _ = load_model({path!r}, "float32", bf16_experts={bf16_experts!r})
+model, _ = load_model({path!r}, "float32", frozen_experts_in_bf16={bf16_experts!r})
 print(json.dumps({{"peak": sampler.stop() - before}}))
 """
 
@@ -223,7 +223,7 @@ def test_loading_peak_counts_the_experts_being_stacked(tmp_path, bf16_experts):
     process of its own: a 1-layer Qwen3-MoE (64 experts) whose bf16 checkpoint stores each
     expert apart, loaded in fp32. transformers stacks the experts into fused tensors, and the
     largest of them is held twice for a moment, above the weights loading leaves. With the
-    frozen experts held in bf16 (``bf16_experts``) the model loads in bf16 and its other weights
+    frozen experts held in bf16 (``frozen_experts_in_bf16``) the model loads in bf16 and its other weights
     are widened after: while the experts are stacked, those are views of the checkpoint's file.
     The model's attention and embeddings are large beside its narrow experts, so that the two
     ways of counting differ by more than the tolerance."""
@@ -250,7 +250,7 @@ def test_loading_peak_counts_the_experts_being_stacked(tmp_path, bf16_experts):
     if bf16_experts:
         weights -= 2 * experts
     estimate = loading_bytes(meta, describe(meta), weights, 2 if bf16_experts else 4, stacked=True,
-                             narrowed=2 * experts if bf16_experts else 0)
+                             bf16_expert_bytes=2 * experts if bf16_experts else 0)
     code = LOADING_PEAK.format(bench=str(ROOT / "benchmarks"), path=str(tmp_path / "model"), bf16_experts=bf16_experts)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak = json.loads(out.stdout.strip().splitlines()[-1])["peak"] * 1e9

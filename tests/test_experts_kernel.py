@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from moe_tune.moe import fast_experts
+from moe_tune.moe import experts_kernel, experts_policy, experts_route, step_memory
 from moe_tune.model.arch import describe
 from moe_tune.recipe import LoraSection
 from moe_tune.plan.modes import apply_plan, make_plan, resolve_modes
@@ -58,7 +58,7 @@ def assert_same_numbers(ref, fast, inputs, atol=1e-5, rtol=1e-4, grad_rtol=1e-3)
 @pytest.fixture(params=[False, True], ids=["loop", "grouped"])
 def grouped(request, monkeypatch):
     """Both expert paths on CPU: the per-expert loop (CPU) and the grouped kernel (CUDA)."""
-    monkeypatch.setattr(fast_experts, "_grouped", lambda x: request.param)
+    monkeypatch.setattr(experts_kernel, "_grouped", lambda x: request.param)
     return request.param
 
 
@@ -66,7 +66,7 @@ def grouped(request, monkeypatch):
 def test_full_training_matches_transformers(model_type, grouped):
     model = tiny(model_type)
     fast = copy.deepcopy(model)
-    assert fast_experts.use_fast_experts(fast)
+    assert experts_policy.use_experts_kernel(fast)
     assert_same_numbers(model, fast, batch(model))
 
 
@@ -75,10 +75,10 @@ def test_the_default_silu_gate_is_differentiated_by_hand_and_the_others_by_autog
     autograd; the default SiLU gate's backward is written out (_Activation), so it is the one
     those tests check."""
     experts = {t: next(m for n, m in tiny(t).named_modules() if n.endswith("mlp.experts")) for t in FAMILIES}
-    assert {t for t, m in experts.items() if fast_experts._silu_gated(m)} == {"mixtral", "qwen2_moe", "deepseek_v3"}
+    assert {t for t, m in experts.items() if experts_kernel._silu_gated(m)} == {"mixtral", "qwen2_moe", "deepseek_v3"}
     ue = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     ga = torch.randn(5, 4, dtype=torch.float64)
-    act = fast_experts._Activation(experts["mixtral"], ue.detach(), torch.empty(7, 8, dtype=torch.float64))
+    act = experts_kernel._Activation(experts["mixtral"], ue.detach(), torch.empty(7, 8, dtype=torch.float64))
     reference = F.silu(ue[:, :4]) * ue[:, 4:]
     torch.testing.assert_close(act.out, reference.detach())
     torch.testing.assert_close(act.grad(ga), torch.autograd.grad(reference, ue, ga)[0])
@@ -102,8 +102,8 @@ def test_expert_lora_matches_peft(model_type, grouped):
     peft_model = lora_experts(tiny(model_type))
     randomize_lora(peft_model)
     fast = copy.deepcopy(peft_model)
-    fast_experts.use_fast_experts(fast.get_base_model())
-    assert fast_experts.route_lora_through(fast) == len(describe(fast.get_base_model()).layers)
+    experts_policy.use_experts_kernel(fast.get_base_model())
+    assert experts_policy.route_lora_through(fast) == len(describe(fast.get_base_model()).layers)
     grads = assert_same_numbers(peft_model, fast, batch(peft_model))
     assert any("lora_" in n for n in grads)
 
@@ -112,9 +112,9 @@ def test_expert_lora_off_merged_and_disabled():
     peft_model = lora_experts(tiny("mixtral"))
     randomize_lora(peft_model)
     base = tiny("mixtral")  # the same seed: the same weights
-    fast_experts.use_fast_experts(base)
-    fast_experts.use_fast_experts(peft_model.get_base_model())
-    fast_experts.route_lora_through(peft_model)
+    experts_policy.use_experts_kernel(base)
+    experts_policy.use_experts_kernel(peft_model.get_base_model())
+    experts_policy.route_lora_through(peft_model)
     inputs = batch(peft_model)
     with torch.no_grad():
         tuned = peft_model(**inputs).logits
@@ -129,21 +129,21 @@ def test_expert_lora_off_merged_and_disabled():
 
 @pytest.mark.parametrize(("n", "padded"), [(1, 1), (3, 4), (33, 64), (64, 64), (65, 128), (859, 896)])
 def test_padded_rows(n, padded):
-    assert fast_experts._padded_rows(n, low_precision=True) == padded
-    assert fast_experts._padded_rows(n, low_precision=False) == n
+    assert experts_route.padded_rows(n, low_precision=True) == padded
+    assert experts_route.padded_rows(n, low_precision=False) == n
 
 
 def test_bf16_autocast_runs_expert_matmuls_in_bf16(monkeypatch):
     """transformers' grouped kernel stays fp32 under CPU autocast; this path does not."""
     model = tiny("mixtral")
-    fast_experts.use_fast_experts(model)
-    dtypes, expert_slice = [], fast_experts._slice
+    experts_policy.use_experts_kernel(model)
+    dtypes, expert_slice = [], experts_kernel._slice
 
     def spy(w, e, dtype):
         dtypes.append(dtype)
         return expert_slice(w, e, dtype)
 
-    monkeypatch.setattr(fast_experts, "_slice", spy)
+    monkeypatch.setattr(experts_kernel, "_slice", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(**batch(model))
     # the weights of two projections per expert that received tokens, in every layer
@@ -157,9 +157,9 @@ def test_bf16_pads_each_expert_to_few_shapes_without_changing_numbers(model_type
     neither outputs nor gradients (gpt_oss: biases, whose gradient must not count the padding)."""
     ref = tiny(model_type)
     fast = copy.deepcopy(ref)
-    fast_experts.use_fast_experts(ref)
-    fast_experts.use_fast_experts(fast)
-    counts, padded_rows = [], fast_experts._padded_rows
+    experts_policy.use_experts_kernel(ref)
+    experts_policy.use_experts_kernel(fast)
+    counts, padded_rows = [], experts_route.padded_rows
 
     def spy(n, low):
         counts.append(padded_rows(n, low))
@@ -168,10 +168,10 @@ def test_bf16_pads_each_expert_to_few_shapes_without_changing_numbers(model_type
     ids = torch.randint(3, ref.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "labels": ids}  # 512 (token, expert) pairs: counts above and below 64
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        monkeypatch.setattr(fast_experts, "_padded_rows", lambda n, low: spy(n, False))  # no padding
+        monkeypatch.setattr(experts_route, "padded_rows", lambda n, low: spy(n, False))  # no padding
         ref_logits, ref_grads = loss_and_grads(ref, inputs)
         unpadded, counts[:] = list(counts), []
-        monkeypatch.setattr(fast_experts, "_padded_rows", spy)
+        monkeypatch.setattr(experts_route, "padded_rows", spy)
         logits, grads = loss_and_grads(fast, inputs)
     assert any(n & (n - 1) for n in unpadded)  # some count is not a power of two
     assert all(n % 64 == 0 or (n < 64 and n & (n - 1) == 0) for n in counts) and max(counts) > 64
@@ -197,10 +197,10 @@ def test_bf16_runs_each_expert_in_pieces_of_few_shapes_without_changing_numbers(
         ref = ref.to(torch.bfloat16)
     fast = copy.deepcopy(ref)
     for model in (ref, fast):
-        fast_experts.use_fast_experts(model.get_base_model() if variant == "lora" else model)
+        experts_policy.use_experts_kernel(model.get_base_model() if variant == "lora" else model)
         if variant == "lora":
-            fast_experts.route_lora_through(model)
-    rows, side_forward, side_backward = [], fast_experts._Side.forward, fast_experts._Side.backward
+            experts_policy.route_lora_through(model)
+    rows, side_forward, side_backward = [], experts_kernel._Side.forward, experts_kernel._Side.backward
 
     def forward(self, x, *args):
         rows.append(x.shape[0])
@@ -210,15 +210,15 @@ def test_bf16_runs_each_expert_in_pieces_of_few_shapes_without_changing_numbers(
         rows.append(g.shape[0])
         return side_backward(self, g, *args)
 
-    monkeypatch.setattr(fast_experts._Side, "forward", forward)
-    monkeypatch.setattr(fast_experts._Side, "backward", backward)
+    monkeypatch.setattr(experts_kernel._Side, "forward", forward)
+    monkeypatch.setattr(experts_kernel._Side, "backward", backward)
     ids = torch.randint(3, ref.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "labels": ids}  # 512 (token, expert) pairs over 4 experts a layer
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant != "bf16 weights"):
-        monkeypatch.setattr(fast_experts, "ROW_PIECE", 10**9)
+        monkeypatch.setattr(experts_route, "ROW_PIECE", 10**9)
         ref_logits, ref_grads = loss_and_grads(ref, inputs)
         whole, rows[:] = list(rows), []
-        monkeypatch.setattr(fast_experts, "ROW_PIECE", 64)
+        monkeypatch.setattr(experts_route, "ROW_PIECE", 64)
         logits, grads = loss_and_grads(fast, inputs)
     assert max(whole) > 64 and max(rows) == 64 and len(rows) > len(whole)
     torch.testing.assert_close(logits, ref_logits, atol=1e-2, rtol=1e-2)
@@ -236,10 +236,10 @@ def test_cast_on_use_keeps_no_weight_copy_and_the_same_numbers(model_type):
     ref = tiny(model_type)
     fast = copy.deepcopy(ref)
     for model in (ref, fast):
-        fast_experts.use_fast_experts(model)
+        experts_policy.use_experts_kernel(model)
     arch = describe(fast)
     modules = arch.expert_modules
-    fast_experts.cast_on_use(fast, modules, True)
+    experts_policy.cast_on_use(fast, modules, True)
     expert_weights = {fast.get_parameter(n).data_ptr() for n in arch.expert_params}
     saved = []
 
@@ -274,9 +274,9 @@ def test_cuda_grouped_kernel_matches(model_type, lora, monkeypatch):
         randomize_lora(ref)
     ref = ref.cuda()
     fast = copy.deepcopy(ref)
-    assert fast_experts.use_fast_experts(fast.get_base_model() if lora else fast)
+    assert experts_policy.use_experts_kernel(fast.get_base_model() if lora else fast)
     if lora:
-        assert fast_experts.route_lora_through(fast) == len(describe(fast.get_base_model()).layers)
+        assert experts_policy.route_lora_through(fast) == len(describe(fast.get_base_model()).layers)
     inputs = {k: v.cuda() for k, v in batch(ref).items()}
     assert_same_numbers(ref, fast, inputs, atol=1e-4, rtol=1e-3, grad_rtol=1e-2)
 
@@ -289,7 +289,7 @@ def test_lora_really_goes_through_the_grouped_inputs():
     from torch.nn.utils import parametrize
 
     model = lora_experts(tiny("mixtral"))
-    fast_experts.use_fast_experts(model.get_base_model())
+    experts_policy.use_experts_kernel(model.get_base_model())
     seen = []
     for module in model.modules():
         if getattr(module, "gate_up_proj", None) is not None and not hasattr(module, "base_layer"):
@@ -298,7 +298,7 @@ def test_lora_really_goes_through_the_grouped_inputs():
         model(**batch(model))  # PEFT's path: the weight is parametrized while the experts run
         assert seen and all(seen)
         seen.clear()
-        assert fast_experts.route_lora_through(model) == len(describe(model.get_base_model()).layers)
+        assert experts_policy.route_lora_through(model) == len(describe(model.get_base_model()).layers)
         model(**batch(model))
     assert seen and not any(seen)
 
@@ -328,7 +328,7 @@ def _wide_experts_model():
                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                            num_experts_per_tok=2)
     model = AutoModelForCausalLM.from_config(config).float()
-    fast_experts.use_fast_experts(model)
+    experts_policy.use_experts_kernel(model)
     return model
 
 
@@ -342,7 +342,7 @@ def test_whole_expert_gradients_and_copies_get_huge_pages_and_the_same_numbers(m
 
     model = _wide_experts_model()
     weight = model.model.layers[0].mlp.experts.gate_up_proj  # (4, 2048, 1024): 32 MiB in fp32
-    assert weight.numel() * 2 >= fast_experts.TRAIN_MMAP_THRESHOLD  # its bf16 copy too
+    assert weight.numel() * 2 >= step_memory.TRAIN_MMAP_THRESHOLD  # its bf16 copy too
     inputs = batch(model)
 
     def step():
@@ -353,7 +353,7 @@ def test_whole_expert_gradients_and_copies_get_huge_pages_and_the_same_numbers(m
 
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     madvise = thp.is_file() and "[madvise]" in thp.read_text()  # huge pages only where asked for
-    monkeypatch.setattr(fast_experts, "TRAIN_MMAP_THRESHOLD", 1 << 62)  # plain torch.empty throughout
+    monkeypatch.setattr(step_memory, "TRAIN_MMAP_THRESHOLD", 1 << 62)  # plain torch.empty throughout
     plain = step()
     if madvise:
         assert _mapping_of(plain.data_ptr())["AnonHugePages"] == 0
@@ -368,7 +368,7 @@ def test_whole_expert_gradients_and_copies_get_huge_pages_and_the_same_numbers(m
     assert torch.equal(step(), plain)  # the next step's gradient reuses the mapping, once it is free
     assert weight.grad.data_ptr() == address
     model.zero_grad()
-    fast_experts.release_kept(model)  # as training ends
+    step_memory.release_kept(model)  # as training ends
     gc.collect()
     assert _mapping_of(address) is None  # unmapped with the gradient
 
@@ -378,7 +378,7 @@ def test_a_gradient_still_held_is_not_written_over():
     runs: the second gets new pages, and the sum is that of two independent backward passes."""
     model = _wide_experts_model()
     weight = model.model.layers[0].mlp.experts.gate_up_proj  # 32 MiB: above the mmap threshold
-    assert weight.numel() * 4 >= fast_experts.TRAIN_MMAP_THRESHOLD
+    assert weight.numel() * 4 >= step_memory.TRAIN_MMAP_THRESHOLD
     first, second = batch(model, seed=1), batch(model, seed=2)
     apart = [loss_and_grads(model, inputs)[1]["model.layers.0.mlp.experts.gate_up_proj"] for inputs in (first, second)]
     model.zero_grad()
@@ -424,7 +424,7 @@ def test_post_expert_norm_between_experts_and_routing_weights(autocast):
                             **{n: p.grad for n, p in module.named_parameters()}}
 
     ref_y, ref_grads = run(ref, grouped_mm_experts_forward)
-    y, grads = run(fast, fast_experts.experts_forward)
+    y, grads = run(fast, experts_kernel.experts_forward)
     assert grads.keys() == ref_grads.keys()
     if not autocast:
         torch.testing.assert_close(y, ref_y, atol=1e-5, rtol=1e-4)
@@ -441,13 +441,13 @@ def test_activation_buffers_are_kept_between_steps_except_under_checkpointing(mo
     """Without activation checkpointing each layer keeps its activation buffers' mappings for the
     next step; with it (cast_on_use) they would hold every layer's at once, so only the
     gradients' are kept."""
-    monkeypatch.setattr(fast_experts, "TRAIN_MMAP_THRESHOLD", 0)  # every buffer its own mapping
+    monkeypatch.setattr(step_memory, "TRAIN_MMAP_THRESHOLD", 0)  # every buffer its own mapping
     model = _wide_experts_model()
     experts = model.model.layers[0].mlp.experts
-    fast_experts.cast_on_use(model, ["model.layers.0.mlp.experts"], checkpointing)
+    experts_policy.cast_on_use(model, ["model.layers.0.mlp.experts"], checkpointing)
     model(**batch(model)).loss.backward()
-    kept = set(fast_experts._KEPT.get(experts, {}))
+    kept = set(step_memory._KEPT.get(experts, {}))
     assert {"up gradient", "down gradient"} <= kept
     assert ("up output" in kept) is not checkpointing
-    fast_experts.release_kept(model)
-    assert experts not in fast_experts._KEPT
+    step_memory.release_kept(model)
+    assert experts not in step_memory._KEPT

@@ -36,16 +36,16 @@ def qwen_full():
 
 def gpu_activations(setup) -> float:
     """One micro-batch's activations on a GPU, where the experts run as transformers' grouped ops."""
-    return micro_batch_activations(setup.meta, setup.arch, setup.report["memory_dtype"], setup.sft_args,
+    return micro_batch_activations(setup.meta, setup.arch, setup.report.memory_dtype, setup.sft_args,
                                    on_gpu=True)[0]
 
 
 def test_ddp_is_the_single_device_plan_on_a_gpu(tiny, qwen_lora):
     for setup in (tiny, qwen_lora):
         ddp = per_device(setup, 8)["ddp"]
-        assert ddp["peak"] == setup.report["state_bytes"] + gpu_activations(setup)
+        assert ddp["peak"] == setup.report.state_bytes + gpu_activations(setup)
         if not torch.cuda.is_available():  # planned on a CPU, where the two differ both ways:
-            assert setup.report["activation_bytes"] != gpu_activations(setup)
+            assert setup.report.activations.bytes != gpu_activations(setup)
             tokens = setup.sft_args.per_device_train_batch_size * setup.sft_args.max_length
             saved = [saved_activation_bytes(setup.meta, setup.arch, tokens, 2, True, False, on_gpu=gpu)
                      for gpu in (False, True)]
@@ -58,8 +58,8 @@ def test_sharded_by_hand_on_the_shipped_model(tiny):
     # hidden 128, 4 layers; attention q, o 128x128 and k, v 64x128; router 8x128; experts
     # 8 x (gate_up 512x128 + down 128x256); two norms of 128 per layer
     attention, router, experts, norms = 2 * 128 * 128 + 2 * 64 * 128, 8 * 128, 8 * (512 * 128 + 128 * 256), 2 * 128
-    total = sum(r["params"] for r in tiny.report["parts"])
-    assert tiny.report["state_bytes"] == total * 16  # fp32 weight, gradient and 2 AdamW moments
+    total = sum(r.params for r in tiny.report.parts)
+    assert tiny.report.state_bytes == total * 16  # fp32 weight, gradient and 2 AdamW moments
     rows = per_device(tiny, 4)
     acts = gpu_activations(tiny)
     for key in ("fsdp2", "zero3"):
@@ -77,8 +77,8 @@ def test_sharded_by_hand_on_qwen3_30b(qwen_lora, qwen_full):
     attention, router = 2 * 4096 * 2048 + 2 * 512 * 2048, 128 * 2048
     experts, norms = 128 * (1536 * 2048 + 2048 * 768), 2 * 2048 + 2 * 128
     lora = 8 * 128 * (1536 + 2048) + 8 * 128 * (2048 + 768)  # r=8 per expert on both tensors
-    total = qwen_lora.report["total_params"]
-    assert qwen_lora.report["trainable_params"] == 48 * lora
+    total = qwen_lora.report.total_params
+    assert qwen_lora.report.trainable_params == 48 * lora
     rows = per_device(qwen_lora, 8)
     state = total * 2 + 48 * lora * 16  # bf16 weights, fp32 adapters with gradient and moments
     assert rows["fsdp2"]["states"] == pytest.approx(state / 8)

@@ -125,13 +125,26 @@ def test_dropout_on_fused_experts_is_refused():
 
 
 def test_train_and_lora_in_one_module_is_refused():
-    from moe_tune.plan.modes import apply_plan
+    """afmoe's MoE block holds a router tensor itself (expert_bias) beside its experts module:
+    PEFT would keep a trained copy of the whole block, the LoRA'd experts inside it."""
+    model = AutoModelForCausalLM.from_config(tiny_config("afmoe"))
+    arch = describe(model)
+    plan = make_plan(model, arch, resolve_modes("lora_experts", {"router": "train"}))
+    with pytest.raises(MoeTuneError, match=r"trainable: 'model\.layers\.1\.mlp' would be both trained in full "
+                                           "and LoRA-adapted"):
+        apply_plan(model, plan, arch, LoraSection())
 
+
+def test_a_router_in_its_own_module_trains_beside_lora_experts():
+    """The shipped model's router sits in the MoE block next to the LoRA'd experts, but in a module
+    of its own: it trains in full (a PEFT copy) while the experts carry LoRA and stay frozen."""
     model, _ = load_model(str(SHIPPED_MODEL))
     arch = describe(model)
-    # the router weight lives in the MoE block next to the LoRA'd experts, but in its own module: fine
     plan = make_plan(model, arch, resolve_modes("lora_experts", {"router": "train"}))
-    assert apply_plan(model, plan, arch, LoraSection()) is not None
+    wrapped = apply_plan(model, plan, arch, LoraSection())
+    trained = {unwrap_name(n) for n, p in wrapped.named_parameters() if p.requires_grad} - {None}
+    assert trained == {layer.router_weight for layer in arch.layers}
+    assert adapted_tensors(wrapped) == set(arch.expert_params) == set(plan.lora_targets)
 
 
 def plan_json(capsys, *overrides):
@@ -199,13 +212,11 @@ def test_rank_per_part_on_expert_tensors_applies_without_warning():
 
 def test_plan_table_aligns_large_counts():
     """DeepSeek-V3's 653,908,770,816 expert parameters keep the columns in line."""
-    from moe_tune.plan.modes import format_plan
-
     config = ROOT / "moe_tune" / "model" / "configs" / "deepseek-v3"
     setup = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"model.path={config}", "trainable.preset=full"]))
-    lines = format_plan(setup.report).splitlines()
-    table = lines[:len(setup.report["parts"]) + 1]  # the header and a row per part
-    assert any(len(f"{r['params']:,}") == len("653,908,770,816") for r in setup.report["parts"])
+    lines = setup.report.format().splitlines()
+    table = lines[:len(setup.report.parts) + 1]  # the header and a row per part
+    assert any(len(f"{r.params:,}") == len("653,908,770,816") for r in setup.report.parts)
     assert len({len(line) for line in table}) == 1  # every count right-aligned to the same column
     assert {line.index(" train ") + len(" train") for line in table[1:]} == {table[0].index(" mode") + len(" mode")}
 

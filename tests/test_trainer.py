@@ -166,3 +166,21 @@ def test_packed_rows_attend_to_each_other():
                        labels=torch.tensor([sum(labels, [])])).loss.item()
     trained = sum(sum(m[1:]) for _, m in encoded)
     assert packed != pytest.approx(sum(apart) / trained, rel=1e-3)
+
+
+def test_a_saved_model_and_its_checkpoints_keep_the_config_they_were_loaded_with(tmp_path):
+    """TRL turns its aux loss off in the model's config (moe_tune computes the term itself);
+    RUN/model and every checkpoint carry the base's load-balancing coefficient all the same."""
+    from moe_tune.training.pipeline import run_training
+
+    base = json.loads((ROOT / "data" / "tiny-moe" / "config.json").read_text())
+    assert base["router_aux_loss_coef"] > 0  # the shipped base balances its experts
+    recipe = minimal(tmp_path, f"output_dir={tmp_path / 'run'}", "sft.max_steps=2", "sft.save_steps=1",
+                     "sft.save_total_limit=3", "sft.per_device_train_batch_size=4", "eval.files=[]")
+    run = run_training(recipe)
+    saved = [run / "model" / "config.json", *sorted((run / "checkpoints").glob("checkpoint-*/config.json"))]
+    assert len(saved) == 3  # the model and the checkpoints of steps 1 and 2
+    for path in saved:
+        config = json.loads(path.read_text())
+        for key in ("router_aux_loss_coef", "output_router_logits"):
+            assert config[key] == base[key], (path, key)

@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
@@ -241,10 +242,18 @@ def _convert(row: object, where: str, fmt: str | None, origin: str) -> tuple[dic
 
 # --- public API -----------------------------------------------------------------------------------
 
+class ReadRows(NamedTuple):
+    """A data source as read: its rows in the internal chat shape, one message per skipped bad
+    row, and the rows' format as LABELS names it."""
+
+    rows: list[dict]
+    skipped: list[str]
+    format: str
+
+
 def read_rows(path: str | Path, max_rows: int | None = None, fmt: str = "auto",
-              skip_bad_rows: bool = False) -> tuple[list[dict], list[str], str]:
-    """(rows in the internal chat shape, one message per skipped bad row, the rows' format as
-    LABELS names it). A bad row raises
+              skip_bad_rows: bool = False) -> ReadRows:
+    """The rows of ``path``, checked. A bad row raises
     MoeTuneError naming file, line or row and field, unless ``skip_bad_rows``; ``max_rows`` counts
     good rows. A source with no good row raises either way."""
     if fmt not in FORMATS:
@@ -268,7 +277,20 @@ def read_rows(path: str | Path, max_rows: int | None = None, fmt: str = "auto",
         raise MoeTuneError(f"{path}: no usable rows, all {len(skipped)} are bad; the first: {skipped[0]}")
     if not rows:
         raise MoeTuneError(f"{path}: no rows; the file is empty")
-    return rows, skipped, LABELS[file_fmt]
+    return ReadRows(rows, skipped, LABELS[file_fmt])
+
+
+class TrainRows(NamedTuple):
+    """The rows a run trains and validates on, as read once before any weights load."""
+
+    train: ReadRows
+    valid: ReadRows | None
+
+
+def read_train_rows(data) -> TrainRows:
+    """The recipe's ``data`` section's training and validation rows."""
+    return TrainRows(read_rows(data.train, data.max_train_rows, data.format, data.skip_bad_rows),
+                     read_rows(data.valid, None, data.format, data.skip_bad_rows) if data.valid else None)
 
 
 def read_chat_rows(path: str | Path, max_rows: int | None = None, fmt: str = "auto",

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moe_tune.model import templates
 from moe_tune.data.rows import split_prompt
+from moe_tune.model import templates
 from moe_tune.model.loading import padding_side
 from moe_tune.training.run_dir import write_json
 

@@ -10,14 +10,14 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moe_tune.evaluation import routing_stats  # noqa: E402
-from moe_tune.moe import routing  # noqa: E402
-from moe_tune.model.arch import MoeArch, describe  # noqa: E402
 from moe_tune.data.rows import read_chat_rows  # noqa: E402
 from moe_tune.errors import MoeTuneError  # noqa: E402
+from moe_tune.evaluation import routing_stats  # noqa: E402
 from moe_tune.evaluation.heldout import evaluate, format_table, on_accelerator, save_results, text_loss  # noqa: E402
-from moe_tune.training.run_dir import REPORT_JSON, REPORT_MD, RETENTION_FILE, write_json, write_text  # noqa: E402
+from moe_tune.model.arch import MoeArch, describe  # noqa: E402
+from moe_tune.moe import routing  # noqa: E402
 from moe_tune.plan.modes import unwrapped  # noqa: E402
+from moe_tune.training.run_dir import REPORT_JSON, REPORT_MD, RETENTION_FILE, write_json, write_text  # noqa: E402
 
 
 def _short(block: str) -> str:

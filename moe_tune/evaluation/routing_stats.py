@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_tune.evaluation.heldout import inference_mode
 from moe_tune.model.arch import MoeArch
 from moe_tune.moe.routing import RouterTap, chat_batches, on_device
 
@@ -33,7 +34,6 @@ class RoutingProfile:
 
 
 def profile(model, arch: MoeArch, tokenizer, rows: list[dict], batch_size: int = 32) -> RoutingProfile:
-    from moe_tune.evaluation.heldout import inference_mode  # noqa: PLC0415
 
     counts = {layer.block: torch.zeros(layer.num_experts) for layer in arch.layers}
     task_counts: dict[str, dict[str, torch.Tensor]] = defaultdict(

@@ -18,11 +18,25 @@ from pathlib import Path
 
 import torch
 
-from moe_tune.model.arch import describe
+from moe_tune.data.rows import read_chat_rows
 from moe_tune.errors import MoeTuneError
+from moe_tune.evaluation.heldout import inference_mode
+from moe_tune.export import serving
+from moe_tune.export.serving import spread
+from moe_tune.export.vllm_adapter import write_vllm_adapter
+from moe_tune.model.arch import describe
+from moe_tune.model.loading import build_meta_model, load_config
 from moe_tune.moe.routing import chat_batches
-from moe_tune.training.run_dir import check_replaceable, folder_in_place, write_pretrained
 from moe_tune.plan.modes import unwrapped
+from moe_tune.training.run_dir import (
+    MODEL_DIR,
+    RECIPE_FILE,
+    check_replaceable,
+    folder_in_place,
+    load_run_model,
+    load_run_recipe,
+    write_pretrained,
+)
 
 # The merged weight W + BA rounds differently from x@W + x@A@B: tolerances per weight dtype.
 LOGIT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
@@ -51,7 +65,6 @@ def _tensors(output) -> list[torch.Tensor]:
 @torch.no_grad()
 def _fingerprint(model, arch, batch) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
     """(logits on real tokens, each router's own outputs: logits/scores and selected experts)."""
-    from moe_tune.evaluation.heldout import inference_mode  # noqa: PLC0415
 
     routes: dict[str, list[torch.Tensor]] = {}
     hooks = [_router(model, layer.router).register_forward_hook(
@@ -84,7 +97,6 @@ def check_merge(before, after, tolerance: float = 1e-3) -> str | None:
 
 def merge_and_check(model, tokenizer, rows: list[dict]):
     """The merged model, after checking it against the adapter model on ``rows``."""
-    from moe_tune.model.loading import build_meta_model  # noqa: PLC0415
 
     arch = describe(build_meta_model(model.config))
     batch = _sample_batch(tokenizer, rows)
@@ -119,7 +131,6 @@ def check_gguf_destination(out: Path, overwrite: bool) -> None:
 
 def _run_recipe(run: Path):
     """The recipe a run folder was trained with; one line when ``run`` is not a run."""
-    from moe_tune.training.run_dir import RECIPE_FILE, load_run_recipe  # noqa: PLC0415
 
     if not (run / RECIPE_FILE).is_file():
         raise MoeTuneError(f"{run}: not a moe-tune run folder (no {RECIPE_FILE})")
@@ -133,8 +144,6 @@ def _held_out_files(recipe) -> list[str]:
 
 def _serving_rows(recipe, data: str | None, count: int) -> tuple[list[dict], str]:
     """(held-out rows spread through the file(s), where they came from) for a serving check."""
-    from moe_tune.data.rows import read_chat_rows  # noqa: PLC0415
-    from moe_tune.export.serving import spread  # noqa: PLC0415
 
     files = [data] if data else _held_out_files(recipe)
     rows = [row for path in files for row in read_chat_rows(path)]
@@ -145,9 +154,6 @@ def export_run(run: Path, merged: Path | None, gguf: Path | None, quant: str = "
                data: str | None = None, verify_rows: int = 100, min_identical: float | None = None,
                check_rows: int = 8, overwrite: bool = False) -> None:
     """Merge (or copy) a run's model, check it, and write it as a checkpoint folder or a GGUF file."""
-    from moe_tune.export import serving  # noqa: PLC0415
-    from moe_tune.data.rows import read_chat_rows  # noqa: PLC0415
-    from moe_tune.training.run_dir import load_run_model  # noqa: PLC0415
 
     recipe = _run_recipe(run)
     if verify and not merged:
@@ -201,9 +207,6 @@ def export_run(run: Path, merged: Path | None, gguf: Path | None, quant: str = "
 
 def export_adapter(run: Path, out: Path, engine: str | None, overwrite: bool) -> None:
     """A LoRA run's adapter, unmerged, converted for ``engine`` (vllm_adapter)."""
-    from moe_tune.model.loading import build_meta_model, load_config  # noqa: PLC0415
-    from moe_tune.training.run_dir import MODEL_DIR  # noqa: PLC0415
-    from moe_tune.export.vllm_adapter import write_vllm_adapter  # noqa: PLC0415
 
     recipe = _run_recipe(run)
     if engine is None:

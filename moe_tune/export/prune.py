@@ -21,10 +21,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_tune.model.arch import MoeArch, describe, expert_groups, set_expert_count
 from moe_tune.data.rows import read_chat_rows
 from moe_tune.errors import MoeTuneError
+from moe_tune.evaluation.report import evaluate_and_report
+from moe_tune.model.arch import MoeArch, describe, expert_groups, set_expert_count
+from moe_tune.model.loading import DTYPES, build_meta_model, load_config
 from moe_tune.moe.expert_selection import expert_module, expert_scores
+from moe_tune.recipe import EvalSection, ModelSection
+from moe_tune.training.run_dir import (
+    EVAL_DIR,
+    MODEL_DIR,
+    RECIPE_FILE,
+    REPORT_MD,
+    check_replaceable,
+    folder_in_place,
+    load_run_model,
+    load_run_recipe,
+    write_json,
+    write_pretrained,
+)
 
 SCORES = {"frequency": "token", "gate": "gate", "reap": "reap"}  # --by -> expert_scores' method
 PRUNING_FILE = "pruning.json"  # in OUT: what was kept and why; marks a folder moe-tune pruned
@@ -156,11 +171,6 @@ def run_prune(source: Path, keep: str, data: str, out: Path, by: str = "reap", r
     """``moe-tune prune``: score, cut, save to ``out``, reload, evaluate beside the source."""
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    from moe_tune.model.loading import DTYPES, build_meta_model, load_config  # noqa: PLC0415
-    from moe_tune.recipe import EvalSection, ModelSection  # noqa: PLC0415
-    from moe_tune.evaluation.report import evaluate_and_report  # noqa: PLC0415
-    from moe_tune.training.run_dir import (EVAL_DIR, MODEL_DIR, RECIPE_FILE, REPORT_MD, check_replaceable,  # noqa: PLC0415
-                                  folder_in_place, load_run_model, load_run_recipe, write_json, write_pretrained)
 
     # everything a user can get wrong is checked before any weights load
     check_replaceable(out, overwrite, lambda folder: (folder / PRUNING_FILE).is_file(), "a folder moe-tune pruned")

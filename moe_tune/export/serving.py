@@ -21,6 +21,8 @@ from pathlib import Path
 
 from moe_tune.data.rows import split_prompt
 from moe_tune.errors import MoeTuneError
+from moe_tune.evaluation.heldout import greedy_answers
+from moe_tune.model.loading import load_model, load_tokenizer
 
 MIN_IDENTICAL = 0.95  # share of identical greedy answers below which an unquantized export is refused
 # llama.cpp's converter writes these types itself; the others are llama-quantize's, from an f16 file
@@ -104,8 +106,6 @@ def _question(row: dict) -> str:
 
 def transformers_answers(checkpoint: Path, rows: list[dict], max_new_tokens: int, dtype: str) -> list[str]:
     """Greedy answers of the checkpoint as written, reloaded in transformers."""
-    from moe_tune.evaluation.heldout import greedy_answers  # noqa: PLC0415
-    from moe_tune.model.loading import load_model  # noqa: PLC0415
 
     model, tokenizer = load_model(str(checkpoint), dtype)
     return greedy_answers(model.eval(), tokenizer, rows, batch_size=32, max_new_tokens=max_new_tokens)
@@ -181,7 +181,6 @@ def llama_cpp_answers(gguf: Path, prompts: list[str], max_new_tokens: int, speci
 
 
 def verify_llama_cpp(checkpoint: Path, gguf: Path, rows: list[dict], max_new_tokens: int, dtype: str) -> Agreement:
-    from moe_tune.model.loading import load_tokenizer  # noqa: PLC0415
 
     tokenizer = load_tokenizer(str(checkpoint))
     prompts = [tokenizer.apply_chat_template(split_prompt(r)[0], tokenize=False, add_generation_prompt=True)

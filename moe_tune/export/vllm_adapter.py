@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from moe_tune.model.arch import describe
 from moe_tune.errors import MoeTuneError
+from moe_tune.model.arch import describe
 
 PREFIX = "base_model.model."
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

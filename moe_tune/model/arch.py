@@ -26,7 +26,6 @@ from torch import nn
 from moe_tune.errors import MoeTuneError
 from moe_tune.recipe import PARTS
 
-
 _ROUTER_NAMES = ("gate", "router")
 _SHARED_NAMES = ("shared_expert", "shared_experts", "shared_mlp", "shared_expert_gate")
 _CORRECTION_NAMES = ("e_score_correction_bias", "expert_bias")  # sigmoid routers' selection bias

@@ -117,24 +117,26 @@ def quantization_config(bits: int | None, dtype: str):
 
 
 def load_model(path: str, dtype: str = "float32", bits: int | None = None, template=None, tokenizer=None,
-               bf16_experts: bool = False):
+               frozen_experts_in_bf16: bool = False):
     """(model, tokenizer), after checking that ``path`` holds an MoE with a usable tokenizer.
     ``bits`` 4 or 8 quantizes the nn.Linear layers with bitsandbytes. ``template`` is given to
-    the checkpoint's tokenizer (model.chat_template); a ``tokenizer`` given instead (a tuned
-    run's, for its base model) is used as it is. The embeddings fit the tokenizer either way.
-    ``bf16_experts``: the routed experts stay in the bf16 the checkpoint stores them in, every
-    other weight is ``dtype`` (fast_experts.holds_frozen_experts_in_bf16)."""
+    the checkpoint's tokenizer (model.chat_template). A ``tokenizer`` given is used as it is: the
+    checkpoint's own as the run loaded it already (with ``template`` given), or another (a tuned
+    run's, for its base model). The embeddings fit a template's or another tokenizer's tokens.
+    ``frozen_experts_in_bf16``: the routed experts stay in the bf16 the checkpoint stores them in, every
+    other weight is ``dtype`` (experts_policy.holds_frozen_experts_in_bf16)."""
     config = load_config(path)
     require_moe(config, path)
-    refit = template is not None or tokenizer is not None  # a checkpoint's own tokenizer fits it already
+    # a checkpoint's own tokenizer fits it already
+    refit = template is not None or (tokenizer is not None and tokenizer.name_or_path != path)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path, template)
     # a local folder by its absolute path: PEFT records it in adapter_config.json as the base
     # model, which must then load from any working directory
     source = str(Path(path).resolve()) if Path(path).is_dir() else path
     with returning_freed_memory():
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16 if bf16_experts else DTYPES[dtype],
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16 if frozen_experts_in_bf16 else DTYPES[dtype],
                                                      quantization_config=quantization_config(bits, dtype))
-    if bf16_experts:
+    if frozen_experts_in_bf16:
         _widen_all_but_routed_experts(model, DTYPES[dtype])
     _point_base_model_at_backbone(model)
     if refit:

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from moe_tune.model.arch import MoeArch
 from moe_tune.errors import MoeTuneError
+from moe_tune.model.arch import MoeArch
 from moe_tune.moe.routing import router_bias, router_bias_name
 
 

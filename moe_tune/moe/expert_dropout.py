@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moe_tune.model.arch import MoeArch
 from moe_tune.errors import MoeTuneError
+from moe_tune.model.arch import MoeArch
 
 
 def _routing_args(args: tuple) -> tuple[int, int] | None:

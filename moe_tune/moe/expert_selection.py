@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moe_tune.model.arch import MoeArch
 from moe_tune.data.rows import read_chat_rows
 from moe_tune.errors import MoeTuneError
+from moe_tune.evaluation.heldout import inference_mode
+from moe_tune.model.arch import MoeArch
 from moe_tune.moe.routing import RouterTap, chat_batches, on_device
-from moe_tune.training.run_dir import write_json
 from moe_tune.plan.modes import base_name
+from moe_tune.training.run_dir import write_json
 
 
 class _ExpertOutputs:
@@ -99,7 +100,6 @@ def expert_scores(model: nn.Module, arch: MoeArch, tokenizer, rows: list[dict], 
     - token: the share of the top-k slots that go to the expert (sums to 1);
     - reap: REAP (Lasby et al. 2025), the router-weighted norm of the expert's output,
       averaged over the tokens routed to it: mean over x in X_j of g_j(x) * ||f_j(x)||_2."""
-    from moe_tune.evaluation.heldout import inference_mode  # noqa: PLC0415
 
     totals = {layer.block: torch.zeros(layer.num_experts) for layer in arch.layers}
     outputs = _ExpertOutputs(model, arch) if method == "reap" else None

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from moe_tune.model.arch import MoeArch, MoeLayer, text_config
 from moe_tune.errors import MoeTuneError
+from moe_tune.model.arch import MoeArch, MoeLayer, text_config
 from moe_tune.moe.routing import router_bias, router_probs
 
 

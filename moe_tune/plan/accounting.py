@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from moe_tune.model.arch import MoeArch, decoder_layer_of, text_config
-from moe_tune.recipe import PARTS
 from moe_tune.model.loading import DTYPES
+from moe_tune.recipe import PARTS
 
 LORA_RANK = 16  # the rank assumed by the LoRA strategies' estimates
 ADAPTER_BYTES = 4 * 4  # fp32 weight + gradient + 2 AdamW moments
@@ -33,17 +33,17 @@ INT8_BYTES = 1 + 4 / 4096  # LLM.int8: a byte per weight plus an fp32 scale per 
 
 
 def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int,
-                      quantized: int = 0, bits: int | None = None, narrowed: int = 0) -> float:
-    """Weights of the whole model (``quantized`` of them at 4 or 8 bits, ``narrowed`` frozen
-    experts held in bf16: fast_experts.holds_frozen_experts_in_bf16), plus gradient and two AdamW moments
+                      quantized: int = 0, bits: int | None = None, bf16_expert_params: int = 0) -> float:
+    """Weights of the whole model (``quantized`` of them at 4 or 8 bits, ``bf16_expert_params`` frozen
+    experts held in bf16: experts_policy.holds_frozen_experts_in_bf16), plus gradient and two AdamW moments
     per trained weight (in the weights' dtype) and 16 bytes per fp32 LoRA parameter."""
     per_quantized = {4: NF4_BYTES, 8: INT8_BYTES}.get(bits, dtype_bytes)
-    weights = (total - quantized - narrowed) * dtype_bytes + quantized * per_quantized + narrowed * 2
+    weights = (total - quantized - bf16_expert_params) * dtype_bytes + quantized * per_quantized + bf16_expert_params * 2
     return weights + trained_full * 3 * dtype_bytes + lora * ADAPTER_BYTES
 
 
 def loading_bytes(model: nn.Module, arch: MoeArch, weights: float, expert_bytes: int, stacked: bool,
-                  narrowed: float = 0) -> float:
+                  bf16_expert_bytes: float = 0) -> float:
     """Loading's peak: the ``weights`` it leaves, plus, where the checkpoint stores each routed
     expert apart (loading.experts_stored_apart, ``stacked``), the largest fused expert tensor of a
     layer at ``expert_bytes`` per element. transformers casts each expert's tensors to the load
@@ -52,7 +52,7 @@ def loading_bytes(model: nn.Module, arch: MoeArch, weights: float, expert_bytes:
     (1-2 layers, bf16 checkpoints loaded in fp32): within 2%. At 1 layer of Qwen3's shape this
     is 1.6 GB above the 2.5 GB of weights, more than training adds; at 48 layers it is 1%.
 
-    Where the frozen routed experts are held in bf16 (``narrowed``: their bytes), the model loads
+    Where the frozen routed experts are held in bf16 (``bf16_expert_bytes``), the model loads
     in bf16 and only then are its other weights widened (loading.load_model): while the experts
     are stacked, the other weights are still views of the checkpoint's file, not memory of the
     process. The peak is then the experts and the stacked halves, or the widened weights,
@@ -63,8 +63,8 @@ def loading_bytes(model: nn.Module, arch: MoeArch, weights: float, expert_bytes:
     largest = max((sizes[n] for n in arch.expert_params), default=0)
     if not stacked:
         return weights
-    if narrowed:
-        return max(weights, narrowed + largest * expert_bytes)
+    if bf16_expert_bytes:
+        return max(weights, bf16_expert_bytes + largest * expert_bytes)
     return weights + largest * expert_bytes
 
 
@@ -138,20 +138,20 @@ def loss_head_bytes(model: nn.Module, tokens: int, compute_bytes: int, on_gpu: b
 
 
 def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_args, batch: int | None = None,
-                            checkpointing: bool | None = None, narrowed_experts: bool = False,
+                            checkpointing: bool | None = None, frozen_experts_in_bf16: bool = False,
                             on_gpu: bool | None = None, trained: list[str] | None = None) -> tuple[float, str]:
     """(bytes, what they assume) of ``activation_bytes`` for one micro-batch as the run's SFTConfig
     sets it, or with another ``batch`` size or ``checkpointing`` (what `plan` suggests).
     moe_tune's experts kernel keeps no bf16 copy of the routed experts where they are held in bf16
-    (``narrowed_experts``) or where checkpointing makes it cast each on use
-    (fast_experts.cast_on_use). ``on_gpu``, ``trained``: see saved_activation_bytes."""
+    (``frozen_experts_in_bf16``) or where checkpointing makes it cast each on use
+    (experts_policy.cast_on_use). ``on_gpu``, ``trained``: see saved_activation_bytes."""
     batch = sft_args.per_device_train_batch_size if batch is None else batch
     checkpointing = bool(sft_args.gradient_checkpointing) if checkpointing is None else checkpointing
     autocast = bool(sft_args.bf16 or sft_args.fp16) and DTYPE_BYTES[dtype] == 4  # fp32 weights, 16-bit matmuls
     seq_len = sft_args.max_length or 1024
     tokens = batch * seq_len  # rows of sft.max_length tokens: the largest micro-batch
     acts = activation_bytes(model, arch, tokens, 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4, autocast,
-                            checkpointing, expert_copies=not (narrowed_experts or checkpointing), on_gpu=on_gpu,
+                            checkpointing, expert_copies=not (frozen_experts_in_bf16 or checkpointing), on_gpu=on_gpu,
                             seq_len=seq_len, trained=trained)
     return acts, (f"{tokens} tokens per micro-batch, {'bf16 autocast' if autocast else dtype}, "
                   f"checkpointing {'on' if checkpointing else 'off'}")
@@ -209,9 +209,9 @@ def _layer_bytes(model, arch, sizes, a, on_gpu, seq_len) -> list[tuple[float, fl
         if i in moe:
             layer = moe[i]
             routed = _expert_width(sizes, layer, hidden) * layer.top_k  # intermediate width a token visits
-            if gpu:  # transformers' grouped ops (fast_experts._grouped)
+            if gpu:  # transformers' grouped ops (experts_kernel._grouped)
                 mlp += layer.top_k * 3 * a * hidden + 4 * a * routed
-            else:  # fast_experts._ExpertsMLP
+            else:  # experts_kernel._ExpertsMLP
                 mlp += a * hidden * (1 + layer.top_k) + 2 * a * routed
         out.append((attention, mlp))
     return out

@@ -37,9 +37,16 @@ from pathlib import Path
 
 import yaml
 
-from moe_tune.plan.accounting import (ADAPTER_BYTES, DTYPE_BYTES, NF4_BYTES, memory_bytes, micro_batch_activations,
-                                 plan_memory_bytes, quantized_weights)
 from moe_tune.errors import MoeTuneError
+from moe_tune.plan.accounting import (
+    ADAPTER_BYTES,
+    DTYPE_BYTES,
+    NF4_BYTES,
+    memory_bytes,
+    micro_batch_activations,
+    plan_memory_bytes,
+    quantized_weights,
+)
 
 GB, GIB = 1e9, 2**30
 STRATEGIES = {"ddp": "DDP", "fsdp2": "FSDP2", "zero3": "ZeRO-3"}  # key -> name; recipes/accelerate/KEY.yaml
@@ -138,7 +145,7 @@ def target(gpu_memory: str | None, gpus: int | None, accelerate_config: str | No
 
 def _largest_gathered(setup, units: list[str], dtype_bytes: int) -> float:
     """Bytes of the largest of ``units`` (module names) gathered whole, with its gradients."""
-    rows = {r["part"]: r for r in setup.report["parts"]}
+    rows = {r.part: r for r in setup.report.parts}
     bits = setup.recipe.model.bits
     quantized = set(quantized_weights(setup.meta)) if bits else set()
     size, q, grads = dict.fromkeys(units, 0), dict.fromkeys(units, 0), dict.fromkeys(units, 0.0)
@@ -151,19 +158,19 @@ def _largest_gathered(setup, units: list[str], dtype_bytes: int) -> float:
         size[unit] += p.numel()
         q[unit] += p.numel() if name in quantized else 0
         # trained in full: a gradient in dtype; LoRA: fp32 adapter + its gradient; frozen: no trainable share
-        grads[unit] += p.numel() * row["trainable"] / row["params"] * (dtype_bytes if row["mode"] == "train" else 8)
+        grads[unit] += p.numel() * row.trainable / row.params * (dtype_bytes if row.mode == "train" else 8)
     return max(plan_memory_bytes(size[u], 0, 0, dtype_bytes, q[u], bits) + grads[u] for u in units)
 
 
 def per_device(setup, gpus: int) -> dict[str, dict[str, float]]:
     """Bytes per GPU, per strategy: states, activations, gathered unit, and their sum, the peak."""
     report = setup.report
-    dtype_bytes = DTYPE_BYTES[report["memory_dtype"]]
-    state = report["state_bytes"]
+    dtype_bytes = DTYPE_BYTES[report.memory_dtype]
+    state = report.state_bytes
     # on a GPU the experts run as transformers' grouped ops, whatever this machine planned with
-    acts = micro_batch_activations(setup.meta, setup.arch, report["memory_dtype"], setup.sft_args, on_gpu=True,
-                                   trained=setup.plan.trained)[0]
-    full = sum(r["trainable"] for r in report["parts"] if r["mode"] == "train")  # ESFT: selected experts' share
+    acts = micro_batch_activations(setup.meta, setup.arch, report.memory_dtype, setup.sft_args, on_gpu=True,
+                                   trained=setup.plan.with_gradients)[0]
+    full = report.trained_in_full()  # ESFT: selected experts' share
     mixed = bool(setup.sft_args.bf16 or setup.sft_args.fp16)
     # e.g. bf16: 8 more bytes per trained parameter (16 in fp32 against DDP's 2 + 2 + 2 x 2)
     upcast = full * (ADAPTER_BYTES - 4 * dtype_bytes) if mixed and dtype_bytes == 2 else 0
@@ -189,13 +196,13 @@ def _activation_remedy(setup, room: float) -> str:
     """The first change that fits one micro-batch's activations into ``room`` bytes: a smaller
     micro-batch, then activation checkpointing (with a smaller micro-batch if need be), then
     shorter rows."""
-    sft, dtype = setup.sft_args, setup.report["memory_dtype"]
+    sft, dtype = setup.sft_args, setup.report.memory_dtype
     batch, checkpointing = sft.per_device_train_batch_size, bool(sft.gradient_checkpointing)
     left = f"{room / GB:.3f} GB left beside the states"
     for ckpt in dict.fromkeys((checkpointing, True)):  # as the recipe sets it, then with checkpointing
         for b in range(batch, 0, -1):
             acts = micro_batch_activations(setup.meta, setup.arch, dtype, sft, b, ckpt, on_gpu=True,
-                                           trained=setup.plan.trained)[0]
+                                           trained=setup.plan.with_gradients)[0]
             if acts < room:
                 change = _smaller_batch(b, batch) if ckpt == checkpointing else \
                     "sft.activation_checkpointing: true" + (f" and {_smaller_batch(b, batch)}" if b < batch else "")
@@ -207,7 +214,7 @@ def _least_activations(setup) -> tuple[float, str]:
     """(bytes, the changes) of one checkpointed row per micro-batch: the least activations short of
     shorter rows."""
     sft = setup.sft_args
-    acts = micro_batch_activations(setup.meta, setup.arch, setup.report["memory_dtype"], sft, 1, True,
+    acts = micro_batch_activations(setup.meta, setup.arch, setup.report.memory_dtype, sft, 1, True,
                                    on_gpu=True)[0]
     changes = ([] if sft.gradient_checkpointing else ["sft.activation_checkpointing: true"]) + (
         [] if sft.per_device_train_batch_size == 1 else [_smaller_batch(1, sft.per_device_train_batch_size)])
@@ -218,18 +225,18 @@ def _state_remedy(setup, row: dict, acts: float, tgt: Target, strategy: str) -> 
     """Sharded states that do not fit beside ``acts``: train fewer weights (LoRA) or quantize them,
     else more GPUs."""
     report = setup.report
-    dtype_bytes = DTYPE_BYTES[report["memory_dtype"]]
+    dtype_bytes = DTYPE_BYTES[report.memory_dtype]
     free = tgt.memory - acts - row["gathered"]  # what the sharded states may take
     total = row["states"] * tgt.gpus  # the states of all GPUs together
     if free <= 0:
         return (f"lower sft.max_length (now {setup.sft_args.max_length}): one micro-batch's activations "
                 f"({acts / GB:.3f} GB) and the gathered unit ({row['gathered'] / GB:.3f} GB) alone fill a GPU")
     options = []
-    if any(r["mode"] == "train" for r in report["parts"]) and not any(layer.flat for layer in setup.arch.layers):
+    if any(r.mode == "train" for r in report.parts) and not any(layer.flat for layer in setup.arch.layers):
         lora = memory_bytes(setup.meta, setup.arch, dtype_bytes)["lora_experts"] / tgt.gpus  # r=16, fp32 adapters
         if lora < free:
             options.append(f"trainable.preset: lora_experts (states {lora / GB:.3f} GB per GPU)")
-    elif not setup.recipe.model.bits and "lora" in (r["mode"] for r in report["parts"]):
+    elif not setup.recipe.model.bits and "lora" in (r.mode for r in report.parts):
         sizes = {n: p.numel() for n, p in setup.meta.named_parameters()}
         saved = sum(sizes[n] for n in quantized_weights(setup.meta)) * (dtype_bytes - NF4_BYTES) / tgt.gpus
         if row["states"] - saved < free:  # only nn.Linear layers quantize; fused experts stay in dtype

@@ -22,8 +22,8 @@ from torch import nn
 
 from moe_tune.errors import MoeTuneError
 from moe_tune.model.arch import MoeArch, param_owners
+from moe_tune.plan.accounting import quantized_weights
 from moe_tune.recipe import PARTS, PRESETS
-
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Plan:
     """Per parameter: trained in full, adapted by LoRA (and how), or frozen."""
 
     modes: dict[str, str]                      # part -> mode
-    train: list[str] = field(default_factory=list)           # parameter names
+    full: list[str] = field(default_factory=list)            # parameter names trained in full
     lora_modules: list[str] = field(default_factory=list)    # nn.Linear / nn.Embedding module names
     lora_parameters: list[str] = field(default_factory=list)  # fused expert / bare router tensors
     not_adapted: list[str] = field(default_factory=list)     # in a LoRA part, but no LoRA form (biases)
@@ -45,9 +45,9 @@ class Plan:
         return [f"{m}.weight" for m in self.lora_modules] + self.lora_parameters
 
     @property
-    def trained(self) -> list[str]:
+    def with_gradients(self) -> list[str]:
         """Parameter names that get a gradient: trained in full, adapted by LoRA, or with new rows."""
-        return self.train + self.lora_targets + list(self.token_rows)
+        return self.full + self.lora_targets + list(self.token_rows)
 
 
 def resolve_modes(preset: str, overrides: dict[str, str | None]) -> dict[str, str]:
@@ -76,7 +76,6 @@ def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized:
     owners = param_owners(model)
     plan = Plan(modes=modes)
     if quantized:
-        from moe_tune.plan.accounting import quantized_weights  # noqa: PLC0415
 
         frozen_4bit = set(quantized_weights(model))
         for name, part in arch.parts.items():
@@ -87,7 +86,7 @@ def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized:
         mode = modes[part]
         mod_name, module, attr = owners[name]
         if mode == "train":
-            plan.train.append(name)
+            plan.full.append(name)
         elif mode == "freeze":
             plan.frozen.append(name)
         elif isinstance(module, (nn.Linear, nn.Embedding)) and attr == "weight":
@@ -113,7 +112,7 @@ def _module_of(name: str) -> str:
 def _modules_to_save(plan: Plan) -> list[str]:
     """Modules trained in full next to LoRA: PEFT keeps and saves a trainable copy of each."""
     lora_owners = set(plan.lora_modules) | {_module_of(n) for n in plan.lora_parameters}
-    modules = sorted({_module_of(n) for n in plan.train})
+    modules = sorted({_module_of(n) for n in plan.full})
     for m in modules:
         if any(o == m or o.startswith(m + ".") or m.startswith(o + ".") for o in lora_owners):
             raise MoeTuneError(f"trainable: '{m}' would be both trained in full and LoRA-adapted; "
@@ -192,7 +191,7 @@ def _dodge_v4_renames(model: nn.Module, plan: Plan, lora) -> tuple[list[str], li
 def apply_plan(model: nn.Module, plan: Plan, arch: MoeArch, lora) -> nn.Module:
     """Freeze, unfreeze and LoRA-wrap as planned. ``lora`` is the recipe's LoraSection."""
     if not plan.lora_targets:
-        train = set(plan.train) | set(plan.token_rows)
+        train = set(plan.full) | set(plan.token_rows)
         for name, p in model.named_parameters():
             p.requires_grad_(name in train)
         for name, rows in plan.token_rows.items():
@@ -270,140 +269,3 @@ def train_rows_only(weight: nn.Parameter, rows: list[int]) -> None:
     keep = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)  # (vocab, 1)
     keep[rows] = 1
     weight.register_hook(lambda grad: grad * keep)
-
-
-def part_rows(model: nn.Module, arch: MoeArch, plan: Plan, lora,
-              selection: dict[str, list[int]] | None = None) -> list[dict]:
-    """Per part: parameters, mode and trainable parameters (LoRA counted as PEFT builds it;
-    with an expert selection, routed experts count only the selected experts' share)."""
-    from moe_tune.plan.accounting import lora_params  # noqa: PLC0415
-
-    sizes = {n: p.numel() for n, p in model.named_parameters()}
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    share = dict.fromkeys(sizes, 1.0)
-    for layer in arch.layers if selection else ():
-        for n in layer.expert_params + layer.expert_other:
-            share[n] = len(selection[layer.block]) / layer.num_experts
-    train, targets = set(plan.train), set(plan.lora_targets)
-    rows = []
-    for part in PARTS:
-        names = arch.params_in(part)
-        if not names:
-            continue
-        rank = lora.rank_per_part.get(part, lora.r)
-        trainable = round(sum(sizes[n] * share[n] for n in names if n in train))
-        trainable += round(sum(lora_params(shapes[n], rank) * share[n] for n in names if n in targets))
-        trainable += sum(len(plan.token_rows[n]) * shapes[n][1] for n in names if n in plan.token_rows)
-        rows.append({"part": part, "params": sum(sizes[n] for n in names), "mode": plan.modes[part],
-                     "trainable": trainable, "lora_tensors": sum(n in targets for n in names)})
-    return rows
-
-
-def plan_warnings(arch: MoeArch, plan: Plan, preset: str, rows: list[dict],
-                  selection: dict[str, list[int]] | None = None) -> list[str]:
-    warnings = []
-    preset_router = PRESETS[preset].get("router", "freeze")
-    if plan.modes["router"] != preset_router:
-        warnings.append(f"the router is set to {plan.modes['router']} although preset '{preset}' has it "
-                        f"{preset_router}: routing will change")
-    expert_share = next((r["params"] for r in rows if r["part"] == "routed_experts"), 0) / sum(r["params"] for r in rows)
-    if "lora" in plan.modes.values() and plan.modes["routed_experts"] == "freeze":
-        warnings.append(f"LoRA leaves the routed experts untouched ({expert_share:.0%} of the parameters)")
-    if plan.not_adapted:
-        warnings.append(f"{len(plan.not_adapted)} tensors in LoRA parts have no LoRA form and stay frozen, "
-                        f"e.g. {plan.not_adapted[0]}")
-    for block, experts in (selection or {}).items():
-        if not experts:
-            warnings.append(f"expert selection is empty in {block}: none of its experts will train")
-    return warnings
-
-
-def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe,
-                selection: dict[str, list[int]] | None = None, sft_args=None, narrowed_experts: bool = False) -> dict:
-    """What ``moe-tune plan --json`` prints and ``moe-tune train`` shows before it starts.
-    With the run's SFTConfig, activations for one micro-batch are estimated too.
-    ``narrowed_experts``: the frozen routed experts are held in bf16 while training
-    (fast_experts.holds_frozen_experts_in_bf16)."""
-    from moe_tune.plan.accounting import (DTYPE_BYTES, loading_bytes, micro_batch_activations,  # noqa: PLC0415
-                                     plan_memory_bytes, quantized_weights)
-    from moe_tune.model.loading import experts_stored_apart  # noqa: PLC0415
-
-    rows = part_rows(model, arch, plan, recipe.lora, selection)
-    total = sum(r["params"] for r in rows)
-    full = sum(r["trainable"] for r in rows if r["mode"] == "train")
-    lora = sum(r["trainable"] for r in rows if r["mode"] == "lora")
-    new_rows = sum(r["trainable"] for r in rows if r["mode"] == "freeze")  # new tokens' rows (token_rows)
-    dtype = recipe.model.dtype if recipe.model.dtype in DTYPE_BYTES else "bfloat16"
-    sizes = {n: p.numel() for n, p in model.named_parameters()}
-    quantized = sum(sizes.get(n, 0) for n in quantized_weights(model)) if recipe.model.bits else 0
-    # the new rows: PEFT's own copy of them beside LoRA; otherwise the whole tensor has gradients and moments
-    memory_full, memory_lora = (full, lora + new_rows) if plan.lora_targets else \
-        (full + sum(sizes[n] for n in plan.token_rows), lora)
-    narrowed = sum(sizes[n] for n in arch.expert_params) if narrowed_experts else 0
-    state = plan_memory_bytes(total, memory_full, memory_lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits,
-                              narrowed)
-    weights = plan_memory_bytes(total, 0, 0, DTYPE_BYTES[dtype], quantized, recipe.model.bits, narrowed)
-    load = loading_bytes(model, arch, weights, 2 if narrowed_experts else DTYPE_BYTES[dtype],
-                         experts_stored_apart(recipe.model.path), narrowed=2 * narrowed)
-    report = {
-        "parts": rows,
-        "total_params": total,
-        "trainable_params": full + lora + new_rows,
-        "trainable_pct": 100 * (full + lora + new_rows) / total,
-        "lora_tensors": len(plan.lora_targets),
-        "expert_selection": selection,
-        "memory_gb": round(state / 1e9, 3),
-        "state_bytes": state,  # unrounded, for the per-device estimates (fit.py)
-        "memory_dtype": dtype,
-        "frozen_experts_bf16": narrowed_experts,
-        # loading's own peak: the weights, and the checkpoint's per-expert tensors being stacked
-        "load_peak_gb": round(load / 1e9, 3),
-        "load_stacking_gb": round((load - weights) / 1e9, 3),
-        "warnings": plan_warnings(arch, plan, recipe.trainable.preset, rows, selection),
-    }
-    if sft_args is not None:
-        acts, basis = micro_batch_activations(model, arch, dtype, sft_args, narrowed_experts=narrowed_experts,
-                                              trained=plan.trained)
-        checkpointing = bool(sft_args.gradient_checkpointing)
-        other, _ = micro_batch_activations(model, arch, dtype, sft_args, checkpointing=not checkpointing,
-                                           narrowed_experts=narrowed_experts, trained=plan.trained)
-        report.update(activation_gb=round(acts / 1e9, 3), peak_gb=round((state + acts) / 1e9, 3),
-                      activation_bytes=acts, activation_basis=basis, checkpointing=checkpointing,
-                      # the peak with activation checkpointing the other way: memory against speed
-                      other_peak_gb=round((state + other) / 1e9, 3))
-    return report
-
-
-def format_plan(report: dict) -> str:
-    rows = report["parts"]
-    w = max(len("trainable"), *(len(f"{r[key]:,}") for r in rows for key in ("params", "trainable")))
-    lines = [f"{'part':<15} {'params':>{w}} {'mode':>7} {'trainable':>{w}}"]
-    for r in rows:
-        lora = f"  ({r['lora_tensors']} tensors with LoRA)" if r["mode"] == "lora" else ""
-        lines.append(f"{r['part']:<15} {r['params']:>{w},} {r['mode']:>7} {r['trainable']:>{w},}{lora}")
-    lines.append(f"trainable: {report['trainable_params']:,} of {report['total_params']:,} base parameters "
-                 f"({report['trainable_pct']:.2f}%)")
-    if report["lora_tensors"]:
-        lines.append(f"LoRA coverage: all {report['lora_tensors']} planned tensors carry an adapter")
-    if report.get("new_tokens"):
-        lines.append(f"new tokens: {', '.join(report['new_tokens'])} ({report['chat_template']}); their embedding "
-                     "rows train, counted above")
-    narrowed = ", frozen routed experts in bf16 as the checkpoint stores them" if report["frozen_experts_bf16"] else ""
-    lines.append(f"memory estimate: {report['memory_gb']:.3f} GB ({report['memory_dtype']} weights{narrowed}, "
-                 "gradients, AdamW states)")
-    if "peak_gb" in report:
-        lines.append(f"  + activations {report['activation_gb']:.3f} GB ({report['activation_basis']}) "
-                     f"= peak {report['peak_gb']:.3f} GB")
-        lines.append(f"  with activation checkpointing {'off' if report['checkpointing'] else 'on'}: peak "
-                     f"{report['other_peak_gb']:.3f} GB ({'faster' if report['checkpointing'] else 'slower'}: "
-                     "the forward runs once more in backward when it is on)")
-    if report["load_peak_gb"] > report.get("peak_gb", 0):
-        lines.append(f"loading peak {report['load_peak_gb']:.3f} GB: the weights, + {report['load_stacking_gb']:.3f} GB "
-                     "while transformers stacks the checkpoint's per-expert tensors into one layer's fused ones")
-    for note in ("bf16_note", "checkpointing_note"):
-        if report.get(note):
-            lines.append(report[note])
-    if report.get("selection_note"):
-        lines.append(report["selection_note"])
-    lines += [f"warning: {w}" for w in report["warnings"]]
-    return "\n".join(lines)

@@ -33,49 +33,101 @@ from torch import nn
 from transformers import set_seed
 from trl import SFTConfig
 
-from moe_tune.model import templates
-from moe_tune.moe import fast_experts
-from moe_tune.training import distributed
-from moe_tune.plan.accounting import expert_intermediate
-from moe_tune.model.arch import MoeArch, describe, require_moe, text_config
-from moe_tune.moe.bias_balance import BiasBalancer, check_bias_balance
-from moe_tune.data.rows import check_lengths, read_chat_rows
+from moe_tune.data.rows import TrainRows, check_lengths, read_chat_rows, read_train_rows
 from moe_tune.errors import Interrupted, MoeTuneError
-from moe_tune.moe.expert_dropout import ExpertDropout
-from moe_tune.training.interrupts import Interrupts, StopOnInterrupt
-from moe_tune.moe.expert_selection import check_selection, load_selection, restrict_full, restrict_lora, save_selection
-from moe_tune.moe.expert_selection import select_experts
-from moe_tune.plan.fit import available_bytes
-from moe_tune.model.loading import build_meta_model, load_config, load_model, load_tokenizer
-from moe_tune.recipe import Recipe, dump_recipe, with_absolute_paths
 from moe_tune.evaluation.report import evaluate_files, write_report
+from moe_tune.model import templates
+from moe_tune.model.arch import MoeArch, describe, require_moe, text_config
+from moe_tune.model.loading import build_meta_model, load_config, load_model, load_tokenizer
+from moe_tune.moe import experts_policy
+from moe_tune.moe.bias_balance import BiasBalancer, check_bias_balance
+from moe_tune.moe.expert_dropout import ExpertDropout
+from moe_tune.moe.expert_selection import (
+    check_selection,
+    load_selection,
+    restrict_full,
+    restrict_lora,
+    save_selection,
+    select_experts,
+)
 from moe_tune.moe.router_losses import RouterRegularizer, check_router, coefficients
-from moe_tune.training.run_dir import (CHECKPOINTS, EVAL_DIR, MODEL_DIR, PHASES, PLAN_FILE, RECIPE_FILE, REPORT_JSON, REPORT_MD,
-                              SELECTION_FILE, check_run_dir, checkpoint_step, complete_checkpoints, continue_run,
-                              load_run_model, mark_done, phases_done, prepare_run_dir, put_in_place, resume_point,
-                              save_distributed, save_model, tmp_path, write_json, write_text)
-from moe_tune.plan.modes import (Plan, apply_plan, check_parts_exist, format_plan, make_plan, plan_report,
-                                resolve_modes, unwrapped)
-from moe_tune.training.sft_trainer import (BF16_PAYS, MoeSFTTrainer, bf16_speedup, build_trainer, checkpointing_is_auto,
-                              sft_config, sft_warnings, train)
+from moe_tune.plan.accounting import expert_intermediate
+from moe_tune.plan.fit import available_bytes
+from moe_tune.plan.modes import Plan, apply_plan, check_parts_exist, make_plan, resolve_modes, unwrapped
+from moe_tune.plan.report import PlanReport, plan_report
+from moe_tune.recipe import Recipe, dump_recipe, with_absolute_paths
+from moe_tune.training import distributed
+from moe_tune.training.interrupts import Interrupts, StopOnInterrupt
+from moe_tune.training.run_dir import (
+    CHECKPOINTS,
+    EVAL_DIR,
+    MODEL_DIR,
+    PHASES,
+    PLAN_FILE,
+    RECIPE_FILE,
+    REPORT_JSON,
+    REPORT_MD,
+    SELECTION_FILE,
+    check_run_dir,
+    checkpoint_step,
+    complete_checkpoints,
+    continue_run,
+    load_run_model,
+    mark_done,
+    phases_done,
+    prepare_run_dir,
+    put_in_place,
+    resume_point,
+    save_distributed,
+    save_model,
+    tmp_path,
+    write_json,
+    write_text,
+)
+from moe_tune.training.sft_trainer import (
+    BF16_PAYS,
+    MoeSFTTrainer,
+    TrainerParts,
+    bf16_speedup,
+    build_trainer,
+    checkpointing_is_auto,
+    config_as_loaded,
+    sft_config,
+    sft_warnings,
+    train,
+    turn_on_checkpointing,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSetup:
     """What a run works out before any weights load, once, for every later step."""
 
-    recipe: Recipe
+    recipe: Recipe       # with absolute paths; the one recipe of the run
     meta: nn.Module      # the model's modules and parameter shapes, without weights (for counting)
     template: templates.GivenTemplate | None  # model.chat_template, given to the tokenizer
     arch: MoeArch        # of ``meta``
     plan: Plan           # per parameter: train, LoRA or freeze
-    sft_args: SFTConfig
-    report: dict         # the plan report; experts scored when training starts are not in it yet
-    frozen_experts_bf16: bool  # fast_experts.holds_frozen_experts_in_bf16
+    sft_args: SFTConfig  # built once, here
+    report: PlanReport   # experts scored when training starts update it (make_trainable)
+    saved_selection: Path | None = None  # a resumed run's scored experts: read, not scored again
 
     @property
     def run(self) -> Path:
         return Path(self.recipe.output_dir)
+
+    @property
+    def frozen_experts_in_bf16(self) -> bool:
+        return self.report.frozen_experts_in_bf16
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """What check_data read and checked, handed to the steps that train on it."""
+
+    tokenizer: object    # the checkpoint's, with model.chat_template given
+    rows: TrainRows
+    first_row: str | None  # the first training row with its trained tokens marked
 
 
 def plan_run(recipe: Recipe) -> RunSetup:
@@ -101,29 +153,29 @@ def plan_run(recipe: Recipe) -> RunSetup:
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
     bf16, bf16_note = cpu_bf16(recipe, meta, arch)
     sft_args = sft_config(recipe, Path(recipe.output_dir), cpu_bf16=bf16)
-    narrowed = fast_experts.holds_frozen_experts_in_bf16(recipe, sft_args, plan.modes["routed_experts"])
-    report = plan_report(meta, arch, plan, recipe, selection, sft_args, narrowed)
+    in_bf16 = experts_policy.holds_frozen_experts_in_bf16(recipe, sft_args, plan.modes["routed_experts"])
+    report = plan_report(meta, arch, plan, recipe, sft_args, selection, in_bf16)
     if checkpointing_is_auto(recipe):  # on only where the planned peak exceeds the machine
-        free, without = available_bytes(), report["peak_gb"]
-        if without * 1e9 > free:
-            sft_args = sft_config(recipe, Path(recipe.output_dir), checkpointing=True, cpu_bf16=bf16)
-            report = plan_report(meta, arch, plan, recipe, selection, sft_args, narrowed)
-        report["checkpointing_note"] = (
+        free, without = available_bytes(), report.peak_bytes
+        if without > free:
+            turn_on_checkpointing(sft_args)
+            report.checkpointing_turned_on()
+        report.notes.append(
             f"sft.activation_checkpointing: auto -> {'on' if sft_args.gradient_checkpointing else 'off'} (planned "
-            f"peak {without:.3f} GB without it, {free / 1e9:.3f} GB available)")
+            f"peak {without / 1e9:.3f} GB without it, {free / 1e9:.3f} GB available)")
     if bf16_note:
-        report["bf16_note"] = bf16_note
-    report["warnings"] += sft_warnings(sft_args)
+        report.notes.insert(0, bf16_note)
+    report.warnings += sft_warnings(sft_args)
     if added:
-        report.update(new_tokens=list(added), chat_template=f"{templates.TEMPLATE_KEY}: {template.source}")
+        report.new_tokens, report.chat_template = list(added), f"{templates.TEMPLATE_KEY}: {template.source}"
     if "lora" in recipe.model_fields_set and not plan.lora_targets:
-        report["warnings"].append("a lora section is given, but no part is in LoRA mode: it has no effect "
-                                  "(trainable.preset: lora_experts, or trainable.<part>: lora)")
+        report.warnings.append("a lora section is given, but no part is in LoRA mode: it has no effect "
+                               "(trainable.preset: lora_experts, or trainable.<part>: lora)")
     if cfg and not cfg.file:
-        report["selection_note"] = (f"experts are selected (score {cfg.score}, top_p {cfg.top_p}) on "
-                                    f"{cfg.rows} training rows when training starts; counts above are before it")
+        report.notes.append(f"experts are selected (score {cfg.score}, top_p {cfg.top_p}) on "
+                            f"{cfg.rows} training rows when training starts; counts above are before it")
     apply_plan(copy.deepcopy(meta), plan, arch, recipe.lora)  # the copy: ``meta`` stays unwrapped for counting
-    return RunSetup(recipe, meta, template, arch, plan, sft_args, report, narrowed)
+    return RunSetup(recipe, meta, template, arch, plan, sft_args, report)
 
 
 def cpu_bf16(recipe: Recipe, meta: nn.Module, arch: MoeArch) -> tuple[bool, str | None]:
@@ -138,34 +190,33 @@ def cpu_bf16(recipe: Recipe, meta: nn.Module, arch: MoeArch) -> tuple[bool, str 
                 f"model's shapes (measured; on from {BF16_PAYS}x); sft.bf16 decides otherwise")
 
 
-def check_data(setup: RunSetup) -> str | None:
-    """The tokenizer and every data file the run will read, before any weights load; returns
-    the first training row with its trained tokens marked (when only assistant tokens train)."""
+def check_data(setup: RunSetup) -> RunData:
+    """The tokenizer and every data file the run will read, checked before any weights load;
+    what was read is handed on, so that nothing is read twice."""
     recipe = setup.recipe
     tokenizer = load_tokenizer(recipe.model.path, setup.template)
     data = recipe.data
-    rows = read_chat_rows(data.train, data.max_train_rows, data.format, data.skip_bad_rows)
+    read = read_train_rows(data)
     shown = None
     if setup.sft_args.assistant_only_loss:  # before check_lengths: it names a row the template cannot render
         how = templates.masking(tokenizer)
-        templates.check_rows(data.train, rows, tokenizer, how)
-        shown = templates.first_row(tokenizer, rows, how)
-    check_lengths(data.train, rows, tokenizer, setup.sft_args.max_length, data.skip_bad_rows)
-    if data.valid:
-        read_chat_rows(data.valid, None, data.format, data.skip_bad_rows)
+        templates.check_rows(data.train, read.train.rows, tokenizer, how)
+        shown = templates.first_row(tokenizer, read.train.rows, how)
+    check_lengths(data.train, read.train.rows, tokenizer, setup.sft_args.max_length, data.skip_bad_rows)
     for path in recipe.eval.files:
         read_chat_rows(path)
     if recipe.eval.retention_file and not Path(recipe.eval.retention_file).is_file():
         raise MoeTuneError(f"{recipe.eval.retention_file}: eval.retention_file not found")
-    return shown
+    setup.report.first_row = shown
+    return RunData(tokenizer, read, shown)
 
 
 def set_experts_implementation(recipe: Recipe, model) -> None:
     """The recipe's experts kernel; a model whose experts do not use transformers' experts
     interface keeps its own forward."""
     name = recipe.model.experts_implementation
-    if name == fast_experts.NAME:
-        fast_experts.use_fast_experts(model)
+    if name == experts_policy.NAME:
+        experts_policy.use_experts_kernel(model)
     elif model._can_set_experts_implementation():
         model.set_experts_implementation(name)
 
@@ -181,63 +232,76 @@ def attach_regularizers(setup: RunSetup, model, arch: MoeArch) -> tuple[RouterRe
     return RouterRegularizer(model, arch, coef["aux_loss"], coef["z_loss"], coef["router_kl"]), balancer
 
 
-def make_trainable(setup: RunSetup, model, arch: MoeArch, tokenizer):
+def make_trainable(setup: RunSetup, model, arch: MoeArch, tokenizer, data: RunData | None = None):
     """Select experts (ESFT), then freeze, train or LoRA-wrap each part as planned; print and
-    save what will train."""
+    save what will train. ``data``: what check_data read (experts are scored on its rows)."""
     recipe, plan, report = setup.recipe, setup.plan, setup.report
     cfg, selection = recipe.trainable.selection(), None
-    if cfg is not None:
-        shares, selection = select_experts(recipe, model, arch, tokenizer)
+    if cfg is not None and setup.saved_selection is not None:
+        selection = load_selection(setup.saved_selection, arch)
+    elif cfg is not None:
+        rows = data.rows.train.rows[:cfg.rows] if data is not None else None
+        shares, selection = select_experts(recipe, model, arch, tokenizer, rows)
         if not cfg.file and distributed.is_main():  # scored now, not read from a file
             save_selection(setup.run / SELECTION_FILE, cfg.score, cfg.top_p, shares, selection)
             print("selected experts: " + "; ".join(f"{b}: {e}" for b, e in selection.items()))
-        if report["expert_selection"] is None:  # counted again, with the selected experts' share
-            report = plan_report(setup.meta, setup.arch, plan, recipe, selection, setup.sft_args,
-                                 setup.frozen_experts_bf16)
+    if selection is not None and report.expert_selection is None:  # the counts, with the selected experts' share
+        report.take_counts(plan_report(setup.meta, setup.arch, plan, recipe, setup.sft_args, selection,
+                                       report.frozen_experts_in_bf16))
     if distributed.is_main():
-        print(format_plan(report))
-        write_json(setup.run / PLAN_FILE, report)
+        print(report.format())
+        write_json(setup.run / PLAN_FILE, report.to_json())
     model = apply_plan(model, plan, arch, recipe.lora)
-    fast_experts.route_lora_through(model)  # only where experts_implementation is moe_tune
+    experts_policy.route_lora_through(model)  # only where experts_implementation is moe_tune
     if selection is not None:
         restrict = restrict_full if plan.modes["routed_experts"] == "train" else restrict_lora
         restrict(model, arch, selection)
     return model
 
 
-def trainer_for(setup: RunSetup, model, tokenizer) -> tuple[MoeSFTTrainer, MoeArch]:
+def trainer_for(setup: RunSetup, model, tokenizer, data: RunData | None = None) -> tuple[MoeSFTTrainer, MoeArch]:
     """The trainer ``moe-tune train`` runs, for a freshly loaded model, and the model's
-    architecture (the benchmarks build theirs here too)."""
+    architecture (the benchmarks build theirs here too); ``data``: what check_data read, or
+    None to read the recipe's rows now."""
     set_experts_implementation(setup.recipe, model)
     arch = describe(model)
-    fast_experts.cast_on_use(model, arch.expert_modules, bool(setup.sft_args.gradient_checkpointing))
+    experts_policy.cast_on_use(model, arch.expert_modules, bool(setup.sft_args.gradient_checkpointing))
     distributed.register_moe_leaf_modules(model, arch)
     # the anchor is the base routing, also on resume
     regularizer, balancer = attach_regularizers(setup, model, arch)
-    model = make_trainable(setup, model, arch, tokenizer)
+    model = make_trainable(setup, model, arch, tokenizer, data)
     if balancer is not None:
         balancer.freeze()  # the plan may have made the router's tensors trainable
-    return build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, regularizer, balancer=balancer,
-                         no_decay=list(setup.plan.token_rows) if not setup.plan.lora_targets else []), arch
+    parts = TrainerParts(regularizer, balancer, tuple(setup.plan.token_rows) if not setup.plan.lora_targets else (),
+                         data.rows if data is not None else None)
+    return build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, parts), arch
 
 
-def load_trained(setup: RunSetup):
-    """(model, tokenizer, architecture) of the run's saved model, set up as it trained: the
-    recipe's experts kernel, LoRA through it."""
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """The trained model, ready to evaluate."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: MoeArch
+
+
+def load_trained(setup: RunSetup) -> Trained:
+    """The run's saved model, set up as it trained: the recipe's experts kernel, LoRA through it."""
     model, tokenizer, _ = load_run_model(setup.run, setup.recipe.model.dtype)  # whole, whatever the sharding
     set_experts_implementation(setup.recipe, unwrapped(model))
-    fast_experts.route_lora_through(model)
-    return model, tokenizer, describe(unwrapped(model))
+    experts_policy.route_lora_through(model)
+    return Trained(model, tokenizer, describe(unwrapped(model)))
 
 
-def train_and_save(setup: RunSetup, checkpoint: Path | None, interrupts: Interrupts):
-    """Train (from ``checkpoint`` when resuming) and save RUN/model; (model, tokenizer,
-    architecture) to evaluate, or None on the ranks that do not evaluate."""
+def train_and_save(setup: RunSetup, data: RunData, checkpoint: Path | None, interrupts: Interrupts) -> Trained | None:
+    """Train (from ``checkpoint`` when resuming) and save RUN/model; the model to evaluate, or
+    None on the ranks that do not evaluate."""
     recipe, run = setup.recipe, setup.run
     set_seed(recipe.seed)
     model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits, setup.template,
-                                  bf16_experts=setup.frozen_experts_bf16)
-    trainer, arch = trainer_for(setup, model, tokenizer)
+                                  tokenizer=data.tokenizer, frozen_experts_in_bf16=setup.frozen_experts_in_bf16)
+    trainer, arch = trainer_for(setup, model, tokenizer, data)
     trainer.add_callback(StopOnInterrupt(interrupts))
     start = time.time()
     with interrupts.gracefully():
@@ -254,7 +318,8 @@ def train_and_save(setup: RunSetup, checkpoint: Path | None, interrupts: Interru
         if distributed.world_size() > 1:
             save_distributed(trainer, tokenizer, run)
         else:
-            save_model(trainer.model, tokenizer, run)
+            with config_as_loaded(trainer.model, trainer.config_as_loaded):
+                save_model(trainer.model, tokenizer, run)
     # rank 0 alone tidies the run folder: another rank could find the folder gone between its
     # two looks (seen in tests/test_distributed.py)
     if distributed.is_main() and (run / CHECKPOINTS).is_dir() and not any((run / CHECKPOINTS).iterdir()):
@@ -266,22 +331,24 @@ def train_and_save(setup: RunSetup, checkpoint: Path | None, interrupts: Interru
                           f"evaluate it with: moe-tune train {run} --resume")
     if distributed.world_size() > 1:
         return load_trained(setup) if distributed.is_main() else None
-    return trainer.model, tokenizer, arch
+    return Trained(trainer.model, tokenizer, arch)
 
 
-def evaluate_run(recipe: Recipe, run: Path, model, tokenizer, arch: MoeArch | None, done: list[str]) -> None:
+def evaluate_run(setup: RunSetup, trained: Trained | None, done: list[str]) -> None:
     """Held-out evaluation of the tuned model (and the base, if asked), with routing analytics
     (phase evaluate), then the report and its plots (phase report), into RUN/eval.tmp, renamed
-    to RUN/eval at the end (a run folder with eval/ is a finished run)."""
+    to RUN/eval at the end (a run folder with eval/ is a finished run). ``trained`` is None where
+    only the report is left to write."""
+    recipe, run = setup.recipe, setup.run
     tmp = tmp_path(run / EVAL_DIR)
     if "evaluate" in done:  # interrupted while reporting: the results are there
         report = json.loads((tmp / REPORT_JSON).read_text()) if (tmp / REPORT_JSON).is_file() else {}
     else:
         tmp.mkdir(parents=True, exist_ok=True)
         # the base with the tuned tokenizer: tokens a chat template added get rows (untrained) there too
-        base = load_model(recipe.model.path, recipe.model.dtype, tokenizer=tokenizer)[0] \
+        base = load_model(recipe.model.path, recipe.model.dtype, tokenizer=trained.tokenizer)[0] \
             if recipe.eval.compare_base else None
-        report = evaluate_files(model, tokenizer, recipe.eval, tmp, base=base, arch=arch)
+        report = evaluate_files(trained.model, trained.tokenizer, recipe.eval, tmp, base=base, arch=trained.arch)
         mark_done(run, "evaluate")
     if report:
         write_report(tmp, report)
@@ -298,9 +365,9 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     # (results, report) as the run did
     recipe = with_absolute_paths(recipe)
     setup = plan_run(recipe)
-    shown = check_data(setup)
-    if shown and distributed.is_main():
-        print(shown)
+    data = check_data(setup)
+    if data.first_row and distributed.is_main():
+        print(data.first_row)
     resumed = resume_point(recipe, setup.sft_args) if resume else None
     if not resume:
         check_run_dir(recipe.output_dir, overwrite)  # every rank decides before any rank writes
@@ -308,7 +375,7 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     distributed.barrier()
     run = setup.run
     if resumed is not None:
-        setup = dataclasses.replace(setup, recipe=continue_run(recipe, resumed))
+        setup = dataclasses.replace(setup, saved_selection=continue_run(run, resumed, recipe.trainable.selection()))
         if distributed.is_main():
             write_text(run / RECIPE_FILE, dump_recipe(recipe))  # RESUMABLE keys (output_dir) may have changed
         print(f"resuming from {resumed.checkpoint}" if resumed.checkpoint else
@@ -321,14 +388,14 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     with Interrupts() as interrupts:
         try:
             if "evaluate" in done:  # only the report is left: it needs no model
-                trained = (None, None, None)
+                trained = None
             elif "save" in done:
                 trained = load_trained(setup)
             else:
-                trained = train_and_save(setup, resumed.checkpoint if resumed else None, interrupts)
-            if trained is None:
-                return None
-            evaluate_run(recipe, run, *trained, phases_done(run))
+                trained = train_and_save(setup, data, resumed.checkpoint if resumed else None, interrupts)
+                if trained is None:  # a rank that does not evaluate
+                    return None
+            evaluate_run(setup, trained, phases_done(run))
         except KeyboardInterrupt:
             raise Interrupted(stopped_message(run)) from None
     print(f"\nrun folder: {run}")

@@ -25,8 +25,10 @@ import shutil
 import time
 from pathlib import Path
 
-from moe_tune.training import distributed
 from moe_tune.errors import MoeTuneError
+from moe_tune.model.loading import load_adapter_model, load_model
+from moe_tune.recipe import load_recipe, with_absolute_paths
+from moe_tune.training import distributed
 
 RECIPE_FILE = "recipe.yaml"
 PLAN_FILE = "plan.json"
@@ -221,7 +223,6 @@ def resume_point(recipe, args) -> Resume:
     """What is left of the run in ``recipe.output_dir``, after checking that the run exists, is
     unfinished, and was started with this recipe (``RESUMABLE`` keys aside); clears what an
     interrupted phase left half-written. ``args`` is the run's SFTConfig."""
-    from moe_tune.recipe import load_recipe, with_absolute_paths  # noqa: PLC0415
 
     run = Path(recipe.output_dir)
     if not (run / RECIPE_FILE).is_file():
@@ -251,20 +252,15 @@ def resume_point(recipe, args) -> Resume:
     return Resume(done, None if "save" in done else checkpoints[-1])
 
 
-def continue_run(recipe, resume: Resume):
-    """What a resumed run reuses: its expert selection (not scored again), and its metrics and
-    TensorBoard events up to the checkpoint it trains on from (later ones would be logged
-    twice). Returns the recipe to continue with."""
-    run = Path(recipe.output_dir)
+def continue_run(run: Path, resume: Resume, selection) -> Path | None:
+    """What a resumed run reuses: its metrics and TensorBoard events up to the checkpoint it
+    trains on from (later ones would be logged twice), and the expert selection it scored
+    (returned: not scored again), where the recipe asks for a ``selection``."""
     if resume.checkpoint is not None and distributed.is_main():
         step, last = checkpoint_step(resume.checkpoint)
         if step < last:  # training goes on: its summary line comes again at the end
             _drop_logs_after(run, step)
-    selection = recipe.trainable.selection()
-    if selection is not None and (run / SELECTION_FILE).is_file():
-        recipe = recipe.model_copy(deep=True)
-        recipe.trainable.expert_selection = selection.model_copy(update={"file": str(run / SELECTION_FILE)})
-    return recipe
+    return run / SELECTION_FILE if selection is not None and (run / SELECTION_FILE).is_file() else None
 
 
 def _drop_logs_after(run: Path, step: int) -> None:
@@ -317,7 +313,6 @@ def save_distributed(trainer, tokenizer, run: Path) -> Path:
 
 def load_run_recipe(run: Path, overrides: list[str] | None = None):
     """A run folder's recipe, with the folder as it is now for output_dir (it may have moved)."""
-    from moe_tune.recipe import load_recipe  # noqa: PLC0415
 
     return load_recipe(run / RECIPE_FILE, [*(overrides or []), f"output_dir={run.resolve()}"])
 
@@ -325,7 +320,6 @@ def load_run_recipe(run: Path, overrides: list[str] | None = None):
 def load_run_model(target: Path, dtype: str, adapter: str | None = None):
     """(model, tokenizer, base path or None) of a run folder (full weights, or base + adapter),
     a model folder with ``adapter``, or a plain model folder."""
-    from moe_tune.model.loading import load_adapter_model, load_model  # noqa: PLC0415
 
     if adapter:
         return (*load_adapter_model(str(target), Path(adapter), dtype), str(target))

@@ -8,13 +8,14 @@ callbacks that guard and record a run.
 from __future__ import annotations
 
 import contextlib
-import functools
 import copy
+import functools
 import json
 import math
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,18 +23,24 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from moe_tune.data.rows import ReadRows, TrainRows, messages_dataset, read_train_rows
+from moe_tune.errors import MoeTuneError
 from moe_tune.evaluation import routing_stats
 from moe_tune.model import templates
-from moe_tune.moe import fast_experts, routing
-from moe_tune.training import distributed
-from moe_tune.moe.bias_balance import BalanceBiases, BiasBalancer
-from moe_tune.data.rows import messages_dataset, read_chat_rows, read_rows
-from moe_tune.errors import MoeTuneError
 from moe_tune.model.loading import returning_freed_memory
+from moe_tune.moe import routing, step_memory
+from moe_tune.moe.bias_balance import BalanceBiases, BiasBalancer
 from moe_tune.moe.router_losses import RouterRegularizer
 from moe_tune.plan.modes import unwrapped
-from moe_tune.training.run_dir import (CHECKPOINTS, DATA_REPORT_FILE, METRICS_FILE, TENSORBOARD_DIR,
-                              complete_checkpoints, write_json)
+from moe_tune.training import distributed
+from moe_tune.training.run_dir import (
+    CHECKPOINTS,
+    DATA_REPORT_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    complete_checkpoints,
+    write_json,
+)
 
 # Where the recipe leaves them unset. On a CPU: no activation checkpointing (it recomputes the
 # forward to save memory a CPU run rarely lacks), torch's fused AdamW (one pass over each tensor:
@@ -97,17 +104,17 @@ def checkpointing_is_auto(recipe) -> bool:
     return any(recipe.sft.get(name) == "auto" for name in _CHECKPOINTING_NAMES)
 
 
-def sft_config(recipe, run: Path, checkpointing: bool = False, cpu_bf16: bool = False) -> SFTConfig:
+def sft_config(recipe, run: Path, cpu_bf16: bool = False) -> SFTConfig:
     """TRL's SFTConfig for the recipe: moe_tune's defaults, then the recipe's ``sft`` section;
-    ``checkpointing`` is what ``activation_checkpointing: auto`` comes to, and ``cpu_bf16`` the
-    CPU's bf16 default (train.plan_run measures it)."""
+    ``activation_checkpointing: auto`` starts off (pipeline.plan_run turns it on where the plan's
+    peak does not fit), and ``cpu_bf16`` is the CPU's bf16 default (plan_run measures it)."""
     args = dict(DEFAULTS, **({} if torch.cuda.is_available() else {**CPU_DEFAULTS, "bf16": cpu_bf16}))
     if _CHECKPOINTING_NAMES & set(recipe.sft):  # the recipe's choice, under either name, wins
         args.pop("activation_checkpointing", None)
     args.update(recipe.sft)
     for name in _CHECKPOINTING_NAMES & set(args):
         if args[name] == "auto":
-            args[name] = checkpointing
+            args[name] = False
     if recipe.data.valid is None and args.get("eval_strategy", "no") != "no":
         raise MoeTuneError("sft.eval_strategy is set but data.valid is not; add a validation file")
     packed = [key for key in ("packing", "padding_free") if args.get(key)]
@@ -122,6 +129,12 @@ def sft_config(recipe, run: Path, checkpointing: bool = False, cpu_bf16: bool = 
         return SFTConfig(output_dir=str(run / CHECKPOINTS), seed=recipe.seed, **args)
     except (ValueError, TypeError) as e:
         raise MoeTuneError(f"sft: TRL rejected the settings: {e}") from None
+
+
+def turn_on_checkpointing(args: SFTConfig) -> None:
+    """``activation_checkpointing: auto`` decided on once the plan's peak is known, in the
+    SFTConfig built before it; both names, as its __post_init__ leaves them."""
+    args.activation_checkpointing = args.gradient_checkpointing = True
 
 
 def sft_warnings(args: SFTConfig) -> list[str]:
@@ -204,6 +217,31 @@ def non_finite_message(step: int, value: float, run: Path) -> str:
             "sft.max_grad_norm on, or use model.dtype: float32 / bf16 instead of float16")
 
 
+# config keys TRL sets on the model for its own aux loss (SFTTrainer.__init__), which a saved
+# model must carry as loaded: a model trained further elsewhere balances its experts again
+TRAINER_SET_CONFIG = ("router_aux_loss_coef", "output_router_logits")
+
+
+def config_values(model) -> dict[str, object]:
+    """The model's text config's values of ``TRAINER_SET_CONFIG`` (those it has)."""
+    text = unwrapped(model).config.get_text_config()
+    return {key: getattr(text, key) for key in TRAINER_SET_CONFIG if hasattr(text, key)}
+
+
+@contextlib.contextmanager
+def config_as_loaded(model, values: dict[str, object]):
+    """Inside the block, the model's config holds ``values`` (as loaded); training's afterwards."""
+    text = unwrapped(model).config.get_text_config()
+    training = {key: getattr(text, key) for key in values}
+    for key, value in values.items():
+        setattr(text, key, value)
+    try:
+        yield
+    finally:
+        for key, value in training.items():
+            setattr(text, key, value)
+
+
 class MoeSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer plus moe_tune's router terms, each logged under its own name, and a
     routing summary after each evaluation."""
@@ -211,6 +249,9 @@ class MoeSFTTrainer(SFTTrainer):
     def __init__(self, *args, regularizer: RouterRegularizer | None = None,
                  routing_probe: RoutingProbe | None = None, no_decay: list[str] = (),
                  balancer: BiasBalancer | None = None, **kwargs):
+        # TRL writes its aux-loss settings into the model's config (off here: router_losses.py
+        # computes the term); what a save writes is the config as the model was loaded
+        self.config_as_loaded = config_values(kwargs.get("model") or args[0])
         super().__init__(*args, **kwargs)
         self.regularizer = regularizer
         self.balancer = balancer  # aux-loss-free balancing: counts choices here, moves biases per step
@@ -220,6 +261,11 @@ class MoeSFTTrainer(SFTTrainer):
         self.no_decay = set(no_decay)  # weights trained on some rows only (trainable.train_rows_only)
         # cross-entropy and router terms per micro-batch since the last log, by mode; averaged into the next log
         self.router_terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Checkpoints and ``save_model`` write the config as the model was loaded."""
+        with config_as_loaded(self.model, self.config_as_loaded):
+            super()._save(output_dir, state_dict)
 
     def get_decay_parameter_names(self, model) -> list[str]:
         """Trainer's, less the weights trained on some rows only: decay would shrink their frozen rows."""
@@ -305,22 +351,24 @@ class MoeSFTTrainer(SFTTrainer):
         self._load_from_checkpoint(str(checkpoint))
 
 
-def load_data(recipe, run: Path, tokenizer=None):
-    """(train, valid) datasets; rows skipped under data.skip_bad_rows are reported in the run.
-    With ``tokenizer``, rows come tokenized with their assistant mask (templates.py), for any
-    chat template; without, as chat ``messages`` for TRL to tokenize."""
+def load_data(recipe, run: Path, tokenizer=None, read: TrainRows | None = None):
+    """(train, valid) datasets, from the rows already ``read`` (check_data's) or read here; rows
+    skipped under data.skip_bad_rows are reported in the run. With ``tokenizer``, rows come
+    tokenized with their assistant mask (templates.py), for any chat template; without, as chat
+    ``messages`` for TRL to tokenize."""
     data, skipped, sets = recipe.data, {}, []
     how = templates.masking(tokenizer) if tokenizer is not None else None
-    for path, limit in ((data.train, data.max_train_rows), (data.valid, None)):
-        if path is None:
+    read = read or read_train_rows(data)
+    for path, source in ((data.train, read.train), (data.valid, read.valid)):
+        if source is None:
             sets.append(None)
             continue
-        rows, bad, fmt = read_rows(path, limit, data.format, data.skip_bad_rows)
-        print(f"read {len(rows):,} rows of {path} ({fmt})")
-        sets.append(messages_dataset(rows) if how is None else masked_dataset(rows, tokenizer, how))
-        if bad:
-            skipped[path] = bad
-            print(f"note: skipped {len(bad)} bad rows of {path} (see {DATA_REPORT_FILE}), e.g. {bad[0]}")
+        print(f"read {len(source.rows):,} rows of {path} ({source.format})")
+        sets.append(messages_dataset(source.rows) if how is None else masked_dataset(source.rows, tokenizer, how))
+        if source.skipped:
+            skipped[path] = source.skipped
+            print(f"note: skipped {len(source.skipped)} bad rows of {path} (see {DATA_REPORT_FILE}), "
+                  f"e.g. {source.skipped[0]}")
     if skipped and distributed.is_main():
         write_json(run / DATA_REPORT_FILE, {"skipped_rows": {p: len(b) for p, b in skipped.items()},
                                              "messages": skipped})
@@ -333,13 +381,12 @@ def masked_dataset(rows: list[dict], tokenizer, how) -> Dataset:
     return Dataset.from_dict({"input_ids": [ids for ids, _ in encoded], "assistant_masks": [m for _, m in encoded]})
 
 
-def routing_probe(recipe, model, arch, tokenizer) -> RoutingProbe | None:
+def routing_probe(model, arch, tokenizer, valid: ReadRows | None) -> RoutingProbe | None:
     """A probe on the validation rows, when there are some and the routers can be read."""
     inner = unwrapped(model)
-    if recipe.data.valid is None or not routing.readable(inner, arch):
+    if valid is None or not routing.readable(inner, arch):
         return None
-    rows = read_chat_rows(recipe.data.valid, RoutingProbe.SAMPLE, recipe.data.format, recipe.data.skip_bad_rows)
-    return RoutingProbe(inner, arch, tokenizer, rows)
+    return RoutingProbe(inner, arch, tokenizer, valid.rows[:RoutingProbe.SAMPLE])
 
 
 def fsdp_dropped(args: SFTConfig, trainer: SFTTrainer) -> bool:
@@ -349,22 +396,29 @@ def fsdp_dropped(args: SFTConfig, trainer: SFTTrainer) -> bool:
     return asked and not trainer.is_fsdp_enabled
 
 
-def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch,
-                  regularizer: RouterRegularizer | None = None, no_decay: list[str] = (),
-                  balancer: BiasBalancer | None = None) -> MoeSFTTrainer:
-    """The trainer of the run in ``recipe.output_dir``, for a model made trainable already;
-    ``no_decay``: weights trained on some rows only, kept out of weight decay; ``balancer``:
-    aux-loss-free balancing (router.bias_balance_rate)."""
+@dataclass(frozen=True)
+class TrainerParts:
+    """What moe_tune adds to TRL's trainer, worked out by the pipeline before the trainer exists."""
+
+    regularizer: RouterRegularizer | None = None
+    balancer: BiasBalancer | None = None  # aux-loss-free balancing (router.bias_balance_rate)
+    no_decay: tuple[str, ...] = ()        # weights trained on some rows only, kept out of weight decay
+    read: TrainRows | None = None         # the rows check_data read; None: read them here
+
+
+def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch, parts: TrainerParts = TrainerParts()) -> MoeSFTTrainer:
+    """The trainer of the run in ``recipe.output_dir``, for a model made trainable already."""
     run = Path(recipe.output_dir)
-    train, valid = load_data(recipe, run, tokenizer if args.assistant_only_loss else None)
+    read = parts.read or read_train_rows(recipe.data)
+    train, valid = load_data(recipe, run, tokenizer if args.assistant_only_loss else None, read)
     if "tensorboard" in (args.report_to or []):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / TENSORBOARD_DIR)  # read by transformers' TB callback
     if args.assistant_only_loss:  # the mask is in the data, for any template: TRL would ask for markers
         args = copy.copy(args)
         args.assistant_only_loss = False
     trainer = MoeSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
-                            processing_class=tokenizer, regularizer=regularizer, no_decay=no_decay, balancer=balancer,
-                            routing_probe=routing_probe(recipe, model, arch, tokenizer),
+                            processing_class=tokenizer, regularizer=parts.regularizer, no_decay=list(parts.no_decay),
+                            balancer=parts.balancer, routing_probe=routing_probe(model, arch, tokenizer, read.valid),
                             callbacks=[MetricsLog(run / METRICS_FILE), GradientGuard()])
     if fsdp_dropped(args, trainer) and distributed.is_main():
         print(f"note: FSDP was asked for, but accelerate does not shard on {args.device.type.upper()}: every "
@@ -385,7 +439,7 @@ def train(trainer: MoeSFTTrainer, recipe, checkpoint: Path | None) -> None:
     """Trainer.train, from ``checkpoint`` when resuming; running out of memory says what to lower."""
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        fast_experts.release_kept(trainer.model)  # the step buffers, before evaluation
+        step_memory.release_kept(trainer.model)  # the step buffers, before evaluation
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise MoeTuneError(out_of_memory_message(recipe)) from e
     except RuntimeError as e:
