@@ -285,6 +285,31 @@ def explain_error(err: dict, source: str, schema: type[BaseModel] | None = None)
     return f"{source}: {path}: {err['msg']} (got {err['input']!r})"
 
 
+# Ranges of SFTConfig values that TRL and transformers check only once training starts (or
+# never): checked with the recipe, so that a bad value stops before anything loads.
+_SFT_RANGES: dict[str, tuple[typing.Callable[[float], bool], str]] = {
+    "learning_rate": (lambda v: v > 0, "greater than 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "at least 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "at least 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "at least 1"),
+    "max_steps": (lambda v: v == -1 or v > 0, "greater than 0, or -1 to train sft.num_train_epochs"),
+    "num_train_epochs": (lambda v: v > 0, "greater than 0"),
+    "warmup_steps": (lambda v: v >= 0, "0 or more (below 1: a share of the steps)"),
+    "weight_decay": (lambda v: v >= 0, "0 or more"),
+    "max_grad_norm": (lambda v: v >= 0, "0 or more (0: no clipping)"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda v: v > 0, "greater than 0"),
+    "label_smoothing_factor": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "logging_steps": (lambda v: v > 0, "greater than 0 (below 1: a share of the steps)"),
+    "eval_steps": (lambda v: v > 0, "greater than 0 (below 1: a share of the steps)"),
+    "save_steps": (lambda v: v > 0, "greater than 0 (below 1: a share of the steps)"),
+    "save_total_limit": (lambda v: v >= 1, "at least 1"),
+    "max_length": (lambda v: v >= 1, "at least 1 token"),
+    "dataloader_num_workers": (lambda v: v >= 0, "0 or more"),
+}
+
+
 def _sft_config_class():
     from trl import SFTConfig  # noqa: PLC0415  (TRL is slow to import; only needed here)
 
@@ -316,6 +341,8 @@ def check_sft(sft: dict[str, Any], source: str) -> None:
             adapter.validate_python(value)
         except ValidationError as e:
             raise MoeTuneError(f"{source}: sft.{key}: {e.errors()[0]['msg']} (got {value!r})") from None
+        if key in _SFT_RANGES and isinstance(value, int | float) and not _SFT_RANGES[key][0](value):
+            raise MoeTuneError(f"{source}: sft.{key}: must be {_SFT_RANGES[key][1]} (got {value!r})")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

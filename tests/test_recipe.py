@@ -1,5 +1,6 @@
 """Recipes: every shipped file validates; mistakes name the file and dotted key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -186,3 +187,31 @@ def test_every_comparison_spec_validates(path, ernie_copy):
     spec = load_spec(path)
     check_spec(spec)  # every variant's recipe
     assert len(spec.seeds) == 3 and "moe-tune compare" in path.read_text().split("\n\n")[0]
+
+
+@pytest.mark.parametrize("override, says", [
+    ("sft.learning_rate=-1e-3", "sft.learning_rate: must be greater than 0 (got -0.001)"),
+    ("sft.per_device_train_batch_size=0", "sft.per_device_train_batch_size: must be at least 1 (got 0)"),
+    ("sft.max_steps=-5", "sft.max_steps: must be greater than 0, or -1 to train sft.num_train_epochs (got -5)"),
+    ("sft.gradient_accumulation_steps=0", "sft.gradient_accumulation_steps: must be at least 1 (got 0)"),
+    ("sft.adam_beta2=1.0", "sft.adam_beta2: must be in [0, 1) (got 1.0)"),
+])
+def test_out_of_range_sft_values_stop_plan_and_train_before_anything_loads(tmp_path, capsys, override, says):
+    """TRL and torch find these only once training starts (torch's 'Invalid learning rate' after
+    the model loaded, a run folder left behind); the recipe check finds them first."""
+    from moe_tune.cli import main
+
+    with pytest.raises(MoeTuneError, match=re.escape(says)):
+        load_recipe(ROOT / "recipes" / "quickstart.yaml", [override])
+    for command in ("plan", "train"):
+        assert main([command, str(ROOT / "recipes" / "quickstart.yaml"), override,
+                     f"output_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_in_range_sft_values_pass(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["sft.max_steps=-1", "sft.num_train_epochs=0.5",
+                                                                 "sft.warmup_steps=0.1", "sft.max_grad_norm=0"])
+    assert recipe.sft["max_steps"] == -1 and recipe.sft["warmup_steps"] == 0.1

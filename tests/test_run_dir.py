@@ -98,3 +98,22 @@ def test_event_files_from_a_clock_ahead_are_waited_for_a_second_at_most(tmp_path
     start = time.monotonic()
     after_newest_events(board)
     assert time.monotonic() - start < 1.5
+
+
+def test_a_run_that_failed_before_its_first_logged_step_leaves_nothing_behind(tmp_path):
+    """Its folder would otherwise hold recipe.yaml and ask for --overwrite on the next try."""
+    from moe_tune.training.run_dir import discard_unstarted
+
+    new = prepare_run_dir(str(tmp_path / "new"), overwrite=False)
+    (new / "recipe.yaml").write_text("x")
+    (new / "checkpoints").mkdir()
+    assert discard_unstarted(new, existed=False) and not new.exists()
+    given = tmp_path / "given"  # an empty folder the user made: it stays, empty
+    given.mkdir()
+    prepare_run_dir(str(given), overwrite=False)
+    (given / "recipe.yaml").write_text("x")
+    assert discard_unstarted(given, existed=True) and given.is_dir() and not any(given.iterdir())
+    started = prepare_run_dir(str(tmp_path / "started"), overwrite=False)
+    (started / "recipe.yaml").write_text("x")
+    (started / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')  # a logged step: kept to read
+    assert not discard_unstarted(started, existed=False) and (started / "recipe.yaml").is_file()

@@ -69,6 +69,7 @@ from moe_tune.training.run_dir import (
     REPORT_MD,
     SELECTION_FILE,
     check_run_dir,
+    discard_unstarted,
     checkpoint_step,
     complete_checkpoints,
     continue_run,
@@ -380,7 +381,8 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
             write_text(run / RECIPE_FILE, dump_recipe(recipe))  # RESUMABLE keys (output_dir) may have changed
         print(f"resuming from {resumed.checkpoint}" if resumed.checkpoint else
               f"resuming after phase {resumed.done[-1]}: {', '.join(p for p in PHASES if p not in resumed.done)} left")
-    elif distributed.is_main():
+    existed = run.is_dir()
+    if resumed is None and distributed.is_main():
         prepare_run_dir(recipe.output_dir, overwrite)
         write_text(run / RECIPE_FILE, dump_recipe(recipe))
     distributed.barrier()
@@ -398,6 +400,12 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
             evaluate_run(setup, trained, phases_done(run))
         except KeyboardInterrupt:
             raise Interrupted(stopped_message(run)) from None
+        except Interrupted:
+            raise
+        except Exception:  # a failure before the first logged step leaves nothing that blocks the next try
+            if resumed is None and distributed.is_main():
+                discard_unstarted(run, existed)
+            raise
     print(f"\nrun folder: {run}")
     return run
 

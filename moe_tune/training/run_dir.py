@@ -152,6 +152,19 @@ def prepare_run_dir(output_dir: str, overwrite: bool) -> Path:
     return run
 
 
+def discard_unstarted(run: Path, existed: bool) -> bool:
+    """Remove what a run that failed before its first logged step wrote (nothing to resume or
+    read: no checkpoint, no metrics, no phase done), so that the next try needs no --overwrite;
+    a folder that was there before the run (empty) stays. Whether it was removed."""
+    if complete_checkpoints(run) or phases_done(run) or (run / METRICS_FILE).is_file():
+        return False
+    for entry in run.iterdir() if existed else ():
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if not existed:
+        shutil.rmtree(run)
+    return True
+
+
 # --- phases and resuming ---------------------------------------------------------------------------
 
 PHASES = ("train", "save", "evaluate", "report")  # in run order, each recorded once complete
