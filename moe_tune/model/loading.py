@@ -181,16 +181,14 @@ def returning_freed_memory():
     and it raises that threshold (up to 32 MiB) whenever a larger block is freed. Loading a bf16
     checkpoint into fp32 frees a temporary per expert (1-13 MB at real shapes), from several
     loader threads' heaps; after the plan's bf16 matmul check has raised the threshold, those
-    stayed resident: at the Qwen3-30B-A3B shape (1 layer, 2.5 GB of fp32 weights) the process
-    held 4.9 GB after loading and peaked at 6.6 GB, against 2.5 and 4.1 GB with this.
+    would stay resident, well above the weights loaded.
 
     While loading, every block above glibc's starting threshold is mapped and unmapped on its
     own, and what the heaps still hold is trimmed after. Then the thresholds are fixed for
     training (mmap 16 MiB, trim 32 MiB), which also ends the adjustment a later load would
-    inherit. Measured at OLMoE's shape (2 layers, freeze_experts): at 32 MiB, where glibc's own
-    adjustment ends, the heaps grew step after step to 1.3-1.8x the plan's peak; at 4 MiB memory
-    held at the plan, but training ran 20-25% slower, each step's activations mapped afresh; at
-    16 MiB it ran as fast as at 32 and held 1.13x the plan. Elsewhere than glibc, nothing changes."""
+    inherit: at 32 MiB, where glibc's own adjustment ends, the heaps grow step after step; much
+    lower, each step's activations are mapped afresh and training slows. Elsewhere than glibc,
+    nothing changes. The measurements: docs/speed.md, "Measurements behind the code's choices"."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD)

@@ -48,17 +48,16 @@ def loading_bytes(model: nn.Module, arch: MoeArch, weights: float, expert_bytes:
     expert apart (loading.experts_stored_apart, ``stacked``), the largest fused expert tensor of a
     layer at ``expert_bytes`` per element. transformers casts each expert's tensors to the load
     dtype, stacks them per projection and concatenates gate and up; the stacked halves live while
-    the (E, 2I, H) result is written. Measured at the Qwen3-30B-A3B, OLMoE and benchmark shapes
-    (1-2 layers, bf16 checkpoints loaded in fp32): within 2%. At 1 layer of Qwen3's shape this
-    is 1.6 GB above the 2.5 GB of weights, more than training adds; at 48 layers it is 1%.
+    the (E, 2I, H) result is written. At 1 layer of Qwen3-30B-A3B's shape this is 1.6 GB above
+    the 2.5 GB of weights, more than training adds; at 48 layers it is 1%.
 
     Where the frozen routed experts are held in bf16 (``bf16_expert_bytes``), the model loads
     in bf16 and only then are its other weights widened (loading.load_model): while the experts
     are stacked, the other weights are still views of the checkpoint's file, not memory of the
     process. The peak is then the experts and the stacked halves, or the widened weights,
-    whichever is more: within 1% at the Qwen3, OLMoE and DeepSeek-V2-Lite shapes (1-2 layers;
-    Intel Xeon, 2026-12-03), where the old sum was 1.05-1.25x above; 1.25x above at Mixtral's,
-    whose down-projections load after gate and up are stacked."""
+    whichever is more; above the real peak where down-projections load after gate and up are
+    stacked (Mixtral). How close both come to measured peaks: docs/speed.md, "Measurements
+    behind the code's choices"."""
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     largest = max((sizes[n] for n in arch.expert_params), default=0)
     if not stacked:

@@ -43,15 +43,14 @@ from moe_tune.training.run_dir import (
 )
 
 # Where the recipe leaves them unset. On a CPU: no activation checkpointing (it recomputes the
-# forward to save memory a CPU run rarely lacks), torch's fused AdamW (one pass over each tensor:
-# 0.06 s against 0.3 s per step for 80M parameters), and bf16 autocast only where this CPU's bf16
-# matmuls are measured BF16_PAYS times faster than fp32 at the model's shapes (bf16_speedup): AMX
-# runs them about 4x fp32, AVX512-BF16 about 2x, and other CPUs emulate them, slower than fp32.
-# On a GPU, TRL's own.
+# forward to save memory a CPU run rarely lacks), torch's fused AdamW (one pass over each tensor,
+# not several), and bf16 autocast only where this CPU's bf16 matmuls are measured BF16_PAYS times
+# faster than fp32 at the model's shapes (bf16_speedup): CPUs with AMX or AVX512-BF16 run them
+# faster than fp32, others emulate them, slower. On a GPU, TRL's own. Measurements: docs/speed.md.
 CPU_DEFAULTS = {"use_cpu": True, "activation_checkpointing": False, "dataloader_pin_memory": False,
                 "optim": "adamw_torch_fused"}
 BF16_PAYS = 1.5  # autocast casts every weight and activation it multiplies: its matmuls must win by this much
-EMULATED_BF16 = 10  # a bf16 matmul this many times slower than fp32's is emulated (measured: ~100x on AVX2)
+EMULATED_BF16 = 10  # a bf16 matmul this many times slower than fp32's is emulated (native ones beat fp32)
 _CHECKPOINTING_NAMES = {"activation_checkpointing", "gradient_checkpointing"}  # new and deprecated name
 # router_aux_loss_coef: moe_tune computes the load-balancing loss itself (router_losses.py), once,
 # for every family; TRL's (and with it the model's own) stays off.
@@ -68,14 +67,13 @@ def bf16_speedup(hidden: int, intermediate: int) -> float:
     hidden x intermediate, each capped at 2048 so that it takes a fraction of a second).
 
     Each dtype's fastest of 7 calls, alternating between them: a stall elsewhere on the machine
-    then slows single calls, not the verdict. Timed as the total of 5 calls per dtype instead,
-    one run's default at the gpt-oss shape came out under BF16_PAYS where its benchmark measured
-    bf16 at 3.2x fp32, and its full fine-tuning ran in fp32 at half the speed.
+    then slows single calls, not the verdict (timed as a total over a few calls, one stall
+    flipped it).
 
-    A CPU without native bf16 matmuls (AVX2 only) emulates them about 100x slower than fp32, 4 s
-    a call at this size: there its first call settles it (over 0.1 s and EMULATED_BF16 times
-    fp32's, far beyond what oneDNN's kernel compilation adds to a first call), instead of a
-    minute of calls."""
+    A CPU without native bf16 matmuls (AVX2 only) emulates them, seconds a call at this size:
+    there its first call settles it (over 0.1 s and EMULATED_BF16 times fp32's, far beyond what
+    oneDNN's kernel compilation adds to a first call), instead of eight more such calls. The
+    measurements: docs/speed.md, "Measurements behind the code's choices"."""
     m, k, n = 512, min(hidden, 2048), min(intermediate, 2048)
     (a32, b32), (a16, b16) = operands = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype))
                                          for dtype in (torch.float32, torch.bfloat16)]
