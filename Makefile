@@ -46,6 +46,7 @@ $(SERVE_VENV)/.installed:
 	$(if $(TORCH),$(SERVE_VENV)/bin/python -m pip install -q "$(TORCH)")
 	$(SERVE_VENV)/bin/python -m pip install -q "$(VLLM)"
 	$(SERVE_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	mkdir -p $(HOME)/.cache/moe_tune && echo "$(abspath $(SERVE_VENV))" > $(HOME)/.cache/moe_tune/serving-env
 	touch $@
 
 llama-cpp: $(LLAMA_CPP_HOME)/.built-$(LLAMA_CPP_VERSION)

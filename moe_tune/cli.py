@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from moe_tune.errors import Interrupted, MoeTuneError
+from moe_tune.errors import Interrupted, MoeTuneError, shown
 
 
 def cmd_train(args) -> None:
@@ -146,7 +146,7 @@ def cmd_eval(args) -> None:
     for path in cfg.files:  # bad data is reported before any model loads
         read_chat_rows(path, cfg.max_rows)
     if cfg.retention_file and not Path(cfg.retention_file).is_file():
-        raise MoeTuneError(f"{cfg.retention_file}: --retention file not found")
+        raise MoeTuneError(f"{shown(cfg.retention_file)}: --retention file not found")
     model, tokenizer, base_path = run_dir.load_run_model(target, dtype, args.adapter)
     base = load_model(base_path, dtype, tokenizer=tokenizer)[0] if base_path and not args.no_base else None
     label = "tuned" if base_path else target.name
@@ -193,8 +193,13 @@ def cmd_inspect(args) -> None:
     print(json.dumps(result, indent=2) if args.json else format_summary(result))
 
 
+PATHS_NOTE = ("Relative paths, in a recipe and on the command line, are read from the current working "
+              "directory (as TRL and axolotl read them); a run folder's recipe.yaml holds them made absolute.")
+
+
 def _add_recipe(command, what: str) -> None:
     """A recipe and dotted overrides of its keys, as train, plan and select-experts take them."""
+    command.epilog = PATHS_NOTE
     command.add_argument("recipe", help=what)
     command.add_argument("overrides", nargs="*", help="dotted overrides of recipe keys, e.g. sft.max_steps=3 "
                                                       "trainable.expert_selection.top_p=0.3 output_dir=/tmp/x")
@@ -229,7 +234,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="moe-tune", description="Instruction-tune pretrained MoE models.")
+    parser = _Parser(prog="moe-tune", description="Instruction-tune pretrained MoE models.", epilog=PATHS_NOTE)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     # --debug after the command too (`moe-tune train r.yaml --debug`); SUPPRESS keeps the one given first

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from moe_tune.errors import MoeTuneError
+from moe_tune.errors import MoeTuneError, shown
 
 # The words a recipe is written in, each defined here once. This module imports no torch, so that
 # a recipe is checked before anything heavy loads; the modules that act on these words (arch,
@@ -375,7 +375,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise MoeTuneError(f"{path}: recipe file not found")
+        raise MoeTuneError(f"{shown(path)}: recipe file not found")
     try:
         data = _yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:

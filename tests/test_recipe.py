@@ -215,3 +215,15 @@ def test_in_range_sft_values_pass(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["sft.max_steps=-1", "sft.num_train_epochs=0.5",
                                                                  "sft.warmup_steps=0.1", "sft.max_grad_norm=0"])
     assert recipe.sft["max_steps"] == -1 and recipe.sft["warmup_steps"] == 0.1
+
+
+def test_a_missing_relative_path_is_named_with_the_folder_it_was_read_from(tmp_path, monkeypatch, capsys):
+    """Relative paths are read from the working directory; run elsewhere, the error says where."""
+    from moe_tune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", str(ROOT / "recipes" / "quickstart.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"data/tiny-moe (read from {tmp_path}): no such model folder" in err
+    assert main(["plan", "--help"]) == 0
+    assert "read from the current working directory" in " ".join(capsys.readouterr().out.split())

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from moe_tune.errors import MoeTuneError
+from moe_tune.errors import MoeTuneError, shown
 from moe_tune.model.sources import hub_unreachable
 from moe_tune.recipe import FORMATS
 
@@ -98,13 +98,13 @@ def _train_split(name: str, ds: Dataset | DatasetDict) -> Dataset:
 
 def _hub_dataset(name: str) -> Dataset:
     if why := hub_unreachable():
-        raise MoeTuneError(f"{name}: neither a local file nor reachable on the Hub offline ({why}); "
+        raise MoeTuneError(f"{shown(name)}: neither a local file nor reachable on the Hub offline ({why}); "
                            "check the path or the dataset name")
     try:
         return load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001 - offline, unknown name, no access, no train split: all one answer
         reason = (str(e).splitlines() or [""])[0][:200]
-        raise MoeTuneError(f"{name}: neither a local file nor reachable on the Hub "
+        raise MoeTuneError(f"{shown(name)}: neither a local file nor reachable on the Hub "
                            f"({type(e).__name__}: {reason}); check the path or the dataset name") from None
 
 
@@ -121,7 +121,7 @@ def _records(path: str | Path) -> Iterator[Record]:
     name = str(path)
     if HUB_NAME.fullmatch(name) and local.suffix not in (".json", ".jsonl"):
         return _dataset_records(name, _hub_dataset(name))
-    raise MoeTuneError(f"{local}: data file not found")
+    raise MoeTuneError(f"{shown(local)}: data file not found")
 
 
 # --- row formats --------------------------------------------------------------------------------

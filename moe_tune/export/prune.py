@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moe_tune.data.rows import read_chat_rows
-from moe_tune.errors import MoeTuneError
+from moe_tune.errors import MoeTuneError, shown
 from moe_tune.evaluation.report import evaluate_and_report
 from moe_tune.model.arch import MoeArch, describe, expert_groups, set_expert_count
 from moe_tune.model.loading import DTYPES, build_meta_model, load_config
@@ -214,7 +214,7 @@ def run_prune(source: Path, keep: str, data: str, out: Path, by: str = "reap", r
     for path in cfg.files:
         read_chat_rows(path, cfg.max_rows)
     if cfg.retention_file and not Path(cfg.retention_file).is_file():
-        raise MoeTuneError(f"{cfg.retention_file}: --retention file not found")
+        raise MoeTuneError(f"{shown(cfg.retention_file)}: --retention file not found")
     dtype = dtype or (recipe.model.dtype if recipe else ModelSection.model_fields["dtype"].default)
 
     model, tokenizer, _ = load_run_model(source, dtype)

@@ -37,13 +37,24 @@ VLLM_SCRIPT = Path(__file__).with_name("vllm_greedy.py")
 
 # --- where the engines are ------------------------------------------------------------------------
 
+# ``make serving-env`` writes the environment's absolute path here, so that an export run from
+# any folder finds it (before this, it was looked up in the working directory only)
+SERVE_ENV_RECORD = Path.home() / ".cache" / "moe_tune" / "serving-env"
+
+
 def vllm_python() -> Path:
-    """The serving environment's Python, which has vLLM."""
-    env = Path(os.environ.get("MOE_TUNE_SERVE_ENV", ".venv-serve")).absolute()
+    """The serving environment's Python, which has vLLM: MOE_TUNE_SERVE_ENV, else where
+    ``make serving-env`` last made it, else the checkout's .venv-serve."""
+    if "MOE_TUNE_SERVE_ENV" in os.environ:
+        env, why = Path(os.environ["MOE_TUNE_SERVE_ENV"]).absolute(), "MOE_TUNE_SERVE_ENV"
+    elif SERVE_ENV_RECORD.is_file():
+        env, why = Path(SERVE_ENV_RECORD.read_text().strip()), f"recorded by make serving-env in {SERVE_ENV_RECORD}"
+    else:
+        env, why = Path(__file__).resolve().parents[2] / ".venv-serve", "the moe_tune checkout's"
     python = env / "bin" / "python"
     if not python.is_file():
-        raise MoeTuneError(f"vLLM's environment is missing ({python} not found); run `make serving-env` in the "
-                           "moe_tune checkout, or set MOE_TUNE_SERVE_ENV to a virtualenv with vllm")
+        raise MoeTuneError(f"vLLM's environment is missing ({python} not found; {why}); run `make serving-env` in "
+                           "the moe_tune checkout, or set MOE_TUNE_SERVE_ENV to a virtualenv with vllm")
     return python
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moe_tune.errors import MoeTuneError
+from moe_tune.errors import MoeTuneError, shown
 from moe_tune.model.arch import describe, require_moe
 from moe_tune.model.sources import LOCAL_CONFIGS, hub_unreachable, read_tokenizer
 from moe_tune.model.templates import TEMPLATE_KEY, give_template
@@ -27,14 +27,14 @@ def load_config(path: str):
     """The model config, or a clear error when ``path`` is neither a checkpoint nor reachable."""
     if not Path(path).exists() and (why := hub_unreachable()):
         hint = f" (for plan and inspect, a config folder such as {LOCAL_CONFIGS}/<name>)" if LOCAL_CONFIGS.is_dir() else ""
-        raise MoeTuneError(f"{path}: no such model folder, and not reachable as a Hugging Face Hub id offline "
+        raise MoeTuneError(f"{shown(path)}: no such model folder, and not reachable as a Hugging Face Hub id offline "
                            f"({why}); point model.path at a local checkpoint{hint}")
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         if Path(path).exists():
             raise MoeTuneError(f"{path}: not a transformers checkpoint ({str(e).splitlines()[0]})") from None
-        raise MoeTuneError(f"{path}: no such model folder, and not reachable as a Hugging Face Hub "
+        raise MoeTuneError(f"{shown(path)}: no such model folder, and not reachable as a Hugging Face Hub "
                            "id (offline?); point model.path at a local checkpoint") from None
 
 

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_tune.errors import MoeTuneError
+from moe_tune.errors import MoeTuneError, shown
 from moe_tune.model.sources import hub_unreachable, read_tokenizer
 from moe_tune.recipe import TEMPLATE_NAMES, TEMPLATES
 
@@ -196,7 +196,7 @@ def read_template(value: str) -> GivenTemplate:
             raise MoeTuneError(f"{value}: not UTF-8 text; save the template as UTF-8") from None
         tokens = SPECIAL_LITERAL.findall(text)
     elif path.suffix in (".jinja", ".j2"):
-        raise MoeTuneError(f"{value}: no such file ({TEMPLATE_KEY}); check the path (relative paths start "
+        raise MoeTuneError(f"{shown(value)}: no such file ({TEMPLATE_KEY}); check the path (relative paths start "
                            "from the working directory)")
     elif path.is_dir() or ("/" in value and not value.startswith((".", "/"))):
         text, tokens = _template_of_tokenizer(value)
@@ -214,7 +214,7 @@ def _template_of_tokenizer(value: str) -> tuple[str, list[str]]:
     """(template, the tokenizer's added tokens that it names) of another tokenizer, as TRL's
     clone_chat_template takes it, but adding only the tokens the template uses."""
     if not Path(value).is_dir() and (why := hub_unreachable()):
-        raise MoeTuneError(f"{TEMPLATE_KEY}: {value}: no such folder, and not reachable as a Hugging Face Hub id "
+        raise MoeTuneError(f"{TEMPLATE_KEY}: {shown(value)}: no such folder, and not reachable as a Hugging Face Hub id "
                            f"offline ({why}); give a local tokenizer folder, a .jinja file or a template name")
     try:
         source = read_tokenizer(value)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from moe_tune.data.rows import read_chat_rows
-from moe_tune.errors import MoeTuneError
+from moe_tune.errors import MoeTuneError, shown
 from moe_tune.evaluation.heldout import inference_mode
 from moe_tune.model.arch import MoeArch
 from moe_tune.moe.routing import RouterTap, chat_batches, on_device
@@ -187,7 +187,7 @@ def load_selection(path: str | Path, arch: MoeArch) -> dict[str, list[int]]:
     try:
         selected = json.loads(path.read_text())["selected"]
     except FileNotFoundError:
-        raise MoeTuneError(f"{path}: expert selection file not found") from None
+        raise MoeTuneError(f"{shown(path)}: expert selection file not found") from None
     except (json.JSONDecodeError, KeyError, TypeError):
         raise MoeTuneError(f"{path}: not an expert selection (JSON with a 'selected' mapping, as written by "
                            "moe-tune select-experts)") from None

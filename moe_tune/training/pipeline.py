@@ -34,7 +34,7 @@ from transformers import set_seed
 from trl import SFTConfig
 
 from moe_tune.data.rows import TrainRows, check_lengths, read_chat_rows, read_train_rows
-from moe_tune.errors import Interrupted, MoeTuneError
+from moe_tune.errors import Interrupted, MoeTuneError, shown
 from moe_tune.evaluation.report import evaluate_files, write_report
 from moe_tune.model import templates
 from moe_tune.model.arch import MoeArch, describe, require_moe, text_config
@@ -69,10 +69,10 @@ from moe_tune.training.run_dir import (
     REPORT_MD,
     SELECTION_FILE,
     check_run_dir,
-    discard_unstarted,
     checkpoint_step,
     complete_checkpoints,
     continue_run,
+    discard_unstarted,
     load_run_model,
     mark_done,
     phases_done,
@@ -207,7 +207,7 @@ def check_data(setup: RunSetup) -> RunData:
     for path in recipe.eval.files:
         read_chat_rows(path)
     if recipe.eval.retention_file and not Path(recipe.eval.retention_file).is_file():
-        raise MoeTuneError(f"{recipe.eval.retention_file}: eval.retention_file not found")
+        raise MoeTuneError(f"{shown(recipe.eval.retention_file)}: eval.retention_file not found")
     setup.report.first_row = shown
     return RunData(tokenizer, read, shown)
 
