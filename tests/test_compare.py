@@ -64,11 +64,13 @@ def test_interrupted_comparison_resumes(tmp_path, capsys):
     # the same spec with a second seed: seed 1 is not run again
     assert main(["compare", str(write_spec(tmp_path, seeds=[1, 2]))]) == 0
     out = capsys.readouterr().out
-    assert "full seed 1: finished before, skipped" in out and "full seed 2: training" in out
+    assert "full seed 1: finished before, reused" in out and "full seed 2: training" in out
     assert first.stat().st_mtime == stamp
     rows = (tmp_path / "out" / "comparison.csv").read_text().splitlines()
     assert rows[1].startswith("full,2,")
-    assert "± " in (tmp_path / "out" / "comparison.md").read_text()
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    assert "± " in table and "1 of 2 training runs had finished before and were reused" in table
+    assert "routing_drift is `-` where the runs evaluated no base model" in table  # eval.compare_base: false
     for plot in ("score_vs_trainable", "loss_curves"):
         assert (tmp_path / "out" / f"{plot}.png").stat().st_size > 0
     # asked for something else now: the finished runs are not passed off as its result
@@ -173,7 +175,7 @@ def test_a_prune_grid_prunes_every_trained_run_and_reuses_what_it_pruned(tmp_pat
     assert (out / "score_vs_params.png").stat().st_size > 0
     capsys.readouterr()
     assert main(["compare", str(write_spec(tmp_path, prune=grid))]) == 0
-    assert "pruned before, skipped" in capsys.readouterr().out
+    assert "pruned before, reused" in capsys.readouterr().out
 
 
 def test_a_prune_grid_is_checked_with_the_spec(tmp_path, capsys):
@@ -181,3 +183,16 @@ def test_a_prune_grid_is_checked_with_the_spec(tmp_path, capsys):
     assert "spec.yaml: prune.keep: keep: fractions in (0, 1]" in capsys.readouterr().err
     assert main(["compare", str(write_spec(tmp_path, prune={"keep": [0.5], "by": ["norm"]}))]) == 2
     assert "prune.by.0" in capsys.readouterr().err
+
+
+def test_the_docs_list_every_key_of_the_spec_and_no_other():
+    """docs/strategies.md's table of the spec's keys is bound to the schema."""
+    import re
+
+    from moe_tune.evaluation.compare import CompareSpec, PruneGrid
+
+    text = (ROOT / "docs" / "strategies.md").read_text()
+    table = text[text.index("### The spec's keys"):].split("\n\n")[1]
+    documented = set(re.findall(r"^\| `([\w.]+)` \|", table, flags=re.M))
+    schema = set(CompareSpec.model_fields) | {f"prune.{key}" for key in PruneGrid.model_fields}
+    assert documented == schema

@@ -141,7 +141,8 @@ def measure(run_dir: Path, wall_s: float, peak_gb: float, group: str | None = No
     plan = PlanReport.read(run_dir / PLAN_FILE)
     out = {"wall_s": wall_s, "peak_mem_gb": peak_gb, "trainable_params": plan["trainable_params"],
            "params": plan["total_params"],
-           # the last logged training loss, or the run's mean when no step was logged
+           # the loss logged at the last step (MetricsLog logs it whatever sft.logging_steps), or
+           # the run's mean when no step was logged
            "train_loss": _last(metrics, "loss") or _last(metrics, "train_loss"),
            "valid_loss": _last(metrics, "eval_loss")}
     out.update(heldout(run_dir / EVAL_DIR, "tuned", group))
@@ -220,7 +221,8 @@ def heldout_line(runs: dict[str, list[dict]]) -> str | None:
     return "Held-out columns: " + "; ".join(f"{c} ({', '.join(v)})" for c, v in covered.items()) + "."
 
 
-def write_outputs(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
+def write_outputs(out: Path, table: dict, runs: dict[str, list[dict]], reused: int = 0) -> None:
+    """comparison.csv, comparison.md and the plots; ``reused``: runs finished before and not run again."""
     with open(out / "comparison.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["variant", "seeds"] + [f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")])
@@ -231,6 +233,13 @@ def write_outputs(out: Path, table: dict, runs: dict[str, list[dict]]) -> None:
     seeds = max(len(measured) for measured in runs.values())  # every variant runs every seed
     lines = [line for line in [heldout_line(runs)] if line]
     lines += [f"Mean ± standard deviation over {seeds} seeds." if seeds > 1 else "One seed per variant."]
+    trained = sum(len(measured) for measured in runs.values() if "experts_kept" not in measured[0])
+    if reused:
+        lines += [f"{reused} of {trained} training runs had finished before and were reused (--overwrite runs "
+                  "them again)."]
+    if any("routing_drift" not in row for row in table.values()):
+        lines += ["routing_drift is `-` where the runs evaluated no base model to compare routing with "
+                  "(eval.compare_base: false in their recipe); set it to true to measure drift."]
     lines += ["", "| variant | " + " | ".join(COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
     for variant, row in table.items():
         cells = []
@@ -364,7 +373,7 @@ def prune_run(spec: CompareSpec, run_dir: Path, by: str, keep: float, folder: Pa
     if done.is_file() and not overwrite and done.stat().st_mtime > trained_at:
         info = json.loads((folder / PRUNING_FILE).read_text())
         if (info["by"], float(info["keep"]), info["rows"]) == (by, keep, spec.prune.rows):
-            print(f"{folder}: pruned before, skipped")
+            print(f"{folder}: pruned before, reused")
             return json.loads(done.read_text())
     print(f"{run_dir}: pruning by {by} to {keep:g} of the experts")
     data = load_run_recipe(run_dir).data.train
@@ -384,13 +393,15 @@ def run_comparison(spec: CompareSpec, overwrite: bool = False) -> Path:
     out = Path(spec.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}
+    reused = 0
     for variant in spec.variants:
         for seed in spec.seeds:
             run_dir = out / variant / f"seed-{seed}"
             done = run_dir / COMPARE_FILE
             if done.is_file() and not overwrite:
-                print(f"{variant} seed {seed}: finished before, skipped")
+                print(f"{variant} seed {seed}: finished before, reused")
                 runs.setdefault(variant, []).append(json.loads(done.read_text()))
+                reused += 1
                 continue
             print(f"{variant} seed {seed}: training")
             wall, peak = _run("train", [spec.base, *run_overrides(spec, variant, seed)])
@@ -403,6 +414,6 @@ def run_comparison(spec: CompareSpec, overwrite: bool = False) -> Path:
                 name = f"{variant}-{by}-{keep:g}"
                 runs.setdefault(name, []).append(prune_run(spec, out / variant / f"seed-{seed}", by, keep,
                                                            out / name / f"seed-{seed}", overwrite))
-    write_outputs(out, aggregate(runs), runs)
+    write_outputs(out, aggregate(runs), runs, reused)
     print((out / "comparison.md").read_text())
     return out

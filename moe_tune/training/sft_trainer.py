@@ -189,6 +189,12 @@ class MetricsLog(TrainerCallback):
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # the last step is logged too, whatever sft.logging_steps: the final training loss is
+        # what a comparison's train-to-held-out gap is measured from
+        if state.global_step >= state.max_steps and args.logging_strategy != "no":
+            control.should_log = True
+
 
 class RoutingProbe:
     """Routing summary of the model on a fixed sample of validation rows, with drift from the
