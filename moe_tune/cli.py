@@ -135,13 +135,17 @@ def cmd_eval(args) -> None:
     recipe = run_dir.load_run_recipe(target) if is_run else None
     cfg = eval_section(args, recipe.eval if recipe else None)
     dtype = args.dtype or (recipe.model.dtype if recipe else ModelSection.model_fields["dtype"].default)
-    if is_run:  # RUN/eval is the run's own evaluation; other data gets a folder of its own
-        default_out = target / run_dir.EVAL_DIR if not args.data else target / f"{run_dir.EVAL_DIR}-{'+'.join(Path(f).stem for f in cfg.files)}"
+    data = "+".join(Path(f).stem for f in cfg.files)  # each data file gets a folder of its own
+    if is_run:  # RUN/eval is the run's own evaluation
+        default_out = target / run_dir.EVAL_DIR if not args.data else target / f"{run_dir.EVAL_DIR}-{data}"
     elif args.adapter:  # runs' adapters are all called model: name the folder by the run too
-        default_out = Path(run_dir.EVAL_DIR) / f"{Path(args.adapter).resolve().parent.name}-{Path(args.adapter).name}"
+        default_out = Path(run_dir.EVAL_DIR) / f"{Path(args.adapter).resolve().parent.name}-{Path(args.adapter).name}-{data}"
     else:
-        default_out = Path(run_dir.EVAL_DIR) / target.name
+        default_out = Path(run_dir.EVAL_DIR) / f"{target.name}-{data}"
     out = Path(args.out) if args.out else default_out
+    if is_run and not args.data and not args.out and not args.overwrite and (out / run_dir.REPORT_MD).is_file():
+        raise MoeTuneError(f"{target}: evaluated when it trained; its report is {out / run_dir.REPORT_MD}. Pass "
+                           "--overwrite to evaluate it again, or --data FILE to evaluate it on other data")
     run_dir.check_replaceable(out, args.overwrite, run_dir.is_evaluation, "a moe-tune evaluation")
     for path in cfg.files:  # bad data is reported before any model loads
         read_chat_rows(path, cfg.max_rows)

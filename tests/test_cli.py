@@ -182,8 +182,8 @@ def test_evaluations_are_never_overwritten_silently(trained_run, tmp_path, capsy
     final = (trained_run / "eval" / "report.json").read_text()
     code, _, err = run_cli(capsys, "eval", str(trained_run), "--max-rows", "4")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "eval: already exists and is not empty; pass --overwrite" in err
-    assert (trained_run / "eval" / "report.json").read_text() == final
+    assert f"evaluated when it trained; its report is {trained_run / 'eval' / 'report.md'}" in err
+    assert "--overwrite" in err and (trained_run / "eval" / "report.json").read_text() == final
     code, _, _ = run_cli(capsys, "eval", str(trained_run), "--max-rows", "4", "--no-base",
                          "--out", str(tmp_path / "again"))
     assert code == 0
@@ -216,3 +216,14 @@ def test_every_option_says_what_it_does():
         for action in command._actions:
             if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 assert action.help, f"{name} {action.option_strings or action.dest}"
+
+
+@pytest.mark.slow
+def test_one_model_evaluated_on_two_files_gets_a_folder_for_each(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for data in ("heldout", "valid"):
+        code, _, err = run_cli(capsys, "eval", str(ROOT / "data" / "tiny-moe"), "--data",
+                               str(ROOT / "data" / f"{data}.jsonl"), "--max-rows", "2", "--max-new-tokens", "2")
+        assert code == 0, err
+    assert (tmp_path / "eval" / "tiny-moe-heldout" / "heldout.json").is_file()
+    assert (tmp_path / "eval" / "tiny-moe-valid" / "valid.json").is_file()
