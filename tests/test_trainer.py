@@ -128,7 +128,7 @@ def test_the_cross_entropy_is_logged_beside_the_loss_with_the_router_terms(tmp_p
     recipe = load_recipe(QUICKSTART, [f"output_dir={tmp_path}", "sft.max_steps=3", "sft.logging_steps=1",
                                       "sft.eval_strategy=no", "data.max_train_rows=96", "eval.files=[]",
                                       "router.z_loss_coef=0.01", "sft.per_device_train_batch_size=16",
-                                      f"sft.gradient_accumulation_steps={accumulation}"])
+                                      "sft.per_device_eval_batch_size=64", f"sft.gradient_accumulation_steps={accumulation}"])
     trainer, _ = trainer_for(plan_run(recipe), *load_model(recipe.model.path))
     trainer.train()
     steps = [h for h in trainer.state.log_history if "loss" in h]
@@ -138,6 +138,13 @@ def test_the_cross_entropy_is_logged_beside_the_loss_with_the_router_terms(tmp_p
         coef = trainer.regularizer.coef
         assert h["router_loss"] == pytest.approx(coef["z_loss"] * h["z_loss"] + coef["aux_loss"] * h["aux_loss"],
                                                  rel=1e-4)
+    # evaluation too, with a short last batch (240 rows in batches of 64: 64, 64, 64, 48), which
+    # Trainer's eval_loss weighs by its rows: so are the terms logged beside it
+    metrics = trainer.evaluate(eval_dataset=trainer.eval_dataset) if accumulation == 1 else None
+    if metrics is not None:
+        assert len(trainer.eval_dataset) % trainer.args.per_device_eval_batch_size != 0
+        assert metrics["eval_loss"] >= metrics["eval_ce_loss"]
+        assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce_loss"] + metrics["eval_router_loss"], rel=1e-4)
 
 
 def test_packing_is_refused(tmp_path):

@@ -264,7 +264,10 @@ class MoeSFTTrainer(SFTTrainer):
         self.routing_probe = routing_probe
         self.no_decay = set(no_decay)  # weights trained on some rows only (trainable.train_rows_only)
         # cross-entropy and router terms per micro-batch since the last log, by mode; averaged into the next log
-        self.router_terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # (value, weight) pairs: a training log averages its steps' micro-batches alike; an evaluation
+        # weighs each batch by its rows, as Trainer's eval_loss does (a short last batch counts less)
+        self.router_terms: dict[str, dict[str, list[tuple[float, int]]]] = {"train": defaultdict(list),
+                                                                             "eval": defaultdict(list)}
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints and ``save_model`` write the config as the model was loaded."""
@@ -280,7 +283,8 @@ class MoeSFTTrainer(SFTTrainer):
         TRL names its own (``eval_`` in front during evaluation)."""
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        logs.update({f"{prefix}{name}": sum(v) / len(v) for name, v in self.router_terms[mode].items()})
+        logs.update({f"{prefix}{name}": sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+                     for name, pairs in self.router_terms[mode].items()})
         self.router_terms[mode].clear()
         if self.balancer is not None and mode == "train":
             logs["routing/bias_abs_max"] = self.balancer.bias_abs_max()
@@ -313,14 +317,15 @@ class MoeSFTTrainer(SFTTrainer):
         # the mean over micro-batches is the per-step value Trainer logs as ``loss``; the router
         # terms are per-micro-batch means, so they are averaged over the steps (as TRL does).
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and mode == "train" else 1
-        self.router_terms[mode]["ce_loss"].append((result[0] if return_outputs else result).item() * steps)
+        rows = 1 if mode == "train" else len(inputs["input_ids"])
+        self.router_terms[mode]["ce_loss"].append(((result[0] if return_outputs else result).item() * steps, rows))
         terms = reg.terms(inputs.get("attention_mask")) if reg is not None else {}
         if not terms:
             return result
         weighted = reg.weighted(terms)
         for name, value in terms.items():
-            self.router_terms[mode][name].append(value.item())
-        self.router_terms[mode]["router_loss"].append(weighted.item())
+            self.router_terms[mode][name].append((value.item(), rows))
+        self.router_terms[mode]["router_loss"].append((weighted.item(), rows))
         if return_outputs:
             return result[0] + weighted / steps, result[1]
         return result + weighted / steps
