@@ -193,3 +193,8 @@ def test_a_saved_model_and_its_checkpoints_keep_the_config_they_were_loaded_with
         config = json.loads(path.read_text())
         for key in ("router_aux_loss_coef", "output_router_logits"):
             assert config[key] == base[key], (path, key)
+    # trained further from RUN/model, the model balances its experts as the base did
+    again = minimal(tmp_path, f"output_dir={tmp_path / 'again'}", f"model.path={run / 'model'}", "sft.max_steps=1",
+                    "sft.per_device_train_batch_size=4", "eval.files=[]")
+    logged = [json.loads(line) for line in (run_training(again) / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("aux_loss", 0) > 0 for m in logged)
