@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from moe_tune.errors import Interrupted, MoeTuneError, shown
+from moe_tune.export.gguf import GGUF_TYPES
 
 
 def cmd_train(args) -> None:
@@ -159,6 +160,14 @@ def cmd_eval(args) -> None:
     print(f"report: {out / run_dir.REPORT_MD}" if reported else f"written to {out}")
 
 
+def cmd_chat(args) -> None:
+    from moe_tune.evaluation.chat import Sampling, chat_loop, load_chat_model  # noqa: PLC0415
+
+    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)  # checked before loading
+    model, tokenizer = load_chat_model(Path(args.model), args.adapter, args.dtype)
+    chat_loop(model, tokenizer, sampling, args.system, lines=None if args.prompt is None else [args.prompt])
+
+
 def cmd_export(args) -> None:
     from moe_tune.export import checkpoint  # noqa: PLC0415
 
@@ -267,10 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
     # defaults (None here) are the recipe's: EvalSection's and ModelSection.dtype's
     ev.add_argument("--batch-size", type=int, help="prompts generated per batch (default: as in a recipe)")
     ev.add_argument("--max-new-tokens", type=int, help="greedy generation length (default: as in a recipe)")
-    ev.add_argument("--max-rows", type=int, help="evaluate only the first N rows of each file")
+    ev.add_argument("--max-rows", type=int, help="evaluate only N rows of each file, evenly spaced through it")
     ev.add_argument("--dtype", type=_one_of("moe_tune.model.loading", "DTYPES"),
                     help="dtype the weights are loaded in (default: as in a recipe)")
     ev.set_defaults(func=cmd_eval)
+
+    chat = sub.add_parser("chat", parents=[common], help="talk to a run or a model: answers streamed as they are "
+                                                         "generated, one line per turn on stdin (an empty line ends)")
+    chat.add_argument("model", help="a run folder (from moe-tune train), a model folder, or the base of --adapter")
+    chat.add_argument("--adapter", help="a PEFT adapter folder to apply to MODEL")
+    chat.add_argument("--prompt", help="answer this one prompt and exit, instead of reading turns from stdin")
+    chat.add_argument("--system", help="a system message opening the conversation")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampled")
+    chat.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]; with --temperature")
+    chat.add_argument("--max-new-tokens", type=int, default=128, help="the longest answer, in tokens (default 128)")
+    chat.add_argument("--seed", type=int, help="seed for sampling, for answers that repeat")
+    chat.add_argument("--dtype", type=_one_of("moe_tune.model.loading", "DTYPES"),
+                      help="dtype the weights are loaded in (default: a run's, else float32)")
+    chat.set_defaults(func=cmd_chat)
 
     cmp = sub.add_parser("compare", parents=[common], help="variants of a recipe over seeds, side by side (resumable)")
     cmp.add_argument("spec", help="comparison spec YAML, e.g. recipes/compare/freezing.yaml")
@@ -306,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--adapter", help="with --for vllm: the run's LoRA adapter, unmerged, in the layout that "
                                          "engine loads for fused experts")
     exp.add_argument("--for", dest="engine", choices=["vllm"], help="the engine --adapter is converted for")
-    exp.add_argument("--quant", default="f16", type=_one_of("moe_tune.export.serving", "GGUF_TYPES"),
-                     help="GGUF type (default f16)")
+    exp.add_argument("--quant", default="f16", choices=GGUF_TYPES, metavar="TYPE",
+                     help=f"GGUF type: {', '.join(GGUF_TYPES)} (default f16)")
     exp.add_argument("--verify", choices=["vllm"], help="with --merged: check the checkpoint's greedy answers in vLLM")
     exp.add_argument("--data", help="held-out chat rows for the serving check (default: the run's eval.files)")
     exp.add_argument("--verify-rows", type=int, default=100, help="prompts for the serving check (default 100)")

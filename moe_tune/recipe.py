@@ -102,7 +102,8 @@ class EvalSection(Section):
     batch_size: int = Field(default=64, gt=0)
     """Prompts generated per batch (left-padded)."""
     max_rows: int | None = Field(default=None, gt=0)
-    """Evaluate only the first N rows of each file."""
+    """Evaluate only N rows of each file, evenly spaced through it (held-out files are often
+    grouped by task: the first N would score one or two tasks)."""
     compare_base: bool = True
     """Also evaluate the untuned base model on the same prompts, for a side-by-side table."""
     retention_file: str | None = None

@@ -14,14 +14,14 @@ import sys
 
 from moe_tune import cli
 from moe_tune.evaluation import report
-from moe_tune.training import pipeline, run_dir, sft_trainer
+from moe_tune.training import callbacks, pipeline, run_dir
 
 
 def hit() -> None:
     os.kill(os.getpid(), getattr(signal, sys.argv[2]))
 
 
-def during_third_step(guard=sft_trainer.GradientGuard.on_pre_optimizer_step):
+def during_third_step(guard=callbacks.GradientGuard.on_pre_optimizer_step):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if state.global_step == 2:
             hit()
@@ -48,7 +48,7 @@ def before(function):
 if __name__ == "__main__":
     phase = sys.argv[1]
     if phase == "train":
-        sft_trainer.GradientGuard.on_pre_optimizer_step = during_third_step()
+        callbacks.GradientGuard.on_pre_optimizer_step = during_third_step()
     elif phase == "save":
         run_dir.save_pretrained = save_pretrained
     elif phase == "evaluate":

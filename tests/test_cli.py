@@ -1,7 +1,6 @@
 """`moe-tune train` and `moe-tune eval` end to end on the shipped model, and their errors."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,10 +9,7 @@ from transformers import LlamaConfig
 
 from moe_tune.cli import main
 
-from conftest import ROOT
-
-QUICK = ["sft.max_steps=4", "sft.logging_steps=1", "sft.eval_steps=2", "eval.max_rows=24",
-         "eval.batch_size=8", "eval.max_new_tokens=4"]
+from conftest import ROOT, SHARED_RUNS, cli_commands
 
 
 @pytest.fixture(autouse=True)
@@ -27,34 +23,28 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "quick"
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        assert main(["train", "recipes/quickstart.yaml", f"output_dir={run}", *QUICK]) == 0
-    finally:
-        os.chdir(cwd)
-    return run
+@pytest.fixture
+def trained_run(shared_run):
+    """The full fine-tune of conftest.SHARED_RUNS (test_serving serves it), evaluated on the way and at the end."""
+    return shared_run("full")
 
 
 @pytest.mark.slow
 def test_train_writes_a_complete_run(trained_run):
     run = trained_run
-    assert (run / "recipe.yaml").is_file() and "max_steps: 4" in (run / "recipe.yaml").read_text()
+    assert (run / "recipe.yaml").is_file() and "max_steps: 150" in (run / "recipe.yaml").read_text()
     assert (run / "model" / "config.json").is_file()
     assert (run / "model" / "model.safetensors").is_file()
     assert (run / "model" / "tokenizer.json").is_file()
     assert not (run / "model.tmp").exists()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_logs = [m for m in metrics if "loss" in m]
-    assert [m["step"] for m in train_logs] == [1, 2, 3, 4]
+    assert [m["step"] for m in train_logs] == list(range(1, 151))
     assert all({"learning_rate", "aux_loss"} <= set(m) for m in train_logs)
     assert any("eval_loss" in m for m in metrics)
     # after each evaluation: a routing summary with drift from the routing before training
     routing = [m for m in metrics if "eval_routing/js_from_base" in m]  # eval/routing/... in TensorBoard
-    assert [m["step"] for m in routing] == [2, 4] and all(m["eval_routing/entropy"] > 0 for m in routing)
+    assert [m["step"] for m in routing] == [75, 150] and all(m["eval_routing/entropy"] > 0 for m in routing)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # TensorBoard, offline
     result = json.loads((run / "eval" / "heldout.json").read_text())
     assert result["file"] == str(ROOT / "data" / "heldout.jsonl")  # absolute: the run works from anywhere
@@ -84,7 +74,8 @@ def test_train_changes_the_weights(trained_run):
 @pytest.mark.slow
 def test_existing_run_is_never_overwritten_silently(trained_run, capsys):
     before = (trained_run / "metrics.jsonl").read_text()
-    code, _, err = run_cli(capsys, "train", "recipes/quickstart.yaml", f"output_dir={trained_run}", *QUICK)
+    code, _, err = run_cli(capsys, "train", "recipes/quickstart.yaml", f"output_dir={trained_run}",
+                           *SHARED_RUNS["full"])
     assert code == 2 and "already holds a run; pass --overwrite" in err
     assert (trained_run / "metrics.jsonl").read_text() == before
 
@@ -128,8 +119,8 @@ def test_model_that_is_not_moe(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("model.path=no/such/model", "no/such/model: no such model folder"),
-    ("data.train=data/missing.jsonl", "data/missing.jsonl: data file not found"),
+    ("model.path=no/such/model", f"no/such/model (read from {ROOT}): no such model folder"),
+    ("data.train=data/missing.jsonl", f"data/missing.jsonl (read from {ROOT}): data file not found"),
     ("sft.max_stepss=3", "unknown key 'sft.max_stepss'"),
     ("eval.batch_size=big", "eval.batch_size"),
 ])
@@ -210,9 +201,7 @@ def test_every_option_says_what_it_does():
 
     from moe_tune.cli import build_parser
 
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    for name, command in [("moe-tune", parser), *commands.items()]:
+    for name, command in [("moe-tune", build_parser()), *cli_commands().items()]:
         for action in command._actions:
             if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 assert action.help, f"{name} {action.option_strings or action.dest}"

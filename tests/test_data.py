@@ -1,6 +1,7 @@
 """Reading instruction data: every format becomes chat rows; bad rows name file, line or row, and field."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -124,9 +125,9 @@ def test_declared_format_and_dataset_of_any_format(tmp_path):
     assert ds.column_names == ["messages"] and len(ds) == 2
     assert ds[0]["messages"] == ALPACA_EXPECTED[0]["messages"]
     # A declared format that does not fit is named, not guessed around.
-    with pytest.raises(MoeTuneError, match=r"d.json: row 1: row is in Alpaca .* \(declared as fmt='chat'\)"):
+    with pytest.raises(MoeTuneError, match=r"d.json: row 1: row is in Alpaca .* \(declared as data.format: chat\)"):
         read_rows(path, fmt="chat")
-    with pytest.raises(MoeTuneError, match="unknown data format 'csv'"):
+    with pytest.raises(MoeTuneError, match="unknown data.format 'csv'"):
         read_rows(path, fmt="csv")
 
 
@@ -230,7 +231,7 @@ def test_unreadable_sources(tmp_path):
         read_rows(tmp_path / "broken.json")
     with pytest.raises(MoeTuneError, match="not one written by datasets' save_to_disk"):
         read_rows(tmp_path)
-    with pytest.raises(MoeTuneError, match="data/none.jsonl: data file not found"):
+    with pytest.raises(MoeTuneError, match=r"data/none.jsonl \(read from .*\): data file not found"):
         read_rows("data/none.jsonl")
 
 
@@ -245,7 +246,7 @@ def test_hub_name_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     monkeypatch.chdir(tmp_path)  # so the name cannot be a local folder
-    with pytest.raises(MoeTuneError, match="^org-x/none: neither a local file nor reachable on the Hub"):
+    with pytest.raises(MoeTuneError, match=r"^org-x/none \(read from .*\): neither a local file nor reachable on the Hub"):
         read_rows("org-x/none")
 
 
@@ -255,3 +256,16 @@ def test_saved_dataset_dict_reads_its_train_split(tmp_path):
     DatasetDict({"train": Dataset.from_list([PROMPT_COMPLETION]),
                  "test": Dataset.from_list([GOOD])}).save_to_disk(str(tmp_path / "dd"))
     assert read_chat_rows(tmp_path / "dd") == [{"messages": USER_YO, "group": "g"}]
+
+
+def test_a_spread_sample_covers_every_task_of_a_grouped_file():
+    """Held-out files are grouped by task: N rows taken evenly through the file, not the first N
+    (eval.max_rows, export's serving check)."""
+    from moe_tune.data.rows import spread
+
+    rows = read_chat_rows(Path(__file__).resolve().parents[1] / "data" / "heldout.jsonl")
+    tasks = {r["task"] for r in rows}
+    assert len({r["task"] for r in rows[:60]}) <= 2 < len(tasks)  # the first 60 rows: one or two tasks
+    picked = spread(rows, 60)
+    assert len(picked) == 60 and picked[0] is rows[0] and {r["task"] for r in picked} == tasks
+    assert spread(rows[:7], 100) == rows[:7]

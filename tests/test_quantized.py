@@ -86,7 +86,7 @@ def test_guard_stops_when_gradients_vanish():
     import bitsandbytes as bnb
     from bitsandbytes.functional import has_avx512bf16
 
-    from moe_tune.training.sft_trainer import GradientGuard
+    from moe_tune.training.callbacks import GradientGuard
 
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16 kernel path to break the graph")
@@ -100,7 +100,7 @@ def test_guard_stops_when_gradients_vanish():
 
 
 def test_work_around_keeps_every_adapter_learning():
-    from moe_tune.training.sft_trainer import GradientGuard
+    from moe_tune.training.callbacks import GradientGuard
 
     model, _ = load_model(str(SHIPPED_MODEL), bits=4)
     guard = GradientGuard()
@@ -138,6 +138,7 @@ def test_plan_memory_counts_4bit_linears():
     assert full["memory_gb"] - q4["memory_gb"] == pytest.approx(saved, abs=2e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_qlora_with_lora_on_experts_on_gpu(tmp_path, capsys):

@@ -155,6 +155,9 @@ def test_a_run_interrupted_in_any_phase_resumes_to_the_same_end(uninterrupted, t
     assert not (run / "eval").exists()  # nothing looks finished
     if phase == "train" and sig == "SIGINT":  # the step in progress finished, with a checkpoint
         assert (run / "checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
+        # no end-of-training summary (train_runtime, train_loss) before the interrupt line
+        assert "train_runtime" not in out.stdout + out.stderr
+        assert "train_runtime" not in (run / "metrics.jsonl").read_text()
     capsys.readouterr()
     assert main(["train", str(run), "--resume"]) == 0, capsys.readouterr().err
     whole = uninterrupted[preset]

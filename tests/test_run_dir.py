@@ -117,3 +117,19 @@ def test_a_run_that_failed_before_its_first_logged_step_leaves_nothing_behind(tm
     (started / "recipe.yaml").write_text("x")
     (started / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')  # a logged step: kept to read
     assert not discard_unstarted(started, existed=False) and (started / "recipe.yaml").is_file()
+
+
+def test_a_folder_put_in_place_is_readable_as_the_umask_allows(tmp_path):
+    """transformers writes model.safetensors through a private temporary file (mode 0600)."""
+    import os
+
+    from moe_tune.training.run_dir import folder_in_place
+
+    with folder_in_place(tmp_path / "model") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x")
+        (tmp / "model.safetensors").chmod(0o600)
+        (tmp / "config.json").write_text("{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "model" / name).stat().st_mode & 0o777 == 0o666 & ~umask

@@ -17,7 +17,7 @@ import torch
 
 from moe_tune.export import serving
 from moe_tune.cli import main
-from moe_tune.data.rows import read_chat_rows
+from moe_tune.data.rows import read_chat_rows, spread
 from moe_tune.errors import MoeTuneError
 from moe_tune.evaluation.heldout import greedy_answers
 from moe_tune.export.gguf import declared_family
@@ -27,7 +27,7 @@ from moe_tune.training.sft_trainer import BF16_PAYS, bf16_speedup
 from conftest import ROOT, SHIPPED_MODEL, shipped_in_bf16
 
 HELDOUT = ROOT / "data" / "heldout.jsonl"
-# long enough that the answers move away from the base model's; no evaluation at the end
+# as conftest.SHARED_RUNS: long enough that the answers move away from the base model's; not evaluated
 TUNE = ["sft.max_steps=150", "sft.eval_strategy=no", "eval.files=[]", "eval.retention_file=null",
         f"data.train={ROOT / 'data' / 'train.jsonl'}", f"data.valid={ROOT / 'data' / 'valid.jsonl'}"]
 AGREEMENT = re.compile(r"(vLLM|llama\.cpp): (\d+)/(\d+) greedy answers identical to transformers'")
@@ -42,6 +42,17 @@ def _engine(variable: str, find, make: str):
     return find()
 
 
+# Each test asks for its engine first: without it, it skips before any run is trained for it.
+@pytest.fixture(scope="session")
+def vllm():
+    return _engine("MOE_TUNE_SERVE_ENV", serving.vllm_python, "serving-env")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    return _engine("MOE_TUNE_LLAMA_CPP", serving.llama_cpp_home, "llama-cpp")
+
+
 def _bf16_pays() -> bool:
     """A CPU whose bf16 matmuls pay, by the plan's own measure: where bf16 is emulated, the 150
     bf16 steps of the run below would take about an hour."""
@@ -49,35 +60,35 @@ def _bf16_pays() -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A full fine-tune and a LoRA-on-experts run of the shipped model (the quickstart recipe);
-    where bf16 pays, also a freeze_experts run of it stored in bf16, under bf16 autocast, whose
-    model folder keeps the frozen experts in bf16 and every other weight in fp32
-    (fast_experts.holds_frozen_experts_in_bf16)."""
-    folder = tmp_path_factory.mktemp("serving")
-    presets = [("full", ["trainable.preset=full"]), ("lora_experts", ["trainable.preset=lora_experts"])]
-    if _bf16_pays():
-        bf16 = shipped_in_bf16(folder / "tiny-moe-bf16")
-        presets.append(("bf16_frozen_experts", ["trainable.preset=freeze_experts", f"model.path={bf16}",
-                                                "sft.bf16=true"]))
-    made = {}
-    for name, options in presets:
-        made[name] = folder / name
-        assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={made[name]}", *options,
-                     *TUNE]) == 0
-    return made
-
-
-def _run(runs, name):
-    if name not in runs:
+def bf16_frozen_experts_run(tmp_path_factory):
+    """Where bf16 pays, a freeze_experts run of the shipped model stored in bf16, under bf16
+    autocast, whose model folder keeps the frozen experts in bf16 and every other weight in fp32
+    (experts_policy.holds_frozen_experts_in_bf16)."""
+    if not _bf16_pays():
         pytest.skip("frozen experts are held in bf16 only on a CPU whose bf16 matmuls pay")
-    return runs[name]
+    folder = tmp_path_factory.mktemp("serving")
+    bf16 = shipped_in_bf16(folder / "tiny-moe-bf16")
+    run = folder / "bf16_frozen_experts"
+    assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={run}", "trainable.preset=freeze_experts",
+                 f"model.path={bf16}", "sft.bf16=true", *TUNE]) == 0
+    return run
+
+
+# A full fine-tune and a LoRA-on-experts run of the shipped model (conftest.SHARED_RUNS), and the one above
+SERVED = ["full", "lora_experts", "bf16_frozen_experts"]
+
+
+@pytest.fixture
+def served_run(request, shared_run):
+    if request.param == "bf16_frozen_experts":
+        return request.getfixturevalue("bf16_frozen_experts_run")
+    return shared_run(request.param)
 
 
 @pytest.mark.slow
-def test_the_bf16_frozen_experts_run_saves_two_dtypes(runs):
+def test_the_bf16_frozen_experts_run_saves_two_dtypes(bf16_frozen_experts_run):
     """What the serving tests below then read for it: frozen experts in bf16, the rest fp32."""
-    dtypes = checkpoint_dtypes(str(_run(runs, "bf16_frozen_experts") / "model"))
+    dtypes = checkpoint_dtypes(str(bf16_frozen_experts_run / "model"))
     assert {("experts" if ".experts." in key else "other", dtype) for key, dtype in dtypes.items()} == {
         ("experts", "BF16"), ("other", "F32")}
 
@@ -85,7 +96,7 @@ def test_the_bf16_frozen_experts_run_saves_two_dtypes(runs):
 @pytest.fixture(scope="module")
 def base_answers():
     model, tokenizer = load_model(str(SHIPPED_MODEL))
-    rows = serving.spread(read_chat_rows(HELDOUT), 100)
+    rows = spread(read_chat_rows(HELDOUT), 100)
     return greedy_answers(model.eval(), tokenizer, rows, batch_size=32, max_new_tokens=12)
 
 
@@ -97,17 +108,16 @@ def _agreement(output: str) -> tuple[int, int]:
 def _served_answers_differ_from_base(checkpoint, base_answers) -> int:
     """How many of the 100 prompts the exported model answers unlike the untuned base."""
     model, tokenizer = load_model(str(checkpoint))
-    rows = serving.spread(read_chat_rows(HELDOUT), 100)
+    rows = spread(read_chat_rows(HELDOUT), 100)
     tuned = greedy_answers(model.eval(), tokenizer, rows, batch_size=32, max_new_tokens=12)
     return sum(a != b for a, b in zip(tuned, base_answers))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["full", "lora_experts", "bf16_frozen_experts"])
-def test_vllm_answers_as_transformers_does(run, runs, base_answers, tmp_path, capsys):
-    _engine("MOE_TUNE_SERVE_ENV", serving.vllm_python, "serving-env")
+@pytest.mark.parametrize("served_run", SERVED, indirect=True)
+def test_vllm_answers_as_transformers_does(vllm, served_run, base_answers, tmp_path, capsys):
     out = tmp_path / "merged"
-    assert main(["export", str(_run(runs, run)), "--merged", str(out), "--verify", "vllm"]) == 0
+    assert main(["export", str(served_run), "--merged", str(out), "--verify", "vllm"]) == 0
     identical, total = _agreement(capsys.readouterr().out)
     assert total == 100 and identical >= 95
     # what vLLM served is the tuned model: the expert deltas reached it
@@ -115,11 +125,10 @@ def test_vllm_answers_as_transformers_does(run, runs, base_answers, tmp_path, ca
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["full", "lora_experts", "bf16_frozen_experts"])
-def test_llama_cpp_answers_as_transformers_does(run, runs, base_answers, tmp_path, capsys):
-    _engine("MOE_TUNE_LLAMA_CPP", serving.llama_cpp_home, "llama-cpp")
+@pytest.mark.parametrize("served_run", SERVED, indirect=True)
+def test_llama_cpp_answers_as_transformers_does(llama_cpp, served_run, tmp_path, capsys):
     gguf = tmp_path / "model.gguf"
-    assert main(["export", str(_run(runs, run)), "--gguf", str(gguf)]) == 0
+    assert main(["export", str(served_run), "--gguf", str(gguf)]) == 0
     identical, total = _agreement(capsys.readouterr().out)
     assert total == 100 and identical >= 95
     assert gguf.read_bytes()[:4] == b"GGUF"
@@ -127,13 +136,13 @@ def test_llama_cpp_answers_as_transformers_does(run, runs, base_answers, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_quantized_gguf_is_reported_and_replaced_only_with_overwrite(runs, tmp_path, capsys):
-    _engine("MOE_TUNE_LLAMA_CPP", serving.llama_cpp_home, "llama-cpp")
+def test_a_quantized_gguf_is_reported_and_replaced_only_with_overwrite(llama_cpp, shared_run, tmp_path, capsys):
+    run = shared_run("full")
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + b"\0" * 16)  # an earlier export
-    assert main(["export", str(runs["full"]), "--gguf", str(gguf), "--quant", "q4_k_m", "--verify-rows", "20"]) == 2
+    assert main(["export", str(run), "--gguf", str(gguf), "--quant", "q4_k_m", "--verify-rows", "20"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["export", str(runs["full"]), "--gguf", str(gguf), "--quant", "q4_k_m", "--verify-rows", "20",
+    assert main(["export", str(run), "--gguf", str(gguf), "--quant", "q4_k_m", "--verify-rows", "20",
                  "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert "q4_k_m GGUF by llama.cpp's converter and llama-quantize" in out and _agreement(out)[1] == 20
@@ -141,12 +150,11 @@ def test_a_quantized_gguf_is_reported_and_replaced_only_with_overwrite(runs, tmp
 
 
 @pytest.mark.slow
-def test_a_refused_export_leaves_nothing(runs, tmp_path, capsys):
+def test_a_refused_export_leaves_nothing(llama_cpp, shared_run, tmp_path, capsys):
     """Agreement below --min-identical (here: every answer must match on a 4-bit file, and the
     tiny model's 4-bit answers do not all match) refuses the export with one line."""
-    _engine("MOE_TUNE_LLAMA_CPP", serving.llama_cpp_home, "llama-cpp")
     gguf = tmp_path / "model.gguf"
-    code = main(["export", str(runs["lora_experts"]), "--gguf", str(gguf), "--quant", "q2_k", "--min-identical", "1"])
+    code = main(["export", str(shared_run("lora_experts")), "--gguf", str(gguf), "--quant", "q2_k", "--min-identical", "1"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "Traceback" not in err, err
     last = err.splitlines()[-1]  # after the loading bars: the one line that says why
@@ -189,10 +197,3 @@ def test_agreement_counts_and_refuses():
                                            r"vLLM ' x'"):
         agreement.check(0.95)
 
-
-def test_spread_takes_rows_from_every_part_of_a_file():
-    rows = [{"i": i} for i in range(450)]
-    picked = serving.spread(rows, 100)
-    assert len(picked) == 100 and picked[0]["i"] == 0 and picked[-1]["i"] >= 445
-    assert serving.spread(rows[:7], 100) == rows[:7]
-    assert torch.tensor([r["i"] for r in picked]).diff().min() >= 4

@@ -34,6 +34,7 @@ def test_trains_and_evaluates_in_bf16_on_cpu(tmp_path, capsys, preset):
     train_bf16_and_evaluate(tmp_path, capsys, preset)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("preset", ["full", "lora_experts"])
@@ -42,6 +43,7 @@ def test_trains_and_evaluates_on_gpu(tmp_path, capsys, preset):
     train_bf16_and_evaluate(tmp_path, capsys, preset)
 
 
+@pytest.mark.slow
 def test_the_architecture_is_found_once_per_model(tmp_path, capsys, monkeypatch):
     """The run describes each model it builds or loads once (the weightless plan copy, the
     model it trains, the base it compares with) and hands that description down."""
@@ -140,3 +142,28 @@ def test_emulated_bf16_is_told_by_one_call(monkeypatch):
         assert sft_trainer.bf16_speedup(128, 256) == pytest.approx(want)
         assert len(timed) == calls
     sft_trainer.bf16_speedup.cache_clear()
+
+
+def test_the_lora_section_warns_only_where_given(tmp_path):
+    """A run's recipe.yaml writes every section, lora's defaults too: resuming a full fine-tune
+    from it must not warn that a lora section has no effect."""
+    from moe_tune.recipe import dump_recipe, load_recipe
+    from moe_tune.training.pipeline import plan_run
+
+    def warned(recipe) -> bool:
+        return any("a lora section is given" in w for w in plan_run(recipe).report.warnings)
+
+    assert warned(load_recipe(QUICKSTART, ["lora.r=8"]))
+    (tmp_path / "recipe.yaml").write_text(dump_recipe(load_recipe(QUICKSTART)))
+    assert not warned(load_recipe(tmp_path / "recipe.yaml"))
+
+
+def test_a_refused_resume_and_a_misdeclared_format_say_one_line_and_nothing_else(tmp_path, capsys):
+    from moe_tune.cli import main
+
+    assert main(["train", str(QUICKSTART), f"output_dir={tmp_path / 'none'}", "--resume"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "no moe-tune run to resume" in err and len(err.strip().splitlines()) == 1
+    assert main(["plan", str(QUICKSTART), "data.format=alpaca"]) == 2  # the shipped data is chat rows
+    out, err = capsys.readouterr()
+    assert "(declared as data.format: alpaca)" in err and len(err.strip().splitlines()) == 1

@@ -257,8 +257,8 @@ def read_rows(path: str | Path, max_rows: int | None = None, fmt: str = "auto",
     MoeTuneError naming file, line or row and field, unless ``skip_bad_rows``; ``max_rows`` counts
     good rows. A source with no good row raises either way."""
     if fmt not in FORMATS:
-        raise MoeTuneError(f"{path}: unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
-    file_fmt, origin = (None, "") if fmt == "auto" else (fmt, f"declared as fmt={fmt!r}")
+        raise MoeTuneError(f"{path}: unknown data.format {fmt!r}; use one of {', '.join(FORMATS)}")
+    file_fmt, origin = (None, "") if fmt == "auto" else (fmt, f"declared as data.format: {fmt}")
     rows, skipped = [], []
     for where, place, record in _records(path):
         try:
@@ -297,6 +297,13 @@ def read_chat_rows(path: str | Path, max_rows: int | None = None, fmt: str = "au
                    skip_bad_rows: bool = False) -> list[dict]:
     """Just the rows of ``read_rows``: what evaluate, export and the trainer take."""
     return read_rows(path, max_rows, fmt, skip_bad_rows)[0]
+
+
+def spread(rows: list[dict], count: int) -> list[dict]:
+    """``count`` rows evenly spaced through ``rows`` (held-out files are grouped by task)."""
+    if len(rows) <= count:
+        return rows
+    return [rows[i * len(rows) // count] for i in range(count)]
 
 
 def messages_dataset(rows: list[dict]) -> Dataset:

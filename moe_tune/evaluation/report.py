@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moe_tune.data.rows import read_chat_rows  # noqa: E402
+from moe_tune.data.rows import read_chat_rows, spread  # noqa: E402
 from moe_tune.errors import MoeTuneError  # noqa: E402
 from moe_tune.evaluation import routing_stats  # noqa: E402
 from moe_tune.evaluation.heldout import evaluate, format_table, on_accelerator, save_results, text_loss  # noqa: E402
@@ -188,7 +188,8 @@ def evaluate_files(tuned, tokenizer, cfg, out_dir: Path, base=None, label: str =
     archs = routing_archs(models, {label: arch})
     report = {}
     for path in cfg.files:
-        rows = read_chat_rows(path, cfg.max_rows)
+        rows = read_chat_rows(path)
+        rows = spread(rows, cfg.max_rows) if cfg.max_rows else rows  # held-out files are grouped by task
         results = {name: evaluate(m, tokenizer, rows, cfg.batch_size, cfg.max_new_tokens) for name, m in models.items()}
         save_results(out_dir / f"{Path(path).stem}.json", path, results)
         print(f"\nHeld-out evaluation of {path}:\n{format_table(results)}")

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from moe_tune.data.rows import read_chat_rows
+from moe_tune.data.rows import read_chat_rows, spread
 from moe_tune.errors import MoeTuneError
 from moe_tune.evaluation.heldout import inference_mode
 from moe_tune.export import serving
-from moe_tune.export.serving import spread
+from moe_tune.export.gguf import CONVERTER_TYPES
 from moe_tune.export.vllm_adapter import write_vllm_adapter
 from moe_tune.model.arch import describe
 from moe_tune.model.loading import build_meta_model, load_config
@@ -200,7 +200,7 @@ def export_run(run: Path, merged: Path | None, gguf: Path | None, quant: str = "
         agreement = serving.verify_llama_cpp(checkpoint, converted, held_out, max_new_tokens, dtype)
         agreement.check(min_identical)
         os.replace(converted, gguf)
-    made = "llama.cpp's converter" + ("" if quant in serving.CONVERTER_TYPES else " and llama-quantize")
+    made = "llama.cpp's converter" + ("" if quant in CONVERTER_TYPES else " and llama-quantize")
     print(f"{checked}; {quant} GGUF by {made}; {agreement.summary()} on {len(held_out)} prompts "
           f"of {source}; written to {gguf}")
 

@@ -20,6 +20,12 @@ import logging
 import sys
 from pathlib import Path
 
+# llama.cpp's converter writes these types itself; the others are llama-quantize's, from an f16 file
+# (here, in a module that imports nothing heavy, so that `moe-tune export --help` lists them)
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+QUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl")
+GGUF_TYPES = CONVERTER_TYPES + QUANTIZE_TYPES
+
 # llama.cpp's name for a pre-tokenizer -> (tokenizer.json's "pre_tokenizer", its "normalizer")
 DECLARED_FAMILIES = {
     "gpt-2": ({"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}, None),

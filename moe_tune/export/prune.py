@@ -71,8 +71,8 @@ def kept_count(keep: Keep, arch: MoeArch, config, overrides: dict[str, Keep], wh
     """The number of experts every MoE layer keeps; one line when it cannot be."""
     counts = {layer.block: (overrides.get(layer.block) or keep).count(layer.num_experts) for layer in arch.layers}
     if len(set(counts.values())) > 1:
-        shown = ", ".join(f"{b}: {n}" for b, n in counts.items())
-        raise MoeTuneError(f"--keep-layer: layers would keep different expert counts ({shown}); a transformers "
+        listed = ", ".join(f"{b}: {n}" for b, n in counts.items())
+        raise MoeTuneError(f"--keep-layer: layers would keep different expert counts ({listed}); a transformers "
                            "checkpoint declares one expert count for all layers, so give every layer the same count")
     count = next(iter(counts.values()))
     layer = arch.layers[0]

@@ -22,13 +22,10 @@ from pathlib import Path
 from moe_tune.data.rows import split_prompt
 from moe_tune.errors import MoeTuneError
 from moe_tune.evaluation.heldout import greedy_answers
+from moe_tune.export.gguf import CONVERTER_TYPES
 from moe_tune.model.loading import load_model, load_tokenizer
 
 MIN_IDENTICAL = 0.95  # share of identical greedy answers below which an unquantized export is refused
-# llama.cpp's converter writes these types itself; the others are llama-quantize's, from an f16 file
-CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
-QUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl")
-GGUF_TYPES = CONVERTER_TYPES + QUANTIZE_TYPES
 # Types that keep the weights as they are (up to rounding): only these are held to MIN_IDENTICAL
 # unless --min-identical says otherwise; a quantized file's agreement is reported.
 UNQUANTIZED = ("f32", "f16", "bf16")
@@ -71,13 +68,6 @@ def llama_cpp_home() -> Path:
 
 
 # --- comparing answers ----------------------------------------------------------------------------
-
-def spread(rows: list[dict], count: int) -> list[dict]:
-    """``count`` rows evenly spaced through ``rows`` (held-out files are grouped by task)."""
-    if len(rows) <= count:
-        return rows
-    return [rows[i * len(rows) // count] for i in range(count)]
-
 
 @dataclass
 class Agreement:

@@ -83,7 +83,7 @@ def load_tokenizer(path: str, template=None):
 
 def fit_embeddings(model, tokenizer) -> None:
     """Grow the embeddings (and an untied LM head) to a tokenizer given new tokens by a chat
-    template, the new rows initialised at the mean of the others (transformers' resize), and
+    template, the new rows drawn around the others' mean (transformers' mean_resizing), and
     stop generation where the tokenizer's turns end."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
@@ -236,6 +236,8 @@ def load_adapter_model(base_path: str, adapter_dir: Path, dtype: str = "float32"
     grown its base's vocabulary)."""
     from peft import PeftModel  # noqa: PLC0415
 
+    if not (adapter_dir / "adapter_config.json").is_file():  # before the base loads
+        raise MoeTuneError(f"{shown(adapter_dir)}: not a PEFT adapter folder (no adapter_config.json)")
     saved = load_tokenizer(str(adapter_dir)) if (adapter_dir / "tokenizer_config.json").is_file() else None
     model, tokenizer = load_model(base_path, dtype, tokenizer=saved)
     return PeftModel.from_pretrained(model, adapter_dir), tokenizer

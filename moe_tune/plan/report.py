@@ -236,12 +236,13 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe, sft_args,
 def first_training_row(recipe, args, template: GivenTemplate | None = None) -> str | None:
     """``first_row`` of a recipe's training data, for ``moe-tune plan``; None where all tokens
     train (``args``, the run's SFTConfig, says), or there is no tokenizer or data to show (a
-    published config alone, a hub dataset offline): a plan needs neither."""
-    if not args.assistant_only_loss:
+    published config alone, a hub dataset): a plan needs neither."""
+    if not args.assistant_only_loss or not Path(recipe.data.train).exists():  # a hub dataset: not read here
         return None
     try:
         tokenizer = load_tokenizer(recipe.model.path, template)
-        rows = read_chat_rows(recipe.data.train, 1, recipe.data.format, recipe.data.skip_bad_rows)
     except MoeTuneError:
         return None
+    # a local file's mistakes (data.format, a bad first row) are told now, as train would tell them
+    rows = read_chat_rows(recipe.data.train, 1, recipe.data.format, recipe.data.skip_bad_rows)
     return first_row(tokenizer, rows, masking(tokenizer))

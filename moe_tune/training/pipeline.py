@@ -55,7 +55,7 @@ from moe_tune.plan.accounting import expert_intermediate
 from moe_tune.plan.fit import available_bytes
 from moe_tune.plan.modes import Plan, apply_plan, check_parts_exist, make_plan, resolve_modes, unwrapped
 from moe_tune.plan.report import PlanReport, plan_report
-from moe_tune.recipe import Recipe, dump_recipe, with_absolute_paths
+from moe_tune.recipe import LoraSection, Recipe, dump_recipe, with_absolute_paths
 from moe_tune.training import distributed
 from moe_tune.training.interrupts import Interrupts, StopOnInterrupt
 from moe_tune.training.run_dir import (
@@ -169,7 +169,7 @@ def plan_run(recipe: Recipe) -> RunSetup:
     report.warnings += sft_warnings(sft_args)
     if added:
         report.new_tokens, report.chat_template = list(added), f"{templates.TEMPLATE_KEY}: {template.source}"
-    if "lora" in recipe.model_fields_set and not plan.lora_targets:
+    if recipe.lora != LoraSection() and not plan.lora_targets:  # (a run's recipe.yaml writes every section)
         report.warnings.append("a lora section is given, but no part is in LoRA mode: it has no effect "
                                "(trainable.preset: lora_experts, or trainable.<part>: lora)")
     if cfg and not cfg.file:
@@ -198,18 +198,18 @@ def check_data(setup: RunSetup) -> RunData:
     tokenizer = load_tokenizer(recipe.model.path, setup.template)
     data = recipe.data
     read = read_train_rows(data)
-    shown = None
+    first = None
     if setup.sft_args.assistant_only_loss:  # before check_lengths: it names a row the template cannot render
         how = templates.masking(tokenizer)
         templates.check_rows(data.train, read.train.rows, tokenizer, how)
-        shown = templates.first_row(tokenizer, read.train.rows, how)
+        first = templates.first_row(tokenizer, read.train.rows, how)
     check_lengths(data.train, read.train.rows, tokenizer, setup.sft_args.max_length, data.skip_bad_rows)
     for path in recipe.eval.files:
         read_chat_rows(path)
     if recipe.eval.retention_file and not Path(recipe.eval.retention_file).is_file():
         raise MoeTuneError(f"{shown(recipe.eval.retention_file)}: eval.retention_file not found")
-    setup.report.first_row = shown
-    return RunData(tokenizer, read, shown)
+    setup.report.first_row = first
+    return RunData(tokenizer, read, first)
 
 
 def set_experts_implementation(recipe: Recipe, model) -> None:
@@ -367,11 +367,11 @@ def run_training(recipe: Recipe, overwrite: bool = False, resume: bool = False) 
     recipe = with_absolute_paths(recipe)
     setup = plan_run(recipe)
     data = check_data(setup)
-    if data.first_row and distributed.is_main():
-        print(data.first_row)
     resumed = resume_point(recipe, setup.sft_args) if resume else None
     if not resume:
         check_run_dir(recipe.output_dir, overwrite)  # every rank decides before any rank writes
+    if data.first_row and distributed.is_main():  # once the run may go ahead
+        print(data.first_row)
     distributed.join(setup.sft_args)
     distributed.barrier()
     run = setup.run

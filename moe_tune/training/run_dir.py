@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -54,9 +55,20 @@ def tmp_path(path: Path) -> Path:
 
 
 def put_in_place(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the complete folder ``tmp``."""
+    """Replace ``final`` by the complete folder ``tmp``; its files readable as the umask allows
+    (transformers writes safetensors through a private temporary file, mode 0600)."""
+    mode = 0o666 & ~_umask()
+    for path in tmp.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+
+
+def _umask() -> int:
+    current = os.umask(0)  # the only way to read it is to set it
+    os.umask(current)
+    return current
 
 
 def write_text(path: Path, text: str) -> None:

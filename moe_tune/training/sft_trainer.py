@@ -20,12 +20,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from moe_tune.data.rows import ReadRows, TrainRows, messages_dataset, read_train_rows
 from moe_tune.errors import MoeTuneError
-from moe_tune.evaluation import routing_stats
 from moe_tune.model import templates
 from moe_tune.model.loading import returning_freed_memory
 from moe_tune.moe import routing, step_memory
@@ -33,6 +31,7 @@ from moe_tune.moe.bias_balance import BalanceBiases, BiasBalancer
 from moe_tune.moe.router_losses import RouterRegularizer
 from moe_tune.plan.modes import unwrapped
 from moe_tune.training import distributed
+from moe_tune.training.callbacks import GradientGuard, MetricsLog, RoutingProbe
 from moe_tune.training.run_dir import (
     CHECKPOINTS,
     DATA_REPORT_FILE,
@@ -147,72 +146,6 @@ def sft_warnings(args: SFTConfig) -> list[str]:
     return warnings
 
 
-class GradientGuard(TrainerCallback):
-    """Stop, rather than train on silently, when trainable weights stop receiving gradients.
-
-    At the first step, the tensors that get a gradient are noted (none at all is an error);
-    at the first step after each evaluation, all of them must still get one. Quantized CPU
-    kernels have been seen to cut the graph right after an eval-mode forward."""
-
-    def __init__(self):
-        self.check, self.live = True, None
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self.check = True
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if not self.check or model is None:
-            return
-        self.check = False
-        live = {n for n, p in model.named_parameters()
-                if p.requires_grad and p.grad is not None and bool(p.grad.abs().sum() > 0)}
-        if self.live is None:
-            if not live:
-                raise MoeTuneError(f"step {state.global_step + 1}: no trainable tensor received a gradient; "
-                                   "stopping instead of training on silently")
-            self.live = live
-        elif self.live - live:
-            dead = sorted(self.live - live)
-            raise MoeTuneError(f"step {state.global_step + 1}: {len(dead)} trainable tensors stopped receiving "
-                               f"gradients after evaluation (e.g. {dead[0]}); stopping instead of training on "
-                               "silently")
-
-
-class MetricsLog(TrainerCallback):
-    """Appends every logged dict (loss, learning_rate, aux_loss, eval_loss, ...) to metrics.jsonl."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        # the last step is logged too, whatever sft.logging_steps: the final training loss is
-        # what a comparison's train-to-held-out gap is measured from
-        if state.global_step >= state.max_steps and args.logging_strategy != "no":
-            control.should_log = True
-
-
-class RoutingProbe:
-    """Routing summary of the model on a fixed sample of validation rows, with drift from the
-    routing the model had when the probe was made (before training)."""
-
-    SAMPLE = 64  # rows: enough for a stable load estimate, a fraction of a second on the tiny model
-
-    def __init__(self, model, arch, tokenizer, rows: list[dict]):
-        self.model, self.arch, self.tokenizer, self.rows = model, arch, tokenizer, rows[:self.SAMPLE]
-        self.base = routing_stats.profile(model, arch, tokenizer, self.rows)
-
-    def __call__(self) -> dict[str, float]:
-        now = routing_stats.profile(self.model, self.arch, self.tokenizer, self.rows)
-        summary = routing_stats.summarize(now, self.base)["mean_over_layers"]
-        # eval_: TensorBoard files it under eval/, beside the validation loss it goes with
-        return {f"eval_routing/{key}": value for key, value in summary.items()}
-
-
 def non_finite_message(step: int, value: float, run: Path) -> str:
     done = complete_checkpoints(run)
     keep = (f"the last good checkpoint is {done[-1]}: resume from it with --resume" if done
@@ -280,7 +213,10 @@ class MoeSFTTrainer(SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The means of the cross-entropy and the router terms join the logged values, named as
-        TRL names its own (``eval_`` in front during evaluation)."""
+        TRL names its own (``eval_`` in front during evaluation). A run stopped before its last
+        step (Ctrl-C, SIGTERM) logs no end-of-training summary: it would read as a finished run."""
+        if "train_runtime" in logs and self.state.global_step < self.state.max_steps:
+            return
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
         logs.update({f"{prefix}{name}": sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
