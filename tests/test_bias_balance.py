@@ -168,6 +168,7 @@ def test_the_ernie_copy_of_the_shipped_model_has_its_logits_and_a_bias_to_balanc
     assert all(not b.requires_grad for b in balancer.bias.values())
 
 
+@pytest.mark.slow
 def test_ranks_balance_by_the_load_of_the_whole_batch(tmp_path):
     """Two processes, each with half of a batch, move the bias as one process with all of it."""
     import os

@@ -42,6 +42,7 @@ def test_prompt_answers_once_greedily_as_transformers_does(tiny, capsys):
     assert expected.strip() and out == expected + "\n"  # streamed, then the streamer's newline
 
 
+@pytest.mark.slow
 def test_stdin_turns_until_an_empty_line(tiny):
     """Two turns answered, each with the one before it; the line after the empty one is not read."""
     done = subprocess.run([sys.executable, "-m", "moe_tune.cli", "chat", str(SHIPPED_MODEL), "--max-new-tokens",

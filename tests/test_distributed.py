@@ -91,6 +91,7 @@ def test_launch_configs_parse_and_name_existing_options():
         "zero_stage"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fsdp2_config_trains_and_saves_like_plain_training(tmp_path):

@@ -69,7 +69,7 @@ def test_the_flop_count_is_what_a_training_step_runs(bench, strategy, tmp_path):
     layer's attention trains (lora_attention), its q/k/v projections pass no gradient back to the
     embeddings, though the count has them do so. The step runs in fp32: under bf16 autocast (where
     the plan measures fast bf16 matmuls, as on AMX CPUs) the experts kernel zero-pads each
-    expert's rows (``fast_experts._padded_rows``), work the count of what a step needs leaves out."""
+    expert's rows (``experts_route.padded_rows``), work the count of what a step needs leaves out."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -133,6 +133,7 @@ def test_the_baseline_trains_in_trls_precision_or_in_the_one_moe_tune_chose(benc
         assert bench.trl_trainer("lora_attention", tmp_path, 1, 1, 64, "float32", bf16=bf16).args.bf16 is bf16
 
 
+@pytest.mark.slow
 def test_loading_and_training_peaks_are_measured_apart(bench, tmp_path):
     """The training peak, which the plan is compared with, and loading's own, each at least the
     fp32 weights that both phases hold (a 1-layer benchmark model, bf16 on disk)."""

@@ -18,7 +18,7 @@ from moe_tune.cli import main
 from moe_tune.errors import MoeTuneError
 from moe_tune.export.vllm_adapter import PREFIX, vllm_layout
 
-from conftest import ROOT, SHIPPED_MODEL
+from conftest import SHIPPED_MODEL
 from families import tiny_config
 
 
@@ -73,10 +73,9 @@ def test_converted_adapter_gives_the_peft_logits(model_type, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_the_command_writes_the_converted_adapter(tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={run}", "trainable.preset=lora_experts",
-                 "sft.max_steps=3", "sft.eval_strategy=no", "eval.files=[]", "eval.retention_file=null"]) == 0
+@pytest.mark.slow
+def test_the_command_writes_the_converted_adapter(shared_run, tmp_path, capsys):
+    run = shared_run("lora_experts")  # test_serving serves it
     out = tmp_path / "vllm-adapter"
     assert main(["export", str(run), "--adapter", str(out), "--for", "vllm"]) == 0
     assert "96 LoRA modules in vLLM's per-expert layout" in capsys.readouterr().out  # 4 layers x 8 experts x w1/w2/w3
@@ -104,6 +103,7 @@ def test_families_vllm_reads_as_they_are_are_not_converted(tmp_path):
         vllm_layout(tmp_path / "adapter", _base("gpt_oss"))
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 def test_vllm_serves_the_converted_adapter(tmp_path):
     """On a GPU with vLLM installed: the converted adapter served by vLLM answers as the merged model."""
