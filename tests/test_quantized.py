@@ -133,9 +133,9 @@ def test_plan_memory_counts_4bit_linears():
     full = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml", ["trainable.preset=lora_attention"])).report
     q4 = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml",
                               ["trainable.preset=lora_attention", "model.load_in_4bit=true"])).report
-    attention = next(r["params"] for r in full["parts"] if r["part"] == "attention")
-    saved = attention * (4 - NF4_BYTES) / 1e9  # fp32 -> NF4 for the attention linears only
-    assert full["memory_gb"] - q4["memory_gb"] == pytest.approx(saved, abs=2e-3)
+    attention = next(r.params for r in full.parts if r.part == "attention")
+    saved = attention * (4 - NF4_BYTES)  # fp32 -> NF4 for the attention linears only
+    assert full.state_bytes - q4.state_bytes == pytest.approx(saved, rel=1e-3)
 
 
 @pytest.mark.slow

@@ -126,7 +126,7 @@ def test_the_baseline_trains_in_trls_precision_or_in_the_one_moe_tune_chose(benc
     bench.build_data(tmp_path / "train.jsonl", rows=2, seq=64)
     plan = bench.plan_report("lora_attention", tmp_path, 1, 64, "float32")
     # the choice the plan measured and stated on this machine (no GPU: it always states one)
-    assert plan["bf16_note"].startswith(f"bf16 autocast {'on' if plan['bf16'] else 'off'}:")
+    assert plan["notes"][0].startswith(f"bf16 autocast {'on' if plan['bf16'] else 'off'}:")
     trl_default = bench.trl_trainer("lora_attention", tmp_path, 1, 1, 64, "float32")
     assert trl_default.args.bf16 is True
     for bf16 in (False, True):
