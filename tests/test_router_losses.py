@@ -133,7 +133,7 @@ def test_all_terms_off_gives_trls_plain_loss(tmp_path):
     from moe_tune.model.loading import load_model
     from moe_tune.recipe import load_recipe
     from moe_tune.training.pipeline import attach_regularizers, plan_run
-    from moe_tune.training.sft_trainer import build_trainer, load_data, sft_config
+    from moe_tune.training.sft_trainer import TrainerParts, build_trainer, load_data, sft_config
 
     from conftest import ROOT, SHIPPED_MODEL
 
@@ -143,7 +143,7 @@ def test_all_terms_off_gives_trls_plain_loss(tmp_path):
     model, tokenizer = load_model(str(SHIPPED_MODEL))
     setup, arch = plan_run(recipe), describe(model)
     reg, _ = attach_regularizers(setup, model, arch)
-    ours = build_trainer(recipe, setup.sft_args, model, tokenizer, arch, reg)
+    ours = build_trainer(recipe, setup.sft_args, model, tokenizer, arch, TrainerParts(regularizer=reg))
     ours.train()
     model, tokenizer = load_model(str(SHIPPED_MODEL))
     train, _ = load_data(recipe, tmp_path / "b")  # the same rows, as chat messages: TRL tokenizes them itself

@@ -127,8 +127,9 @@ def load_model(path: str, dtype: str = "float32", bits: int | None = None, templ
     other weight is ``dtype`` (experts_policy.holds_frozen_experts_in_bf16)."""
     config = load_config(path)
     require_moe(config, path)
-    # a checkpoint's own tokenizer fits it already
-    refit = template is not None or (tokenizer is not None and tokenizer.name_or_path != path)
+    # the checkpoint's own tokenizer, loaded here, fits it already; one given may carry tokens of a
+    # template (or of a tuned run) that the embeddings must grow to
+    refit = template is not None or tokenizer is not None
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path, template)
     # a local folder by its absolute path: PEFT records it in adapter_config.json as the base
     # model, which must then load from any working directory
