@@ -25,7 +25,7 @@ from moe_tune.data.rows import read_chat_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.export.prune import PRUNING_FILE, SCORES
 from moe_tune.model.loading import load_config
-from moe_tune.plan.report import PlanReport
+from moe_tune.plan.report import read_plan_json
 from moe_tune.recipe import Section, explain_error, load_recipe, read_yaml, with_absolute_paths
 from moe_tune.training.run_dir import (
     COMPARE_FILE,
@@ -138,7 +138,7 @@ def measure(run_dir: Path, wall_s: float, peak_gb: float, group: str | None = No
     """One finished run's numbers, from its files; held-out scores of ``group``'s rows only."""
     metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     # counted by the run itself, after any expert selection
-    plan = PlanReport.read(run_dir / PLAN_FILE)
+    plan = read_plan_json(run_dir / PLAN_FILE)
     out = {"wall_s": wall_s, "peak_mem_gb": peak_gb, "trainable_params": plan["trainable_params"],
            "params": plan["total_params"],
            # the loss logged at the last step (MetricsLog logs it whatever sft.logging_steps), or

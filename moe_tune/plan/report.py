@@ -121,11 +121,6 @@ class PlanReport:
             out["per_device"] = self.per_device
         return out
 
-    @classmethod
-    def read(cls, path: Path) -> dict:
-        """A run's plan.json, as ``to_json`` wrote it."""
-        return json.loads(path.read_text())
-
     def format(self) -> str:
         rows = self.parts
         w = max(len("trainable"), *(len(f"{getattr(r, key):,}") for r in rows for key in ("params", "trainable")))
@@ -155,6 +150,11 @@ class PlanReport:
         lines += self.notes
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def read_plan_json(path: Path) -> dict:
+    """A run's plan.json, as ``PlanReport.to_json`` wrote it (compare reads its counts)."""
+    return json.loads(path.read_text())
 
 
 def part_rows(model: nn.Module, arch: MoeArch, plan: Plan, lora,
