@@ -9,6 +9,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# one pytest worker per core; tests/conftest.py keeps each file (and each shared run) on one worker
+PYTEST_WORKERS = -n auto --dist loadgroup
 
 # The serving engines the tests check exports in, each in its own place (see "Serving your model"):
 #   make serving-env  # .venv-serve: vLLM's CPU build, which pins its own transformers
@@ -35,12 +37,12 @@ quickstart: $(BIN)/moe-tune
 # The three set-ups are independent: made side by side, llama.cpp compiles while pip downloads.
 test:
 	$(MAKE) -j3 $(BIN)/moe-tune $(SERVE_VENV)/.installed $(LLAMA_CPP_HOME)/.built-$(LLAMA_CPP_VERSION)
-	MOE_TUNE_SERVE_ENV=$(abspath $(SERVE_VENV)) MOE_TUNE_LLAMA_CPP=$(LLAMA_CPP_HOME) $(BIN)/python -m pytest -q
+	MOE_TUNE_SERVE_ENV=$(abspath $(SERVE_VENV)) MOE_TUNE_LLAMA_CPP=$(LLAMA_CPP_HOME) $(BIN)/python -m pytest -q $(PYTEST_WORKERS)
 
 # The fast lane: the tests marked slow (end-to-end runs of the shipped model, or over about 10 s on
 # 2 CPU cores) left out, the serving engines with them. `make test` runs them all, as CI does.
 check: $(BIN)/moe-tune
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_WORKERS)
 
 serving-env: $(SERVE_VENV)/.installed
 

@@ -49,6 +49,22 @@ def ernie_copy() -> Path:
 # Tests never reach the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Under pytest-xdist (`make test`, `make check`: one worker per core) each worker, and whatever it
+# starts, gets its share of the cores: torch's own default of every core per process would have
+# the workers' threads preempt one another. Set before torch is first imported.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_share))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep each test file on one worker (its module fixtures are built once), and every test
+    that reads a shared run on the same worker (the run is trained once)."""
+    for item in items:
+        group = "shared_run" if "shared_run" in getattr(item, "fixturenames", ()) else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
 # Runs of the shipped model (the quickstart recipe) that several test files read, each trained once
 # a session, when a test first asks for it: shared_run(name). Tests read a run and may write beside
 # what it holds (`eval RUN --data OTHER` adds RUN/eval-OTHER); none changes it.

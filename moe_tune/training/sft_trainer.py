@@ -115,7 +115,7 @@ def sft_config(recipe, run: Path, cpu_bf16: bool = False) -> SFTConfig:
     if recipe.data.valid is None and args.get("eval_strategy", "no") != "no":
         raise MoeTuneError("sft.eval_strategy is set but data.valid is not; add a validation file")
     packed = [key for key in ("packing", "padding_free") if args.get(key)]
-    if packed:  # tests/test_trainer.py::test_packed_rows_attend_to_each_other measures it
+    if packed:  # tests/test_sft_trainer.py::test_packed_rows_attend_to_each_other measures it
         raise MoeTuneError(f"sft.{packed[0]}: transformers' attention here lets packed rows attend to each other "
                            "(the loss of packed rows differs from the same rows apart), and the router terms would "
                            "pool them; train without packing")
@@ -266,7 +266,7 @@ class MoeSFTTrainer(SFTTrainer):
             return result[0] + weighted / steps, result[1]
         return result + weighted / steps
 
-    # --- the reach into Trainer's and TRL's internals (tests/test_trainer.py fails if they move) ---
+    # --- the reach into Trainer's and TRL's internals (tests/test_sft_trainer.py fails if they move) ---
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Resume with the checkpoint's weights read through transformers' own loading.
 

@@ -27,7 +27,7 @@ def test_cpu_defaults_replace_trl_gpu_defaults(tmp_path):
     recipe = minimal(tmp_path)
     args = sft_config(recipe, tmp_path)
     assert args.activation_checkpointing is False and args.optim == "adamw_torch_fused"
-    assert args.bf16 is False  # unless plan_run measured bf16 faster on this CPU (test_train.py)
+    assert args.bf16 is False  # unless plan_run measured bf16 faster on this CPU (test_pipeline.py)
     assert args.assistant_only_loss is True and args.max_steps == 2
     assert args.output_dir == str(tmp_path / "checkpoints") and args.seed == recipe.seed
 

@@ -240,7 +240,7 @@ def test_new_token_rows_train_in_the_embeddings_and_an_untied_lm_head(preset):
     assert plan.token_rows == {"model.embed_tokens.weight": [vocab, vocab + 1], "lm_head.weight": [vocab, vocab + 1]}
     before = {n: model.get_parameter(n).detach().clone() for n in plan.token_rows}
     model = apply_plan(model, plan, arch, LoraSection())
-    # no weight decay: trainer.py keeps such weights out of it (tested end to end in test_chat_template.py)
+    # no weight decay: sft_trainer.py keeps such weights out of it (tested end to end in test_templates.py)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     ids = torch.tensor([[1, vocab, 5, 6, vocab + 1, 7]])
     backbone, head = unwrapped(model).model, model.get_output_embeddings()

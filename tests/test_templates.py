@@ -360,33 +360,3 @@ def test_a_run_given_a_template_resumes_to_the_same_losses(base, tmp_path, prese
     assert sorted(losses()) == list(range(1, 7))
     for step in range(4, 7):
         assert losses()[step] == pytest.approx(whole[step], rel=1e-4, abs=1e-5), step
-
-
-def new_phrasing_exact_match(run):
-    import json
-
-    report = json.loads((run / "eval" / "report.json").read_text())
-    (result,) = report.values()
-    return result["results"]["tuned"]["per_group"]["new_phrasing"]["exact_match"]
-
-
-QUICKSTART_NEW_PHRASING = 0.847  # the quickstart's held-out exact match on new phrasings (README)
-
-
-@pytest.mark.slow
-def test_a_base_model_given_chatml_learns_about_as_well_as_with_its_own_template(base, tmp_path):
-    """The quickstart recipe on the shipped model with its template removed and
-    model.chat_template: chatml (new tokens, grown embeddings, a new eos), against the same recipe
-    with the model's own template (84.7%, the quickstart's number; measured side by side at seeds
-    42, 1 and 2: 84.7/78.9, 87.5/77.5, 85.6/79.7). The gap is ChatML's answer at a line start,
-    which this tokenizer splits unlike pretraining ("\nWexsil" is three tokens, " Wexsil" one):
-    ChatML with the shipped template's space before the answer reached 86.4% (README, "Base
-    checkpoints"). One run, not both side by side: the suite must fit CI's 30 minutes."""
-    from moe_tune.cli import main
-
-    # the in-training validation passes only report; without them the run trains the same rows
-    assert main(["train", str(ROOT / "recipes" / "quickstart.yaml"), "eval.compare_base=false",
-                 "eval.retention_file=null", "sft.eval_strategy=no", f"model.path={base}",
-                 "model.chat_template=chatml", f"output_dir={tmp_path / 'chatml'}"]) == 0
-    chatml = new_phrasing_exact_match(tmp_path / "chatml")
-    assert chatml >= QUICKSTART_NEW_PHRASING - 0.10, chatml
