@@ -15,6 +15,7 @@ unlike pretraining ("\\nWexsil" is three tokens, " Wexsil" one).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -52,7 +53,9 @@ def measure(seed: int, work: Path) -> dict:
     scores = {}
     for name, overrides in runs.items():
         out = work / name
-        if main(["train", *QUICKSTART, *overrides, f"sft.seed={seed}", f"output_dir={out}"]) != 0:
+        with contextlib.redirect_stdout(sys.stderr):  # the training's log; stdout is the result alone
+            code = main(["train", *QUICKSTART, *overrides, f"seed={seed}", f"output_dir={out}"])
+        if code != 0:
             raise SystemExit(f"the {name} run failed")
         scores[name] = new_phrasing_exact_match(out)
     return {"seed": seed, **scores, "gap": round(scores["own_template"] - scores["chatml"], 4),

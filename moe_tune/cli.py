@@ -56,7 +56,7 @@ def cmd_plan(args) -> None:
     from moe_tune.plan.report import first_training_row  # noqa: PLC0415
     from moe_tune.training.pipeline import plan_run  # noqa: PLC0415
 
-    setup = plan_run(recipe)
+    setup = plan_run(recipe, planning=True)
     report = setup.report
     if gpus is not None:
         report.per_device = fit_report(setup, gpus)

@@ -80,6 +80,25 @@ class ModelSection(Section):
         return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
 
 
+class ParallelSection(Section):
+    """Sharded training on transformers' own engine, under ``torchrun --nproc_per_node N``: its
+    ``DistributedConfig`` keys, applied as the model loads (training/distributed.py)."""
+
+    fsdp_size: int = Field(default=1, gt=0)
+    """Ranks that shard weights, gradients and optimizer states (FSDP2), each on its own batches."""
+    ep_size: int = Field(default=1, gt=0)
+    """Ranks holding distinct routed experts (expert parallelism, all-to-all); divides the expert
+    count. Alone, its ranks share each batch; with fsdp_size, it divides fsdp_size x tp_size."""
+    tp_size: int = Field(default=1, gt=0)
+    """Ranks that split attention and dense weights (tensor parallelism) and share a batch."""
+    dp_replicate_size: int = Field(default=1, gt=0)
+    """Replicas of the FSDP shards (HSDP), e.g. one per machine."""
+    fsdp_cpu_offload: bool = False
+    """FSDP2 keeps the sharded weights and optimizer states in CPU memory between uses."""
+    fsdp_mixed_precision: bool = False
+    """FSDP2 gathers weights in bf16 and reduces gradients in fp32."""
+
+
 class DataSection(Section):
     train: str
     """Training data: chat ``messages`` JSONL/JSON, Alpaca, ShareGPT, prompt/completion JSONL, a
@@ -207,6 +226,8 @@ class Recipe(Section):
     seed: int = 42
     """Seed for data order, initialisation of new weights and dropout."""
     model: ModelSection
+    parallel: ParallelSection | None = None
+    """Sharded training (FSDP2, expert and tensor parallelism) under torchrun; docs/distributed.md."""
     data: DataSection
     trainable: TrainableSection = TrainableSection()
     router: RouterSection = RouterSection()

@@ -9,7 +9,7 @@ import pytest
 
 from moe_tune.cli import main
 
-from conftest import ROOT, SHIPPED_MODEL, cli_commands, without_template
+from conftest import ROOT, SHIPPED_MODEL, cli_commands, tiny_checkpoint, without_template
 
 QUICKSTART = str(ROOT / "recipes" / "quickstart.yaml")
 TRAIN = ROOT / "data" / "train.jsonl"
@@ -64,6 +64,7 @@ def shared_files(tmp_path_factory):
         "sharegpt_model": str(_with_template(folder / "sharegpt", "sharegpt_roles")),
         "base_model": str(without_template(folder / "base")),
         "bad_jinja": write("bad.jinja", "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}\n"),
+        "no_ep_plan_model": str(tiny_checkpoint("jetmoe", folder / "jetmoe")),
         "ends_with_user": write("endsuser.jsonl", json.dumps({"messages": [
             {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
             {"role": "user", "content": "and?"}]}) + "\n"),
@@ -286,6 +287,46 @@ def test_bad_input_is_one_clear_line(case, argv, expected, files, capsys):
     assert len(lines) == 1, out.err
     assert "Traceback" not in out.err and expected in lines[0], lines[0]
     assert not (files["out"] and __import__("os").path.exists(files["out"]))  # nothing was written
+
+
+# The parallel section's layouts, checked against the processes a launcher started (WORLD_SIZE,
+# as torchrun sets it) before anything loads: (case, overrides, environment, what the line says).
+PARALLEL_CASES = [
+    ("parallel_one_process", ["parallel.fsdp_size=2"], {}, "needs 2 processes and this is one; launch with torchrun"),
+    ("parallel_all_ones", ["parallel.fsdp_size=1"], {"WORLD_SIZE": "2"}, "every size is 1"),
+    ("parallel_world_mismatch", ["parallel.fsdp_size=2"], {"WORLD_SIZE": "4"},
+     "dp_replicate_size x fsdp_size x tp_size = 2, but 4 processes were launched"),
+    ("parallel_ep_not_dividing_experts", ["parallel.fsdp_size=3", "parallel.ep_size=3"], {"WORLD_SIZE": "3"},
+     "parallel.ep_size: 3 does not divide the model's 8 routed experts"),
+    ("parallel_ep_not_dividing_fsdp", ["parallel.fsdp_size=2", "parallel.ep_size=4"], {"WORLD_SIZE": "2"},
+     "parallel.ep_size: 4 must be a multiple of tp_size (1) and divide fsdp_size x tp_size (2)"),
+    ("parallel_ep_without_plan", ["parallel.fsdp_size=2", "parallel.ep_size=2", "model.path={no_ep_plan_model}"],
+     {"WORLD_SIZE": "2"}, "parallel.ep_size: JetMoeForCausalLM has no expert-parallel plan"),
+    ("parallel_ep_alone_on_cpu", ["parallel.ep_size=2"], {"WORLD_SIZE": "2"},
+     "expert parallelism alone makes ranks share a batch"),
+    ("parallel_tp_on_cpu", ["parallel.tp_size=2"], {"WORLD_SIZE": "2"}, "parallel.tp_size makes ranks share a batch"),
+    ("parallel_lora_experts_with_ep", ["parallel.fsdp_size=2", "parallel.ep_size=2", "trainable.preset=lora_experts"],
+     {"WORLD_SIZE": "2"}, "bypasses PEFT's LoRA on the routed experts"),
+    ("parallel_with_sft_fsdp", ["parallel.fsdp_size=2", "sft.fsdp=full_shard"], {"WORLD_SIZE": "2"},
+     "sft.fsdp: the parallel section already shards the model"),
+    ("parallel_with_accelerate_fsdp", ["parallel.fsdp_size=2"], {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"},
+     "accelerate's FSDP config shards the model too"),
+    ("parallel_with_4bit", ["parallel.fsdp_size=2", "model.load_in_4bit=true", "trainable.preset=lora_experts"],
+     {"WORLD_SIZE": "2"}, "model.load_in_4bit: bitsandbytes weights are not sharded"),
+    ("parallel_zero_size", ["parallel.fsdp_size=0"], {}, "parallel.fsdp_size"),
+]
+
+
+@pytest.mark.parametrize("case, overrides, env, expected", PARALLEL_CASES, ids=[c[0] for c in PARALLEL_CASES])
+def test_a_bad_parallel_layout_is_one_clear_line(case, overrides, env, expected, files, capsys, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code = main(train(files, *(o.format(**files) for o in overrides)))
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, out.err
+    assert "Traceback" not in out.err and expected in lines[0], lines[0]
+    assert not __import__("os").path.exists(files["out"])  # nothing was written
 
 
 def test_every_command_has_a_bad_input_case():

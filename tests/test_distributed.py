@@ -23,9 +23,9 @@ def losses(run):
     return {r["step"]: r for r in rows if "loss" in r}
 
 
-def train(cmd, batch, tmp_path, name, *overrides):
+def train(cmd, batch, tmp_path, name, *overrides, base=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([*cmd, *COMMON, f"sft.per_device_train_batch_size={batch}",
+    out = subprocess.run([*cmd, *([base] if base else COMMON), f"sft.per_device_train_batch_size={batch}",
                           f"output_dir={tmp_path / name}", *overrides],
                          capture_output=True, text=True,
                          env=env, cwd=ROOT, timeout=900)
@@ -109,3 +109,89 @@ def test_fsdp2_config_trains_and_saves_like_plain_training(tmp_path):
     from moe_tune.training.run_dir import load_run_model
 
     load_run_model(fsdp, "float32")
+
+
+# --- sharded at load time (the recipe's parallel section) against one process -----------------
+#
+# Each layout trains 4 steps on 2 processes (gloo) with 4 rows per rank, against one process with
+# the 8 rows: every step's loss and router terms and the final weights must agree to fp32 order.
+# The shipped Mixtral and a tiny Qwen3-MoE; full fine-tuning (with z-loss and the KL anchor on),
+# freeze_experts, LoRA on the experts and ESFT. Refused combinations are tested in test_bad_input.
+
+SHARDED = [str(ROOT / "recipes" / "quickstart.yaml"), "sft.max_steps=4", "sft.logging_steps=1",
+           "sft.warmup_steps=0", "sft.eval_strategy=no", "data.valid=null", "data.max_train_rows=128",
+           "eval.files=[]", "eval.retention_file=null", "sft.save_strategy=steps", "sft.save_steps=2"]
+PRESET_OVERRIDES = {"full": ["router.z_loss_coef=0.001", "router.anchor_kl_coef=0.1"],
+                    "freeze_experts": ["trainable.preset=freeze_experts"],
+                    "lora_experts": ["trainable.preset=lora_experts"],
+                    "esft": ["trainable.preset=esft"]}
+LAYOUTS = {"fsdp": ["parallel.fsdp_size=2"], "fsdp_ep": ["parallel.fsdp_size=2", "parallel.ep_size=2"]}
+MATRIX = [("mixtral", "fsdp", p) for p in PRESET_OVERRIDES] + \
+         [("mixtral", "fsdp_ep", p) for p in ("full", "freeze_experts", "esft")] + \
+         [("qwen3_moe", layout, "full") for layout in LAYOUTS]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """family -> model path, and (family, preset) -> the single-process run, trained on first use."""
+    from conftest import tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("one-process")
+    models = {"mixtral": str(SHIPPED_MODEL),
+              "qwen3_moe": str(tiny_checkpoint("qwen3_moe", folder / "qwen3_moe", num_experts=4))}
+    runs = {}
+
+    def get(family, preset):
+        if (family, preset) not in runs:
+            runs[family, preset] = train([sys.executable, "-m", "moe_tune.cli", "train"], 8, folder,
+                                         f"{family}-{preset}", f"model.path={models[family]}", *SHARDED[1:],
+                                         *PRESET_OVERRIDES[preset], base=SHARDED[0])[0]
+        return runs[family, preset]
+
+    get.models = models
+    return get
+
+
+def saved_weights(run):
+    from safetensors.torch import load_file
+
+    (path,) = (run / "model").glob("*.safetensors")
+    return load_file(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, layout, preset", MATRIX, ids=["-".join(m) for m in MATRIX])
+def test_a_sharded_run_matches_one_process(one_process, tmp_path, family, layout, preset):
+    one = one_process(family, preset)
+    two, out = train([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "moe_tune.cli",
+                      "train"], 4, tmp_path, "two", f"model.path={one_process.models[family]}", *SHARDED[1:],
+                     *PRESET_OVERRIDES[preset], *LAYOUTS[layout], base=SHARDED[0])
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:  # the router terms over both ranks' tokens, as one process sees them
+        for key in ("loss", "ce_loss", "aux_loss", "z_loss", "router_kl", "grad_norm"):
+            assert (key in b[step]) == (key in a[step]), (step, key)
+            if key in a[step]:
+                assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
+    # RUN/model is an unsharded save, the same files and weights (Adam turns float order into ~1e-5)
+    ref, got = saved_weights(one), saved_weights(two)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=2e-4, rtol=0, msg=name)
+    assert sorted(p.name for p in (two / "model").iterdir()) == sorted(p.name for p in (one / "model").iterdir())
+    if preset == "esft":
+        assert json.loads((two / "expert_selection.json").read_text()) == \
+            json.loads((one / "expert_selection.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    if preset == "lora_experts":
+        from peft import PeftModel
+
+        adapter = json.loads((two / "model" / "adapter_config.json").read_text())
+        assert adapter["auto_mapping"]["base_model_class"] == "MixtralForCausalLM"
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(one_process.models[family]), two / "model")
+    else:
+        AutoModelForCausalLM.from_pretrained(two / "model")  # plain transformers loads it
+    # checkpoints keep the weights; training does not resume (transformers' engine keeps no optimizer)
+    assert (two / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert out.stdout.count("run folder:") == 1

@@ -92,7 +92,7 @@ def test_esft_leaves_unselected_experts_bit_identical(tmp_path, mode):
     arch = describe(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     setup = plan_run(recipe)
-    model = make_trainable(setup, model, arch, tokenizer)
+    model, _ = make_trainable(setup, model, arch, tokenizer)
     build_trainer(recipe, setup.sft_args, model, tokenizer, arch).train()
     selection = json.loads((tmp_path / "expert_selection.json").read_text())["selected"]
     # the run's plan.json (what compare reports) counts only the selected experts' share

@@ -48,7 +48,7 @@ def train_preset(tmp_path, *overrides):
     arch = describe(model)
     before = base_weights(model)
     setup = plan_run(recipe)
-    model = make_trainable(setup, model, arch, tokenizer)
+    model, _ = make_trainable(setup, model, arch, tokenizer)
     trainer = build_trainer(recipe, setup.sft_args, model, tokenizer, arch)
     trainer.train()
     return recipe, arch, before, trainer.model

@@ -39,7 +39,7 @@ def test_4bit_lora_keeps_learning_after_evaluation(tmp_path):
     recipe = recipe_for(tmp_path, "model.load_in_4bit=true", "trainable.preset=lora_all")
     model, tokenizer = load_model(str(SHIPPED_MODEL), bits=4)
     setup, arch = plan_run(recipe), describe(model)
-    model = make_trainable(setup, model, arch, tokenizer)
+    model, _ = make_trainable(setup, model, arch, tokenizer)
     trainer = build_trainer(recipe, setup.sft_args, model, tokenizer, arch)
     snapshots = []
 

@@ -117,14 +117,15 @@ def quantization_config(bits: int | None, dtype: str):
 
 
 def load_model(path: str, dtype: str = "float32", bits: int | None = None, template=None, tokenizer=None,
-               frozen_experts_in_bf16: bool = False):
+               frozen_experts_in_bf16: bool = False, sharding=None):
     """(model, tokenizer), after checking that ``path`` holds an MoE with a usable tokenizer.
     ``bits`` 4 or 8 quantizes the nn.Linear layers with bitsandbytes. ``template`` is given to
     the checkpoint's tokenizer (model.chat_template). A ``tokenizer`` given is used as it is: the
     checkpoint's own as the run loaded it already (with ``template`` given), or another (a tuned
     run's, for its base model). The embeddings fit a template's or another tokenizer's tokens.
     ``frozen_experts_in_bf16``: the routed experts stay in the bf16 the checkpoint stores them in, every
-    other weight is ``dtype`` (experts_policy.holds_frozen_experts_in_bf16)."""
+    other weight is ``dtype`` (experts_policy.holds_frozen_experts_in_bf16). ``sharding``: a
+    transformers DistributedConfig, applied as the weights load (training.distributed)."""
     config = load_config(path)
     require_moe(config, path)
     # the checkpoint's own tokenizer, loaded here, fits it already; one given may carry tokens of a
@@ -136,7 +137,8 @@ def load_model(path: str, dtype: str = "float32", bits: int | None = None, templ
     source = str(Path(path).resolve()) if Path(path).is_dir() else path
     with returning_freed_memory():
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16 if frozen_experts_in_bf16 else DTYPES[dtype],
-                                                     quantization_config=quantization_config(bits, dtype))
+                                                     quantization_config=quantization_config(bits, dtype),
+                                                     **({"distributed_config": sharding} if sharding else {}))
     if frozen_experts_in_bf16:
         _widen_all_but_routed_experts(model, DTYPES[dtype])
     _point_base_model_at_backbone(model)

@@ -16,9 +16,11 @@ import contextlib
 import inspect
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moe_tune.data.rows import read_chat_rows
 from moe_tune.errors import MoeTuneError, shown
@@ -205,16 +207,36 @@ def _keep_mask(n_experts: int, experts: list[int]) -> torch.Tensor:
     return mask
 
 
-def _mask_rows(tensor: nn.Parameter, row_mask: torch.Tensor) -> None:
+class ShardedGradMask(NamedTuple):
+    """A sharded parameter (DTensor) and its row mask (E, 1, ...), sharded alike: its gradient is
+    whole only inside FSDP's backward, so the mask applies to the reduced gradient after it
+    (``mask_sharded_grads``), before clipping and the optimizer step."""
+
+    param: nn.Parameter
+    mask: torch.Tensor
+
+
+def _mask_rows(tensor: nn.Parameter, row_mask: torch.Tensor) -> ShardedGradMask | None:
     """Zero the gradient of rows (dim 0 blocks) whose mask is 0."""
     shape = (-1,) + (1,) * (tensor.dim() - 1)
     mask = row_mask.to(tensor.device, tensor.dtype).reshape(shape)
+    if isinstance(tensor, DTensor):  # a collective: every rank restricts the same parameters in order
+        return ShardedGradMask(tensor, distribute_tensor(mask, tensor.device_mesh, tensor.placements))
     tensor.register_hook(lambda grad: grad * mask)
+    return None
 
 
-def restrict_full(model: nn.Module, arch: MoeArch, selection: dict[str, list[int]]) -> None:
-    """Full-weight training of the routed experts, limited to the selected experts' slices."""
+def mask_sharded_grads(masks: list[ShardedGradMask]) -> None:
+    for param, mask in masks:
+        if param.grad is not None:  # None between the micro-batches of a deferred reduction
+            param.grad.mul_(mask)
+
+
+def restrict_full(model: nn.Module, arch: MoeArch, selection: dict[str, list[int]]) -> list[ShardedGradMask]:
+    """Full-weight training of the routed experts, limited to the selected experts' slices;
+    returns the masks of sharded parameters, which the trainer applies after each backward."""
     params = dict(model.named_parameters())
+    sharded = []
     for layer in arch.layers:
         keep = _keep_mask(layer.num_experts, selection[layer.block])  # (E,)
         for name in layer.expert_params + layer.expert_other:
@@ -223,7 +245,10 @@ def restrict_full(model: nn.Module, arch: MoeArch, selection: dict[str, list[int
                 p.requires_grad_(False)
                 continue
             # (E,) -> one entry per row; flat (dbrx) tensors hold E blocks of rows
-            _mask_rows(p, keep.repeat_interleave(p.shape[0] // layer.num_experts))
+            mask = _mask_rows(p, keep.repeat_interleave(p.shape[0] // layer.num_experts))
+            if mask is not None:
+                sharded.append(mask)
+    return sharded
 
 
 def restrict_lora(model: nn.Module, arch: MoeArch, selection: dict[str, list[int]], adapter: str = "default"):

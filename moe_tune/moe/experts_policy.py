@@ -57,10 +57,11 @@ def holds_frozen_experts_in_bf16(recipe, sft_args, routed_experts_mode: str) -> 
     exactly the same, a frozen expert weight takes 2 bytes instead of 4 (plus 2 for the copy), no
     step casts it, and loading never materialises them in fp32. A saved model stores them in
     bf16, as the checkpoint did. Only on a CPU, with fp32 weights, bf16 autocast, this kernel,
-    and no FSDP or DeepSpeed (which shard parameters by dtype)."""
+    and no FSDP, DeepSpeed or parallel section (which shard parameters by dtype)."""
     return (not torch.cuda.is_available() and bool(sft_args.bf16) and recipe.model.dtype == "float32"
             and recipe.model.bits is None and recipe.model.experts_implementation == NAME
             and routed_experts_mode != "train" and not sft_args.fsdp and not sft_args.deepspeed
+            and recipe.parallel is None
             and stored_in_bf16(recipe.model.path))
 
 

@@ -20,27 +20,48 @@ differentiable with respect to the router and everything that feeds it, and noth
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 from moe_tune.errors import MoeTuneError
 from moe_tune.model.arch import MoeArch, MoeLayer, text_config
-from moe_tune.moe.routing import router_bias, router_probs
+from moe_tune.moe.routing import router_bias, router_probs, whole
 
 
-def load_balancing_loss(probs: torch.Tensor, topk: torch.Tensor, num_experts: int) -> torch.Tensor:
+def local_mean(sums: torch.Tensor, tokens: int) -> torch.Tensor:
+    """sums (...) over ``tokens`` tokens -> their mean."""
+    return sums / tokens
+
+
+def global_mean(sums: torch.Tensor, tokens: int) -> torch.Tensor:
+    """sums (...) over this rank's ``tokens`` -> the mean over every rank's tokens, as one process
+    with the whole batch computes it; the gradient reaches each rank's own sums, and Trainer's
+    averaging over ranks then gives the whole batch's gradient. Ranks that share a batch (expert
+    parallelism alone) count it as often in the sums as in the count, so the mean is the same."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sums / tokens
+    count = torch.tensor([float(tokens)], dtype=sums.dtype, device=sums.device)
+    dist.all_reduce(count)
+    return dist_nn.all_reduce(sums) / count
+
+
+def load_balancing_loss(probs: torch.Tensor, topk: torch.Tensor, num_experts: int, mean=local_mean) -> torch.Tensor:
     """probs (..., tokens, E) fp32 distribution, topk (..., tokens, k) expert ids -> (...) loss."""
-    f = F.one_hot(topk, num_experts).float().mean(-3)  # (..., k, E): share of each top-k slot per expert
-    p = probs.mean(-2)  # (..., E)
-    return num_experts * (f * p.unsqueeze(-2)).sum((-2, -1))
+    tokens = probs.shape[-2]
+    f = mean(F.one_hot(topk, num_experts).float().sum(-3), tokens)  # (..., k, E): share of each top-k slot
+    p = mean(probs.sum(-2), tokens)  # (..., E)
+    return num_experts * (f.detach() * p.unsqueeze(-2)).sum((-2, -1))
 
 
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
+def z_loss(logits: torch.Tensor, mean=local_mean) -> torch.Tensor:
     """logits (..., tokens, E) -> (...) mean of logsumexp^2, in fp32."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean(-1)
+    return mean(torch.logsumexp(logits.float(), dim=-1).pow(2).sum(-1), logits.shape[-2])
 
 
-def router_kl(logits: torch.Tensor, base_logits: torch.Tensor, scoring: str) -> torch.Tensor:
+def router_kl(logits: torch.Tensor, base_logits: torch.Tensor, scoring: str, mean=local_mean) -> torch.Tensor:
     """(..., tokens, E) -> (...): KL(base || current) per token, averaged; the base side is a
     fixed target."""
     base_logits = base_logits.detach().float()
@@ -48,11 +69,12 @@ def router_kl(logits: torch.Tensor, base_logits: torch.Tensor, scoring: str) -> 
     if scoring == "sigmoid":  # independent Bernoulli per expert
         p, log_q, log_1mq = base_logits.sigmoid(), F.logsigmoid(logits), F.logsigmoid(-logits)
         log_p, log_1mp = F.logsigmoid(base_logits), F.logsigmoid(-base_logits)
-        kl = p * (log_p - log_q) + (1 - p) * (log_1mp - log_1mq)  # (..., tokens, E)
-        return kl.mean(-1).mean(-1)
-    base = router_probs(base_logits, scoring)
-    log_now = router_probs(logits, scoring).clamp_min(1e-12).log()
-    return (base * (base.clamp_min(1e-12).log() - log_now)).sum(-1).mean(-1)
+        kl = (p * (log_p - log_q) + (1 - p) * (log_1mp - log_1mq)).mean(-1)  # (..., tokens)
+    else:
+        base = router_probs(base_logits, scoring)
+        log_now = router_probs(logits, scoring).clamp_min(1e-12).log()
+        kl = (base * (base.clamp_min(1e-12).log() - log_now)).sum(-1)  # (..., tokens)
+    return mean(kl.sum(-1), logits.shape[-2])
 
 
 class RouterRegularizer:
@@ -61,12 +83,20 @@ class RouterRegularizer:
 
     def __init__(self, model: nn.Module, arch: MoeArch, aux: float, z: float, kl: float):
         self.arch, self.coef = arch, {"aux_loss": aux, "z_loss": z, "router_kl": kl}
+        self.model = model
         self.tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        # Sharded at load time (FSDP2), a router's weight is whole only inside its layer's forward:
+        # the logits are computed there, in the hook, from the weight the forward gathered, and
+        # their gradient goes back through FSDP's own reduction. Terms are means over every
+        # rank's tokens (global_mean) whenever several processes train.
+        self.sharded = any(isinstance(self.tensors[layer.router_weight], DTensor) for layer in arch.layers)
+        self.mean = global_mean
         # frozen copy of the base routers, only when the KL term is on
-        self.base = {layer.block: self.tensors[layer.router_weight].detach().clone() for layer in arch.layers} \
-            if kl else {}
+        self.base = {layer.block: whole(self.tensors[layer.router_weight]).detach().clone()
+                     for layer in arch.layers} if kl else {}
         self.routers = {layer.block: model.get_submodule(layer.router) for layer in arch.layers}
         self._inputs: dict[str, torch.Tensor] = {}
+        self._logits: dict[str, torch.Tensor] = {}  # sharded: (tokens, E) per block, from the hook
         self._handles = []
 
     @property
@@ -75,9 +105,19 @@ class RouterRegularizer:
 
     def __enter__(self):
         for layer in self.arch.layers:
-            hook = (lambda m, args, out, b=layer.block: self._inputs.__setitem__(b, args[0]))
+            hook = (lambda m, args, out, lay=layer: self._capture(lay, args[0]))
             self._handles.append(self.routers[layer.block].register_forward_hook(hook))
         return self
+
+    def _capture(self, layer: MoeLayer, hidden: torch.Tensor) -> None:
+        self._inputs[layer.block] = hidden
+        if self.sharded:  # the tensors as this forward holds them: gathered whole
+            live = {name: self._live(name) for name in (layer.router_weight, *layer.router_extras)}
+            self._logits[layer.block] = self._logits_of([layer], hidden.reshape(1, -1, hidden.shape[-1]), live)[0]
+
+    def _live(self, name: str) -> torch.Tensor:
+        module, _, leaf = name.rpartition(".")
+        return getattr(self.model.get_submodule(module), leaf)
 
     def __exit__(self, *exc):
         for handle in self._handles:
@@ -88,30 +128,39 @@ class RouterRegularizer:
         tensors = [name_of(layer) for layer in layers]
         return None if any(t is None for t in tensors) else torch.stack(tensors)
 
-    def _group_terms(self, layers: list[MoeLayer], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Terms of MoE layers that share expert count, top-k and scoring, computed together:
-        hidden (L, tokens, H) -> per-term (L,) values. One batched matmul instead of L small ones."""
-        first = layers[0]
-        weight = torch.stack([self.tensors[layer.router_weight] for layer in layers])  # (L, E, H)
+    def _logits_of(self, layers: list[MoeLayer], hidden: torch.Tensor, tensors: dict) -> torch.Tensor:
+        """hidden (L, tokens, H) -> router logits (L, tokens, E) in fp32, with the logit bias."""
+        weight = torch.stack([tensors[layer.router_weight] for layer in layers])  # (L, E, H)
         logits = torch.bmm(hidden.to(weight.dtype), weight.transpose(1, 2))  # (L, tokens, E)
-        bias = self._stack(lambda layer: router_bias(self.tensors, layer, correction=False), layers)
+        bias = self._stack(lambda layer: router_bias(tensors, layer, correction=False), layers)
         if bias is not None:
             logits = logits + bias.unsqueeze(1)
-        logits = logits.float()
+        return logits.float()
+
+    def _group_terms(self, layers: list[MoeLayer], hidden: torch.Tensor,
+                     logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Terms of MoE layers that share expert count, top-k and scoring, computed together:
+        hidden (L, tokens, H) -> per-term (L,) values. One batched matmul instead of L small ones
+        (or the ``logits`` (L, tokens, E) the hooks computed, on a sharded model)."""
+        first = layers[0]
+        if logits is None:
+            logits = self._logits_of(layers, hidden, self.tensors)
         out = {}
         if self.coef["aux_loss"]:
             probs = router_probs(logits, first.scoring)
             correction = self._stack(lambda layer: router_bias(self.tensors, layer, correction=True), layers)
-            select = probs if correction is None else probs + correction.detach().float().unsqueeze(1)
-            out["aux_loss"] = load_balancing_loss(probs, select.topk(first.top_k, -1).indices, first.num_experts)
+            select = probs if correction is None else probs + whole(correction).detach().float().unsqueeze(1)
+            out["aux_loss"] = load_balancing_loss(probs, select.topk(first.top_k, -1).indices, first.num_experts,
+                                                  self.mean)
         if self.coef["z_loss"]:
-            out["z_loss"] = z_loss(logits)
+            out["z_loss"] = z_loss(logits, self.mean)
         if self.coef["router_kl"]:
             base = torch.stack([self.base[layer.block] for layer in layers])  # (L, E, H)
             base_logits = torch.bmm(hidden.detach().to(base.dtype), base.transpose(1, 2))
+            bias = self._stack(lambda layer: router_bias(self.tensors, layer, correction=False), layers)
             if bias is not None:
-                base_logits = base_logits + bias.detach().unsqueeze(1)
-            out["router_kl"] = router_kl(logits, base_logits, first.scoring)
+                base_logits = base_logits + whole(bias).detach().unsqueeze(1)
+            out["router_kl"] = router_kl(logits, base_logits, first.scoring, self.mean)
         return out
 
     def terms(self, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -120,21 +169,25 @@ class RouterRegularizer:
         # kept positions as indices: index_select's backward is an index_add, much faster on CPU
         # than the accumulating index_put a boolean mask's backward runs; none when nothing is masked
         keep = mask.nonzero().squeeze(1) if mask is not None and not mask.all() else None  # (kept,)
-        groups: dict[tuple, list[tuple[MoeLayer, torch.Tensor]]] = {}
+        groups: dict[tuple, list[tuple[MoeLayer, torch.Tensor, torch.Tensor | None]]] = {}
         for layer in self.arch.layers:
             if layer.block not in self._inputs:
                 continue
             hidden = self._inputs[layer.block]
             hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, H)
+            logits = self._logits.get(layer.block)  # (tokens, E), sharded only
             if keep is not None and mask.numel() == hidden.shape[0]:
                 hidden = hidden.index_select(0, keep)
+                logits = logits.index_select(0, keep) if logits is not None else None
             key = (layer.num_experts, layer.top_k, layer.scoring, tuple(hidden.shape))
-            groups.setdefault(key, []).append((layer, hidden))
+            groups.setdefault(key, []).append((layer, hidden, logits))
         self._inputs.clear()
+        self._logits.clear()
         values: dict[str, list[torch.Tensor]] = {}
         for members in groups.values():
-            layers = [layer for layer, _ in members]
-            for name, v in self._group_terms(layers, torch.stack([h for _, h in members])).items():
+            layers = [layer for layer, _, _ in members]
+            logits = torch.stack([lg for _, _, lg in members]) if self.sharded else None
+            for name, v in self._group_terms(layers, torch.stack([h for _, h, _ in members]), logits).items():
                 values.setdefault(name, []).append(v)
         return {name: torch.cat(v).mean() for name, v in values.items()}
 

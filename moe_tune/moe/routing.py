@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe_tune.model.arch import MoeArch, MoeLayer
 from moe_tune.model.loading import padding_side
@@ -56,7 +57,13 @@ def router_bias_name(tensors: dict[str, torch.Tensor], layer: MoeLayer, correcti
 def router_bias(tensors: dict[str, torch.Tensor], layer: MoeLayer, correction: bool) -> torch.Tensor | None:
     """(E,) the tensor ``router_bias_name`` names (stored (E,) or, in Ernie-4.5, (1, E))."""
     name = router_bias_name(tensors, layer, correction)
-    return tensors[name].reshape(-1) if name is not None else None
+    return whole(tensors[name]).reshape(-1) if name is not None else None
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor sharded at load time (a DTensor) gathered whole, differentiably; any other as it is.
+    The gather is a collective: every rank must ask for the same tensors in the same order."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def readable(model: nn.Module, arch: MoeArch) -> bool:
@@ -104,7 +111,7 @@ class RouterTap:
             handle.remove()
 
     def routing(self, layer: MoeLayer, hidden: torch.Tensor, indices: torch.Tensor | None) -> Routing:
-        weight = self.tensors[layer.router_weight].detach().float()  # (E, H)
+        weight = whole(self.tensors[layer.router_weight]).detach().float()  # (E, H)
         logits = hidden.float() @ weight.T  # (tokens, E)
         bias = router_bias(self.tensors, layer, correction=False)
         probs = router_probs(logits if bias is None else logits + bias.detach().float(), layer.scoring)

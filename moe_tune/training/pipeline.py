@@ -45,6 +45,7 @@ from moe_tune.moe.expert_dropout import ExpertDropout
 from moe_tune.moe.expert_selection import (
     check_selection,
     load_selection,
+    ShardedGradMask,
     restrict_full,
     restrict_lora,
     save_selection,
@@ -68,6 +69,7 @@ from moe_tune.training.run_dir import (
     REPORT_JSON,
     REPORT_MD,
     SELECTION_FILE,
+    SHARDED_CHECKPOINTS,
     check_run_dir,
     checkpoint_step,
     complete_checkpoints,
@@ -131,8 +133,9 @@ class RunData:
     first_row: str | None  # the first training row with its trained tokens marked
 
 
-def plan_run(recipe: Recipe) -> RunSetup:
-    """The plan on a weightless (meta) copy of the model, LoRA coverage verified by wrapping it."""
+def plan_run(recipe: Recipe, planning: bool = False) -> RunSetup:
+    """The plan on a weightless (meta) copy of the model, LoRA coverage verified by wrapping it.
+    ``planning``: for ``moe-tune plan``, which runs as one process whatever the parallel layout."""
     config = load_config(recipe.model.path)
     require_moe(config, recipe.model.path)
     template = templates.recipe_template(recipe.model)
@@ -150,6 +153,7 @@ def plan_run(recipe: Recipe) -> RunSetup:
     check_bias_balance(recipe.router, arch, modes, bool(plan.lora_targets),
                        dict(meta.named_parameters()) | dict(meta.named_buffers()))
     check_parts_exist(recipe.trainable.overrides(), arch)
+    distributed.check_parallel(recipe.parallel, recipe.sft, recipe.model.bits, plan.modes, meta, arch, planning)
     cfg = recipe.trainable.selection()
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
     bf16, bf16_note = cpu_bf16(recipe, meta, arch)
@@ -233,9 +237,11 @@ def attach_regularizers(setup: RunSetup, model, arch: MoeArch) -> tuple[RouterRe
     return RouterRegularizer(model, arch, coef["aux_loss"], coef["z_loss"], coef["router_kl"]), balancer
 
 
-def make_trainable(setup: RunSetup, model, arch: MoeArch, tokenizer, data: RunData | None = None):
+def make_trainable(setup: RunSetup, model, arch: MoeArch, tokenizer,
+                   data: RunData | None = None) -> tuple[nn.Module, list[ShardedGradMask]]:
     """Select experts (ESFT), then freeze, train or LoRA-wrap each part as planned; print and
-    save what will train. ``data``: what check_data read (experts are scored on its rows)."""
+    save what will train. ``data``: what check_data read (experts are scored on its rows).
+    Returns the model and the selection's masks of sharded experts (for the trainer)."""
     recipe, plan, report = setup.recipe, setup.plan, setup.report
     cfg, selection = recipe.trainable.selection(), None
     if cfg is not None and setup.saved_selection is not None:
@@ -243,6 +249,9 @@ def make_trainable(setup: RunSetup, model, arch: MoeArch, tokenizer, data: RunDa
     elif cfg is not None:
         rows = data.rows.train.rows[:cfg.rows] if data is not None else None
         shares, selection = select_experts(recipe, model, arch, tokenizer, rows)
+        # a sharded model's scoring forward left FSDP2 units gathered, their parameters standing in
+        # for the sharded ones that the plan must freeze
+        distributed.reshard(model)
         if not cfg.file and distributed.is_main():  # scored now, not read from a file
             save_selection(setup.run / SELECTION_FILE, cfg.score, cfg.top_p, shares, selection)
             print("selected experts: " + "; ".join(f"{b}: {e}" for b, e in selection.items()))
@@ -254,10 +263,12 @@ def make_trainable(setup: RunSetup, model, arch: MoeArch, tokenizer, data: RunDa
         write_json(setup.run / PLAN_FILE, report.to_json())
     model = apply_plan(model, plan, arch, recipe.lora)
     experts_policy.route_lora_through(model)  # only where experts_implementation is moe_tune
-    if selection is not None:
-        restrict = restrict_full if plan.modes["routed_experts"] == "train" else restrict_lora
-        restrict(model, arch, selection)
-    return model
+    masks = []
+    if selection is not None and plan.modes["routed_experts"] == "train":
+        masks = restrict_full(model, arch, selection)
+    elif selection is not None:
+        restrict_lora(model, arch, selection)
+    return model, masks
 
 
 def trainer_for(setup: RunSetup, model, tokenizer, data: RunData | None = None) -> tuple[MoeSFTTrainer, MoeArch]:
@@ -270,11 +281,11 @@ def trainer_for(setup: RunSetup, model, tokenizer, data: RunData | None = None) 
     distributed.register_moe_leaf_modules(model, arch)
     # the anchor is the base routing, also on resume
     regularizer, balancer = attach_regularizers(setup, model, arch)
-    model = make_trainable(setup, model, arch, tokenizer, data)
+    model, masks = make_trainable(setup, model, arch, tokenizer, data)
     if balancer is not None:
         balancer.freeze()  # the plan may have made the router's tensors trainable
     parts = TrainerParts(regularizer, balancer, tuple(setup.plan.token_rows) if not setup.plan.lora_targets else (),
-                         data.rows if data is not None else None)
+                         data.rows if data is not None else None, masks)
     return build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, parts), arch
 
 
@@ -301,7 +312,8 @@ def train_and_save(setup: RunSetup, data: RunData, checkpoint: Path | None, inte
     recipe, run = setup.recipe, setup.run
     set_seed(recipe.seed)
     model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits, setup.template,
-                                  tokenizer=data.tokenizer, frozen_experts_in_bf16=setup.frozen_experts_in_bf16)
+                                  tokenizer=data.tokenizer, frozen_experts_in_bf16=setup.frozen_experts_in_bf16,
+                                  sharding=distributed.distributed_config(recipe.parallel))
     trainer, arch = trainer_for(setup, model, tokenizer, data)
     trainer.add_callback(StopOnInterrupt(interrupts))
     start = time.time()
@@ -312,8 +324,10 @@ def train_and_save(setup: RunSetup, data: RunData, checkpoint: Path | None, inte
             train(trainer, recipe, checkpoint)
     if interrupts.requested:
         step = trainer.state.global_step
+        then = (f"its weights only: {SHARDED_CHECKPOINTS}" if recipe.parallel is not None else
+                f"continue with: moe-tune train {run} --resume")
         raise Interrupted(f"{interrupts.requested} at step {step}: checkpoint {run / CHECKPOINTS}/checkpoint-{step} "
-                          f"saved; continue with: moe-tune train {run} --resume")
+                          f"saved; {then}")
     mark_done(run, "train")
     with interrupts.gracefully():
         if distributed.world_size() > 1:

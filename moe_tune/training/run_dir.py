@@ -28,6 +28,7 @@ from pathlib import Path
 
 from moe_tune.errors import MoeTuneError
 from moe_tune.model.loading import load_adapter_model, load_model
+from moe_tune.plan.modes import unwrapped
 from moe_tune.recipe import load_recipe, with_absolute_paths
 from moe_tune.training import distributed
 
@@ -244,6 +245,12 @@ class Resume:
     checkpoint: Path | None      # the last complete checkpoint, while the model is not saved yet
 
 
+# why a sharded run's training does not resume, and what to do instead
+SHARDED_CHECKPOINTS = ("transformers' engine does not checkpoint a sharded optimizer, so training cannot resume "
+                       "(docs/distributed.md); each checkpoint-N loads with from_pretrained: start again with "
+                       "--overwrite, or train on from one (model.path=RUN/checkpoints/checkpoint-N)")
+
+
 def resume_point(recipe, args) -> Resume:
     """What is left of the run in ``recipe.output_dir``, after checking that the run exists, is
     unfinished, and was started with this recipe (``RESUMABLE`` keys aside); clears what an
@@ -267,6 +274,9 @@ def resume_point(recipe, args) -> Resume:
                f"it stopped before its first checkpoint (sft.save_steps is {args.save_steps})")
         raise MoeTuneError(f"output_dir: '{run}' has no complete checkpoint to resume from: {why}; start it again "
                            "with --overwrite")
+    if "save" not in done and recipe.parallel is not None:
+        raise MoeTuneError(f"output_dir: '{run}' trained sharded (the parallel section), whose checkpoints hold "
+                           f"the weights only: {SHARDED_CHECKPOINTS}")
     if distributed.is_main():  # what an interrupted phase left half-written
         for leftover in [tmp_path(run / MODEL_DIR)] * ("save" not in done) + [tmp_path(run / EVAL_DIR)] * (
                 "evaluate" not in done):
@@ -332,8 +342,36 @@ def save_distributed(trainer, tokenizer, run: Path) -> Path:
         if distributed.is_main():
             (tmp / "training_args.bin").unlink(missing_ok=True)
             tokenizer.save_pretrained(tmp)
+            if getattr(trainer.model, "is_distributed_loading_by_transformers", False):
+                as_unsharded_save(trainer.model, tmp)
     distributed.barrier()
     return run / MODEL_DIR
+
+
+def as_unsharded_save(model, folder: Path) -> None:
+    """What a model sharded at load time (the recipe's parallel section) saves, made the files an
+    unsharded save writes: a tied weight (lm_head of tied embeddings), which the gather writes
+    apart, is dropped, and an adapter names the model's own class rather than FSDP's wrapper."""
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    tied = set(getattr(unwrapped(model), "all_tied_weights_keys", None) or {})
+    index = folder / "model.safetensors.index.json"
+    for path in sorted(folder.glob("model*.safetensors")):
+        tensors = load_file(path)
+        if tied & tensors.keys():
+            save_file({k: v for k, v in tensors.items() if k not in tied}, path, metadata={"format": "pt"})
+    if index.is_file() and tied:
+        data = json.loads(index.read_text())
+        data["weight_map"] = {k: v for k, v in data["weight_map"].items() if k not in tied}
+        index.write_text(json.dumps(data, indent=2))
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        config = json.loads(adapter.read_text())
+        mapping = config.get("auto_mapping") or {}
+        if str(mapping.get("base_model_class", "")).startswith("FSDP"):
+            own = next(c for c in type(unwrapped(model)).__mro__ if not c.__name__.startswith("FSDP"))
+            mapping.update(base_model_class=own.__name__, parent_library=own.__module__)
+            adapter.write_text(json.dumps(config, indent=2))
 
 
 def load_run_recipe(run: Path, overrides: list[str] | None = None):

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from moe_tune.model import templates
 from moe_tune.model.loading import returning_freed_memory
 from moe_tune.moe import routing, step_memory
 from moe_tune.moe.bias_balance import BalanceBiases, BiasBalancer
+from moe_tune.moe.expert_selection import ShardedGradMask, mask_sharded_grads
 from moe_tune.moe.router_losses import RouterRegularizer
 from moe_tune.plan.modes import unwrapped
 from moe_tune.training import distributed
@@ -122,6 +123,8 @@ def sft_config(recipe, run: Path, cpu_bf16: bool = False) -> SFTConfig:
     if args.get("fsdp") and distributed.world_size() == 1:  # Trainer would stop with a traceback
         raise MoeTuneError("sft.fsdp: FSDP shards a model over several processes; launch with torchrun or "
                            "accelerate launch (recipes/accelerate/fsdp2.yaml sets FSDP up itself), or drop sft.fsdp")
+    if recipe.parallel is not None:  # transformers' engine checkpoints no sharded optimizer state
+        args["save_only_model"] = True
     try:
         return SFTConfig(output_dir=str(run / CHECKPOINTS), seed=recipe.seed, **args)
     except (ValueError, TypeError) as e:
@@ -185,7 +188,7 @@ class MoeSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, regularizer: RouterRegularizer | None = None,
                  routing_probe: RoutingProbe | None = None, no_decay: list[str] = (),
-                 balancer: BiasBalancer | None = None, **kwargs):
+                 balancer: BiasBalancer | None = None, grad_masks: list[ShardedGradMask] = (), **kwargs):
         # TRL writes its aux-loss settings into the model's config (off here: router_losses.py
         # computes the term); what a save writes is the config as the model was loaded
         self.config_as_loaded = config_values(kwargs.get("model") or args[0])
@@ -195,6 +198,7 @@ class MoeSFTTrainer(SFTTrainer):
         if balancer is not None:
             self.add_callback(BalanceBiases(balancer))
         self.routing_probe = routing_probe
+        self.grad_masks = list(grad_masks)  # ESFT: unselected experts' rows of sharded gradients zeroed
         self.no_decay = set(no_decay)  # weights trained on some rows only (trainable.train_rows_only)
         # cross-entropy and router terms per micro-batch since the last log, by mode; averaged into the next log
         # (value, weight) pairs: a training log averages its steps' micro-batches alike; an evaluation
@@ -219,8 +223,8 @@ class MoeSFTTrainer(SFTTrainer):
             return
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        logs.update({f"{prefix}{name}": sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
-                     for name, pairs in self.router_terms[mode].items()})
+        logs.update({f"{prefix}{name}": mean for name, mean in
+                     distributed.weighted_means(self.router_terms[mode], self.args.device).items()})
         self.router_terms[mode].clear()
         if self.balancer is not None and mode == "train":
             logs["routing/bias_abs_max"] = self.balancer.bias_abs_max()
@@ -231,6 +235,11 @@ class MoeSFTTrainer(SFTTrainer):
         if self.routing_probe is not None:
             self.log(self.routing_probe())
         return metrics
+
+    def training_step(self, *args, **kwargs):
+        loss = super().training_step(*args, **kwargs)
+        mask_sharded_grads(self.grad_masks)  # after the backward's reduction, before clipping and the step
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = self._moe_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -349,6 +358,7 @@ class TrainerParts:
     balancer: BiasBalancer | None = None  # aux-loss-free balancing (router.bias_balance_rate)
     no_decay: tuple[str, ...] = ()        # weights trained on some rows only, kept out of weight decay
     read: TrainRows | None = None         # the rows check_data read; None: read them here
+    grad_masks: list[ShardedGradMask] = field(default_factory=list)  # ESFT on sharded experts
 
 
 def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch, parts: TrainerParts = TrainerParts()) -> MoeSFTTrainer:
@@ -363,7 +373,7 @@ def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch, parts: Traine
         args.assistant_only_loss = False
     trainer = MoeSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
                             processing_class=tokenizer, regularizer=parts.regularizer, no_decay=list(parts.no_decay),
-                            balancer=parts.balancer, routing_probe=routing_probe(model, arch, tokenizer, read.valid),
+                            balancer=parts.balancer, grad_masks=parts.grad_masks, routing_probe=routing_probe(model, arch, tokenizer, read.valid),
                             callbacks=[MetricsLog(run / METRICS_FILE), GradientGuard()])
     if fsdp_dropped(args, trainer) and distributed.is_main():
         print(f"note: FSDP was asked for, but accelerate does not shard on {args.device.type.upper()}: every "
