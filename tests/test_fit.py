@@ -69,6 +69,31 @@ def test_sharded_by_hand_on_the_shipped_model(tiny):
     assert rows["fsdp2"]["gathered"] == (attention + router + experts + norms) * 8
     assert rows["zero3"]["gathered"] == (router + experts) * 8
     assert rows["fsdp2"]["peak"] == total * 4 + acts + (attention + router + experts + norms) * 8
+    # FSDP2 x EP over the 4 GPUs (4 divides the 8 experts): the same shards; a layer gathers its
+    # dense part and its own 2 experts
+    assert rows["fsdp2_ep"]["states"] == rows["fsdp2"]["states"]
+    assert rows["fsdp2_ep"]["gathered"] == (attention + router + experts / 4 + norms) * 8
+    assert "fsdp2_ep" not in per_device(tiny, 3)  # 3 GPUs share no divisor with 8 experts
+
+
+MIXTRAL = [f"model.path={ROOT / 'moe_tune' / 'model' / 'configs' / 'mixtral-8x7b'}", "model.load_in_4bit=false"]
+
+
+def test_mixtral_8x7b_names_a_sharded_layout_that_fits(capsys):
+    """Mixtral-8x7B (94 GB in bf16) fits no single 80 GB GPU; on 8 the plan names the layout."""
+    recipe = str(ROOT / "recipes" / "hub" / "mixtral-8x7b-base-chatml.yaml")
+    assert main(["plan", recipe, *MIXTRAL, "trainable.preset=lora_experts", "--gpus", "8", "--gpu-memory",
+                 "80GB", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)["per_device"]
+    assert not fit["strategies"]["ddp"]["fits"] and fit["strategies"]["fsdp2"]["fits"]
+    assert fit["strategies"]["fsdp2_ep"]["gathered_gb"] < fit["strategies"]["fsdp2"]["gathered_gb"] / 4
+    assert "use recipes/accelerate/fsdp2.yaml or parallel.fsdp_size: 8" in fit["verdict"]
+    # the recipe's parallel section is the layout judged, on as many GPUs as it names
+    assert main(["plan", recipe, *MIXTRAL, "trainable.preset=full", "parallel.fsdp_size=16", "parallel.ep_size=8",
+                 "--gpu-memory", "80GB", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)["per_device"]
+    assert (fit["gpus"], fit["strategy"], fit["fits"]) == (16, "fsdp2_ep", True)
+    assert fit["verdict"].startswith("fits: FSDP2 x EP peaks at")
 
 
 def test_sharded_by_hand_on_qwen3_30b(qwen_lora, qwen_full):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -47,9 +47,11 @@ from moe_tune.plan.accounting import (
     plan_memory_bytes,
     quantized_weights,
 )
+from moe_tune.training.distributed import processes
 
 GB, GIB = 1e9, 2**30
-STRATEGIES = {"ddp": "DDP", "fsdp2": "FSDP2", "zero3": "ZeRO-3"}  # key -> name; recipes/accelerate/KEY.yaml
+# key -> name; recipes/accelerate/KEY.yaml, or the recipe's parallel section (fsdp2, fsdp2_ep)
+STRATEGIES = {"ddp": "DDP", "fsdp2": "FSDP2", "fsdp2_ep": "FSDP2 x EP", "zero3": "ZeRO-3"}
 DISTRIBUTED_TYPES = {"MULTI_GPU": "ddp", "FSDP": "fsdp2", "DEEPSPEED": "zero3"}  # accelerate's distributed_type
 
 
@@ -68,6 +70,28 @@ def available_bytes() -> float:
 
 def config_path(strategy: str) -> str:
     return f"recipes/accelerate/{strategy}.yaml"
+
+
+def how_to_run(strategy: str, gpus: int, ep: int) -> str:
+    """What sets ``strategy`` up for ``gpus`` GPUs: an accelerate config, or the parallel section
+    (FSDP2 runs either way; expert parallelism only there)."""
+    if strategy == "fsdp2_ep":
+        return f"parallel.fsdp_size: {gpus} with parallel.ep_size: {ep}"
+    if strategy == "fsdp2":
+        return f"{config_path(strategy)} or parallel.fsdp_size: {gpus}"
+    return config_path(strategy)
+
+
+def expert_parallel_degree(setup, gpus: int) -> int:
+    """The recipe's parallel.ep_size, else the most GPUs dividing both the GPU count and every MoE
+    layer's expert count; 1 where the family has no expert-parallel plan."""
+    if not getattr(setup.meta, "ep_plan", None):
+        return 1
+    parallel = setup.recipe.parallel
+    if parallel is not None and parallel.ep_size > 1:
+        return parallel.ep_size
+    counts = {layer.num_experts for layer in setup.arch.layers}
+    return max(d for d in range(1, gpus + 1) if gpus % d == 0 and all(c % d == 0 for c in counts))
 
 
 @dataclass(frozen=True)
@@ -143,8 +167,9 @@ def target(gpu_memory: str | None, gpus: int | None, accelerate_config: str | No
     return Target(memory, text, gpus or processes or 1, strategy, notes)
 
 
-def _largest_gathered(setup, units: list[str], dtype_bytes: int) -> float:
-    """Bytes of the largest of ``units`` (module names) gathered whole, with its gradients."""
+def _largest_gathered(setup, units: list[str], dtype_bytes: int, expert_share: float = 1.0) -> float:
+    """Bytes of the largest of ``units`` (module names) gathered whole, with its gradients; of its
+    routed experts, ``expert_share`` (1 / ep_size: expert parallelism gathers a rank's own only)."""
     rows = {r.part: r for r in setup.report.parts}
     bits = setup.recipe.model.bits
     quantized = set(quantized_weights(setup.meta)) if bits else set()
@@ -155,10 +180,11 @@ def _largest_gathered(setup, units: list[str], dtype_bytes: int) -> float:
         if unit is None:  # embeddings, final norm, LM head: gathered outside the decoder layers
             continue
         row = rows[setup.arch.parts[name]]
-        size[unit] += p.numel()
-        q[unit] += p.numel() if name in quantized else 0
+        n = p.numel() * (expert_share if row.part == "routed_experts" else 1)
+        size[unit] += n
+        q[unit] += n if name in quantized else 0
         # trained in full: a gradient in dtype; LoRA: fp32 adapter + its gradient; frozen: no trainable share
-        grads[unit] += p.numel() * row.trainable / row.params * (dtype_bytes if row.mode == "train" else 8)
+        grads[unit] += n * row.trainable / row.params * (dtype_bytes if row.mode == "train" else 8)
     return max(plan_memory_bytes(size[u], 0, 0, dtype_bytes, q[u], bits) + grads[u] for u in units)
 
 
@@ -182,6 +208,9 @@ def per_device(setup, gpus: int) -> dict[str, dict[str, float]]:
     for key, unit in units.items():
         rows[key] = {"states": (state + upcast) / gpus, "activations": acts,
                      "gathered": _largest_gathered(setup, unit, dtype_bytes)}
+    ep = expert_parallel_degree(setup, gpus)
+    if ep > 1:  # FSDP2 x EP: the same shards; a layer gathers its dense part and its own experts
+        rows["fsdp2_ep"] = {**rows["fsdp2"], "gathered": _largest_gathered(setup, units["fsdp2"], dtype_bytes, 1 / ep)}
     for row in rows.values():
         row["peak"] = row["states"] + row["activations"] + row["gathered"]
     return rows
@@ -243,7 +272,8 @@ def _state_remedy(setup, row: dict, acts: float, tgt: Target, strategy: str) -> 
             options.append(f"model.load_in_4bit: true (states {(row['states'] - saved) / GB:.3f} GB per GPU)")
     # states / n < free  <=>  n > total / free
     options.append(f"{math.floor(total / free) + 1} GPUs of {_gb(tgt.memory)}")
-    return f"with {STRATEGIES[strategy]} ({config_path(strategy)}): {'; or '.join(options)}"
+    return (f"with {STRATEGIES[strategy]} ({how_to_run(strategy, tgt.gpus, expert_parallel_degree(setup, tgt.gpus))}): "
+            f"{'; or '.join(options)}")
 
 
 def _remedy(setup, rows: dict, key: str, tgt: Target) -> str:
@@ -267,15 +297,16 @@ def _verdict(setup, rows: dict, fits: list[str], tgt: Target) -> str:
         return f"{STRATEGIES[key]} peaks at {rows[key]['peak'] / GB:.3f} GB of {_gb(tgt.memory)} per GPU"
 
     chosen = tgt.strategy
+    ep = expert_parallel_degree(setup, tgt.gpus)
     if chosen in fits:
         return f"fits: {at(chosen)}"
     if chosen is None and tgt.gpus == 1 and "ddp" in fits:  # no launcher needed
         return f"fits on one GPU: peaks at {rows['ddp']['peak'] / GB:.3f} GB of {_gb(tgt.memory)}"
     if chosen is None and fits:  # fits[0]: DDP where it fits (simplest, fastest), else FSDP2, else ZeRO-3
         note = "" if fits[0] == "ddp" else ", DDP does not"
-        return f"fits: {at(fits[0])}{note}; use {config_path(fits[0])}"
+        return f"fits: {at(fits[0])}{note}; use {how_to_run(fits[0], tgt.gpus, ep)}"
     if chosen == "ddp" and fits:  # sharding is enough
-        return f"does not fit: {at('ddp')}; first change: use {config_path(fits[0])} ({at(fits[0])})"
+        return f"does not fit: {at('ddp')}; first change: use {how_to_run(fits[0], tgt.gpus, ep)} ({at(fits[0])})"
     # remedies for the chosen strategy; without one, for DDP if it peaks lower (one GPU), else FSDP2
     key = chosen or ("ddp" if rows["ddp"]["peak"] <= rows["fsdp2"]["peak"] else "fsdp2")
     return f"does not fit: {at(key)}; first change: {_remedy(setup, rows, key, tgt)}"
@@ -283,8 +314,12 @@ def _verdict(setup, rows: dict, fits: list[str], tgt: Target) -> str:
 
 def fit_report(setup, tgt: Target) -> dict:
     """What ``moe-tune plan --gpu-memory ... --json`` adds to the plan report, as ``per_device``."""
+    parallel = setup.recipe.parallel
+    if parallel is not None and tgt.strategy is None:  # the recipe's layout is the one judged
+        gpus = tgt.gpus if tgt.gpus > 1 else processes(parallel)
+        tgt = replace(tgt, gpus=gpus, strategy="fsdp2_ep" if parallel.ep_size > 1 else "fsdp2")
     rows = per_device(setup, tgt.gpus)
-    fits = [key for key in STRATEGIES if rows[key]["peak"] < tgt.memory]
+    fits = [key for key in STRATEGIES if key in rows and rows[key]["peak"] < tgt.memory]
     return {
         "gpus": tgt.gpus,
         "gpu_memory": tgt.memory_text,
@@ -301,14 +336,14 @@ def fit_report(setup, tgt: Target) -> dict:
 def format_fit(fit: dict) -> str:
     gpus = f"{fit['gpus']} GPU{'s' if fit['gpus'] > 1 else ''}"
     lines = [f"per GPU, {gpus} of {fit['gpu_memory']} (GB = 1e9 bytes):",
-             f"  {'strategy':<9} {'states':>10} {'activations':>12} {'gathered':>10} {'peak':>10}"]
+             f"  {'strategy':<10} {'states':>10} {'activations':>12} {'gathered':>10} {'peak':>10}"]
     for key, row in fit["strategies"].items():
         mark = ">" if key == fit["strategy"] else " "
-        lines.append(f"{mark} {STRATEGIES[key]:<9} {row['states_gb']:>10.3f} {row['activations_gb']:>12.3f} "
+        lines.append(f"{mark} {STRATEGIES[key]:<10} {row['states_gb']:>10.3f} {row['activations_gb']:>12.3f} "
                      f"{row['gathered_gb']:>10.3f} {row['peak_gb']:>10.3f}  {'fits' if row['fits'] else 'does not fit'}")
     lines += ["  states: weights, gradients, AdamW states (FSDP2, ZeRO-3: sharded; trained weights in fp32 under "
-              "mixed precision)", "  gathered: the largest decoder layer (FSDP2) or MoE block (ZeRO-3), whole, "
-              "with its gradients"]
+              "mixed precision)", "  gathered: the largest decoder layer (FSDP2; with EP, its own experts only) or MoE "
+              "block (ZeRO-3), whole, with its gradients"]
     lines += [f"note: {n}" for n in fit["notes"]]
     lines.append(fit["verdict"])
     return "\n".join(lines)
