@@ -36,12 +36,15 @@ def test_every_shipped_recipe_validates(path):
     assert isinstance(recipe, Recipe)
     text = path.read_text()
     assert text.startswith("#"), "a recipe starts with a comment saying what it is for"
-    assert "moe-tune train" in text.split("\n\n")[0], "the header gives the command that runs it"
+    header = text.split("\n\n")[0]
+    launch = "-m moe_tune.cli train" if recipe.parallel is not None else "moe-tune train"  # under torchrun
+    assert launch in header, "the header gives the command that runs it"
 
 
 HUB = ROOT / "recipes" / "hub"  # recipes for real checkpoints, on users' machines
 HUB_CONFIGS = {"mixtral-8x7b-qlora": "mixtral-8x7b", "qwen3-30b-a3b-lora-experts": "qwen3-30b-a3b",
-               "olmoe-1b-7b-freeze-experts": "olmoe-1b-7b", "mixtral-8x7b-base-chatml": "mixtral-8x7b"}
+               "olmoe-1b-7b-freeze-experts": "olmoe-1b-7b", "mixtral-8x7b-base-chatml": "mixtral-8x7b",
+               "mixtral-8x7b-fsdp2-ep": "mixtral-8x7b", "qwen3-30b-a3b-fsdp2-ep": "qwen3-30b-a3b"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
@@ -85,8 +88,14 @@ def test_hub_recipe_headers_state_the_planned_memory(name, capsys):
     from moe_tune.cli import main
 
     path = HUB / f"{name}.yaml"
-    stated = float(re.search(r"weights \+ optimizer: ([\d.]+) GB", path.read_text()).group(1))
     config = ROOT / "moe_tune" / "model" / "configs" / HUB_CONFIGS[name]
+    if load_recipe(path).parallel is not None:  # sharded: the peak per GPU of its layout
+        stated = float(re.search(r"per GPU: ([\d.]+) GB of 80", path.read_text()).group(1))
+        assert main(["plan", str(path), f"model.path={config}", "--gpu-memory", "80GB", "--json"]) == 0
+        fit = json.loads(capsys.readouterr().out)["per_device"]
+        assert fit["strategies"][fit["strategy"]]["peak_gb"] == pytest.approx(stated, abs=0.05)
+        return
+    stated = float(re.search(r"weights \+ optimizer: ([\d.]+) GB", path.read_text()).group(1))
     assert main(["plan", str(path), f"model.path={config}", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["memory_gb"] == pytest.approx(stated, abs=0.05)
 
