@@ -84,15 +84,16 @@ def shape_config(shape: str, layers: int | None, tokenizer):
     return config
 
 
-def build_model(folder: Path, shape: str = "benchmark", layers: int | None = None) -> None:
+def build_model(folder: Path, shape: str = "benchmark", layers: int | None = None, stored: str = "bfloat16") -> None:
     """A randomly initialised MoE of ``shape`` with the shipped tokenizer (no download), saved in
-    bf16 as published MoE checkpoints are (both paths load it as ``--dtype``)."""
+    ``stored``: bf16 as published MoE checkpoints are, or float32 as moe_tune's own full
+    fine-tunes are (both paths load it as ``--dtype``)."""
     import torch  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "data" / "tiny-moe")
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(shape_config(shape, layers, tokenizer)).to(torch.bfloat16).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(shape_config(shape, layers, tokenizer)).to(getattr(torch, stored)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
@@ -408,7 +409,7 @@ def compare(args) -> dict:
     device = args.device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp(prefix="moe-tune-bench-"))
     try:
-        build_model(work / "model", args.shape, args.layers)
+        build_model(work / "model", args.shape, args.layers, args.checkpoint_dtype)
         build_data(work / "train.jsonl", rows=args.batch * (args.steps + args.warmup), seq=args.seq)
         dims = layer_dims(work)
         peak = matmul_peak(args.batch * args.seq, device, dims)
@@ -466,6 +467,7 @@ def compare(args) -> dict:
                                   for path, found in (("moe_tune", ours), ("trl", base))}
         return {"cpu": cpu_model() if device == "cpu" else torch.cuda.get_device_name(), "device": device,
                 "torch_threads": torch.get_num_threads(), "shape": args.shape, "layers": args.layers,
+                "checkpoint_dtype": args.checkpoint_dtype,
                 "layer_dims": dims, "active_params": n_active, "batch_tokens": args.batch * args.seq,
                 "matmul_peak_tflops": {k: round(v, 3) for k, v in peak.items()}, "settings": settings,
                 "refused": refused, "strategies": results}
@@ -501,6 +503,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--checkpoint-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="the dtype the built checkpoint stores (moe_tune's own full fine-tunes store float32)")
     parser.add_argument("--dtype", default=None, help="weights' dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--out", type=Path, default=None, help="Markdown table (default: benchmarks/results/)")
     parser.add_argument("--checkpointing", action="store_true",
