@@ -196,9 +196,10 @@ def _anon_gb() -> float:
 
 def _mapped_gb(folder: Path) -> float:
     """Resident pages of the files under ``folder`` that this process still maps. Weights loaded
-    in the dtype their checkpoint stores them in can stay views of the safetensors file (the
-    gpt-oss shape's fused bf16 experts, frozen: 1.6 GB), so they are file pages, not anonymous
-    memory, and they are training memory all the same."""
+    in the dtype their checkpoint stores them in stay views of the safetensors file in plain
+    transformers (moe_tune's load_model copies them: loading.own_file_views), so they are file
+    pages, not anonymous memory, and they are training memory all the same; so is every other
+    page of the file that loading read while the mapping stays open."""
     total, inside = 0, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         fields = line.split()

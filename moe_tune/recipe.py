@@ -88,9 +88,9 @@ class ParallelSection(Section):
     """Ranks that shard weights, gradients and optimizer states (FSDP2), each on its own batches."""
     ep_size: int = Field(default=1, gt=0)
     """Ranks holding distinct routed experts (expert parallelism, all-to-all); divides the expert
-    count. Alone, its ranks share each batch; with fsdp_size, it divides fsdp_size x tp_size."""
+    count and fsdp_size x tp_size. Alone (its ranks sharing each batch) it is not yet checked: refused."""
     tp_size: int = Field(default=1, gt=0)
-    """Ranks that split attention and dense weights (tensor parallelism) and share a batch."""
+    """Ranks that split attention and dense weights and share a batch (TP); not yet checked: refused."""
     dp_replicate_size: int = Field(default=1, gt=0)
     """Replicas of the FSDP shards (HSDP), e.g. one per machine."""
     fsdp_cpu_offload: bool = False

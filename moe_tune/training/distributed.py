@@ -48,8 +48,6 @@ def any_rank(flag: bool, device) -> bool:
     """True on every rank when ``flag`` is true on any (one all-reduce; a plain bool alone)."""
     if world_size() == 1 or not (dist.is_available() and dist.is_initialized()):
         return flag
-    import torch  # noqa: PLC0415
-
     value = torch.tensor(float(flag), device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
@@ -147,10 +145,12 @@ def check_parallel(parallel, sft: dict, bits: int | None, modes: dict[str, str],
         raise MoeTuneError("parallel.ep_size: transformers' expert-parallel forward bypasses PEFT's LoRA on the "
                            "routed experts (nothing would train); with LoRA on the experts shard with "
                            "parallel.fsdp_size alone")
-    if batch_sharers(parallel) > 1 and not torch.cuda.is_available() and not planning:
+    if batch_sharers(parallel) > 1 and not planning:
+        # accelerate runs a tensor-parallel group on GPUs only, and two ranks cannot share one GPU:
+        # no machine this was built on could check it against one process
         what = "expert parallelism alone" if ep_alone(parallel) else "parallel.tp_size"
-        raise MoeTuneError(f"parallel: {what} makes ranks share a batch, a tensor-parallel group that accelerate "
-                           f"runs on GPUs only; on a CPU set parallel.fsdp_size with ep_size (FSDP2 x EP)")
+        raise MoeTuneError(f"parallel: {what} makes ranks share a batch (a tensor-parallel group), which moe_tune "
+                           f"has not checked against one process; set parallel.fsdp_size with ep_size (FSDP2 x EP)")
     if parallel.tp_size > 1 and not getattr(meta, "tp_plan", None):
         raise MoeTuneError(f"parallel.tp_size: {type(meta).__name__} has no tensor-parallel plan in transformers; "
                            f"use parallel.fsdp_size")
