@@ -58,6 +58,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
         os.environ.setdefault(_var, str(_share))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Keep each test file on one worker (its module fixtures are built once), and every test
     that reads a shared run on the same worker (the run is trained once)."""
