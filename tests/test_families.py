@@ -134,3 +134,31 @@ def test_families_without_expert_lora_refuse_it_and_train_experts_in_full(family
     code, run, err = train_tiny(family, tmp_path / "full", capsys, "trainable.preset=experts_only")
     assert code == 0, err
     assert (run / "model" / "model.safetensors").is_file()
+
+
+# Families whose configs are built differently: plain, nested text config (llama4, gemma4,
+# qwen3_5_moe), nested ffn_config (dbrx), sigmoid routing with a correction bias (deepseek_v3),
+# router bias and fused experts (gpt_oss), shared experts (qwen2_moe).
+CONFIG_SHAPES = ["qwen3_moe", "qwen2_moe", "llama4", "gemma4", "qwen3_5_moe", "dbrx", "deepseek_v3", "gpt_oss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", CONFIG_SHAPES)
+def test_saved_and_exported_configs_are_the_source_config(family, tmp_path, capsys):
+    """TRL switches the aux loss off in the model's config (moe_tune computes the term); RUN/model
+    and a merged export carry the config the model was loaded with, key for key."""
+    from test_prune import differing_keys
+
+    from transformers import AutoTokenizer
+
+    code, run, err = train_tiny(family, tmp_path, capsys, "trainable.preset=experts_only")
+    assert code == 0, err
+    source = json.loads((tmp_path / "model" / "config.json").read_text())
+    # on purpose: the embeddings grow to a tokenizer with more tokens than the checkpoint has rows
+    grown = {"vocab_size"} if len(AutoTokenizer.from_pretrained(tmp_path / "model")) > source.get("vocab_size", 0) \
+        else set()
+    saved = json.loads((run / "model" / "config.json").read_text())
+    assert {k.rsplit(".", 1)[-1] for k in differing_keys(source, saved)} <= grown
+    assert main(["export", str(run), "--merged", str(tmp_path / "merged"), "--check-rows", "2"]) == 0, \
+        capsys.readouterr().err
+    assert differing_keys(saved, json.loads((tmp_path / "merged" / "config.json").read_text())) == set()

@@ -58,6 +58,21 @@ def never_routed(model, arch, removed: dict[str, list[int]], batch) -> None:
             assert logits[:, removed[layer.block]].max() < logits.max(-1).values.min() - 50, "construction failed"
 
 
+EXPERT_COUNT_KEYS = {"num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"}
+
+
+def differing_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two config dicts (nested configs compared key by key)."""
+    keys = set()
+    for key in a.keys() | b.keys():
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys |= differing_keys(x, y, f"{prefix}{key}.")
+        elif x != y and key not in ("transformers_version", "dtype", "torch_dtype"):
+            keys.add(prefix + key)
+    return keys
+
+
 def test_surgery_helper_smoke():
     assert Keep.parse("0.5").count(8) == 4 and Keep.parse("3").count(8) == 3
 
@@ -75,8 +90,13 @@ def test_pruned_checkpoint_loads_and_equals_the_original_where_pruned_experts_ar
     with torch.no_grad():
         before = model(**batch).logits
     kept = {b: [e for e in range(arch.num_experts) if e not in r] for b, r in removed.items()}
+    model.save_pretrained(tmp_path / "source")  # the unpruned model, saved
+    source = json.loads((tmp_path / "source" / "config.json").read_text())
     prune_model(model, arch, kept)
     model.save_pretrained(tmp_path)
+    # the saved config is the source's but for the expert count the pruning changed on purpose
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k for k in differing_keys(source, saved) if k.rsplit(".", 1)[-1] not in EXPERT_COUNT_KEYS} == set()
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info
     new = describe(loaded)

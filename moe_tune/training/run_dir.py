@@ -123,9 +123,17 @@ def is_evaluation(folder: Path) -> bool:
     return (folder / REPORT_JSON).is_file() or any(results(p) for p in folder.glob("*.json"))
 
 
+def serve_with_cache(model) -> None:
+    """A saved model generates with its KV cache (training turned it off): set in the text config,
+    and in the outer one where that has the key (a multimodal config keeps it in the first only)."""
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if config is model.config.get_text_config() or "use_cache" in vars(config):
+            config.use_cache = True
+
+
 def write_pretrained(model, tokenizer, folder: Path) -> Path:
     """Weights (or a PEFT adapter) and tokenizer into ``folder``."""
-    model.config.use_cache = True
+    serve_with_cache(model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -336,7 +344,7 @@ def save_model(model, tokenizer, run: Path) -> Path:
 def save_distributed(trainer, tokenizer, run: Path) -> Path:
     """Every rank takes part (FSDP gathers a full state dict, ZeRO-3 its partitions); rank 0
     writes the tokenizer and renames the folder into place."""
-    trainer.model.config.use_cache = True
+    serve_with_cache(trainer.model)
     with folder_in_place(run / MODEL_DIR, rename=distributed.is_main()) as tmp:
         trainer.save_model(str(tmp))
         if distributed.is_main():

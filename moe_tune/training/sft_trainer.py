@@ -162,24 +162,40 @@ def non_finite_message(step: int, value: float, run: Path) -> str:
 TRAINER_SET_CONFIG = ("router_aux_loss_coef", "output_router_logits")
 
 
-def config_values(model) -> dict[str, object]:
-    """The model's text config's values of ``TRAINER_SET_CONFIG`` (those it has)."""
-    text = unwrapped(model).config.get_text_config()
-    return {key: getattr(text, key) for key in TRAINER_SET_CONFIG if hasattr(text, key)}
+def config_values(model) -> dict[tuple[str, str], object]:
+    """(config, key) -> value as loaded: the text config's ``TRAINER_SET_CONFIG`` (those it has),
+    and the outer config's ``use_cache``, which Trainer turns off (ABSENT where the config lacked
+    it: a multimodal config keeps it in its text config only)."""
+    config = unwrapped(model).config
+    text = config.get_text_config()
+    values = {("text", key): getattr(text, key) for key in TRAINER_SET_CONFIG if hasattr(text, key)}
+    values["outer", "use_cache"] = vars(config).get("use_cache", ABSENT)
+    return values
+
+
+ABSENT = object()  # a config key the loaded config did not have
 
 
 @contextlib.contextmanager
-def config_as_loaded(model, values: dict[str, object]):
+def config_as_loaded(model, values: dict[tuple[str, str], object]):
     """Inside the block, the model's config holds ``values`` (as loaded); training's afterwards."""
-    text = unwrapped(model).config.get_text_config()
-    training = {key: getattr(text, key) for key in values}
-    for key, value in values.items():
-        setattr(text, key, value)
+    config = unwrapped(model).config
+    configs = {"text": config.get_text_config(), "outer": config}
+
+    def put(scope, key, value):
+        if value is ABSENT:
+            vars(configs[scope]).pop(key, None)
+        else:
+            setattr(configs[scope], key, value)
+
+    training = {(scope, key): vars(configs[scope]).get(key, ABSENT) for scope, key in values}
+    for (scope, key), value in values.items():
+        put(scope, key, value)
     try:
         yield
     finally:
-        for key, value in training.items():
-            setattr(text, key, value)
+        for (scope, key), value in training.items():
+            put(scope, key, value)
 
 
 class MoeSFTTrainer(SFTTrainer):
