@@ -128,8 +128,7 @@ PRESET_OVERRIDES = {"full": ["router.z_loss_coef=0.001", "router.anchor_kl_coef=
                     "esft": ["trainable.preset=esft"]}
 LAYOUTS = {"fsdp": ["parallel.fsdp_size=2"], "fsdp_ep": ["parallel.fsdp_size=2", "parallel.ep_size=2"]}
 MATRIX = [("mixtral", "fsdp", p) for p in PRESET_OVERRIDES] + \
-         [("mixtral", "fsdp_ep", p) for p in ("full", "freeze_experts", "esft")] + \
-         [("qwen3_moe", layout, "full") for layout in LAYOUTS]
+         [("mixtral", "fsdp_ep", p) for p in ("full", "esft")] + [("qwen3_moe", "fsdp_ep", "full")]
 
 
 @pytest.fixture(scope="module")
@@ -201,12 +200,13 @@ def test_a_sharded_run_matches_one_process(one_process, tmp_path, family, layout
 @pytest.mark.slow
 def test_each_rank_holds_the_planned_share_of_the_training_state():
     """benchmarks/parallel_memory.py on the shipped model: each rank's shards of the weights,
-    gradients and AdamW moments against `moe-tune plan --gpus 2`'s per-GPU states, per layout."""
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parallel_memory.py")], capture_output=True,
+    gradients and AdamW moments against `moe-tune plan --gpus 2`'s per-GPU states (FSDP2 x EP)."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parallel_memory.py"), "--layouts", "fsdp2_ep"],
+                         capture_output=True,
                          text=True, cwd=ROOT, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     results = {r["layout"]: r for r in json.loads(out.stdout)["results"]}
-    assert set(results) == {"fsdp2", "fsdp2_ep"}
+    assert set(results) == {"fsdp2_ep"}  # FSDP2 alone holds the same states (benchmarks/results/parallel-memory-*)
     for result in results.values():
         assert 0.8 <= result["states_vs_plan"] <= 1.25, result
         assert len(result["per_rank"]) == 2

@@ -346,6 +346,9 @@ def save_distributed(trainer, tokenizer, run: Path) -> Path:
     writes the tokenizer and renames the folder into place."""
     serve_with_cache(trainer.model)
     with folder_in_place(run / MODEL_DIR, rename=distributed.is_main()) as tmp:
+        # rank 0 has cleared and made the folder before any rank's save creates it (a model
+        # sharded at load time saves from every rank; seen as FileExistsError in the tests)
+        distributed.barrier()
         trainer.save_model(str(tmp))
         if distributed.is_main():
             (tmp / "training_args.bin").unlink(missing_ok=True)
