@@ -149,7 +149,7 @@ class RouterRegularizer:
         if self.coef["aux_loss"]:
             probs = router_probs(logits, first.scoring)
             correction = self._stack(lambda layer: router_bias(self.tensors, layer, correction=True), layers)
-            select = probs if correction is None else probs + whole(correction).detach().float().unsqueeze(1)
+            select = probs if correction is None else probs + correction.detach().float().unsqueeze(1)
             out["aux_loss"] = load_balancing_loss(probs, select.topk(first.top_k, -1).indices, first.num_experts,
                                                   self.mean)
         if self.coef["z_loss"]:
@@ -159,7 +159,7 @@ class RouterRegularizer:
             base_logits = torch.bmm(hidden.detach().to(base.dtype), base.transpose(1, 2))
             bias = self._stack(lambda layer: router_bias(self.tensors, layer, correction=False), layers)
             if bias is not None:
-                base_logits = base_logits + whole(bias).detach().unsqueeze(1)
+                base_logits = base_logits + bias.detach().unsqueeze(1)
             out["router_kl"] = router_kl(logits, base_logits, first.scoring, self.mean)
         return out
 

@@ -126,9 +126,9 @@ def is_evaluation(folder: Path) -> bool:
 def serve_with_cache(model) -> None:
     """A saved model generates with its KV cache (training turned it off): set in the text config,
     and in the outer one where that has the key (a multimodal config keeps it in the first only)."""
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if config is model.config.get_text_config() or "use_cache" in vars(config):
-            config.use_cache = True
+    model.config.get_text_config().use_cache = True
+    if "use_cache" in vars(model.config):
+        model.config.use_cache = True
 
 
 def write_pretrained(model, tokenizer, folder: Path) -> Path:
