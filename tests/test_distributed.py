@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from moe_tune.cli import main
 from moe_tune.training.distributed import register_moe_leaf_modules
 
 from conftest import ROOT, SHIPPED_MODEL
@@ -142,10 +143,17 @@ def one_process(tmp_path_factory):
     runs = {}
 
     def get(family, preset):
-        if (family, preset) not in runs:
-            runs[family, preset] = train([sys.executable, "-m", "moe_tune.cli", "train"], 8, folder,
-                                         f"{family}-{preset}", f"model.path={models[family]}", *SHARDED[1:],
-                                         *PRESET_OVERRIDES[preset], base=SHARDED[0])[0]
+        if (family, preset) not in runs:  # in this process: a second interpreter's imports cost more than the run
+            run = folder / f"{family}-{preset}"
+            cwd = os.getcwd()
+            os.chdir(ROOT)
+            try:
+                code = main(["train", SHARDED[0], "sft.per_device_train_batch_size=8", f"output_dir={run}",
+                             f"model.path={models[family]}", *SHARDED[1:], *PRESET_OVERRIDES[preset]])
+            finally:
+                os.chdir(cwd)
+            assert code == 0
+            runs[family, preset] = run
         return runs[family, preset]
 
     get.models = models
