@@ -52,22 +52,29 @@ class ModelSection(Section):
     path: str
     """Local folder of a transformers MoE checkpoint (with its tokenizer), or a hub id when online."""
     chat_template: str | None = None
-    """A chat template for a checkpoint that has none (a base model), or to replace its own: a
-    name of moe_tune/model/chat_templates (chatml), a .jinja file, or a tokenizer folder whose template
-    to copy. Special tokens it names that the tokenizer lacks are added; their embedding rows
-    train even where the embeddings are frozen or LoRA-adapted."""
+    """A chat template for a checkpoint that has none (a base model), or to replace its own: a name
+    of moe_tune/model/chat_templates (chatml), a .jinja file, or a tokenizer folder whose template to
+    copy. Special tokens it names that the tokenizer lacks are added; their embedding rows train."""
     dtype: Literal[DTYPE_NAMES] = "float32"
     """Dtype the weights are loaded in. float32 is the fast and exact choice on CPU."""
     load_in_4bit: bool = False
-    """QLoRA: bitsandbytes NF4 for nn.Linear layers (attention, shared experts, dense MLPs). Fused
-    routed experts, routers and embeddings are not nn.Linear and stay in ``dtype``."""
+    """QLoRA: bitsandbytes 4-bit weights for nn.Linear layers (attention, shared experts, dense MLPs)
+    and, with quantize_experts, the routed experts; routers, norms and embeddings stay in ``dtype``."""
     load_in_8bit: bool = False
-    """bitsandbytes LLM.int8 for nn.Linear layers (same reach as 4-bit)."""
+    """bitsandbytes 8-bit weights (LLM.int8 for nn.Linear layers), the same reach as 4-bit."""
+    quantize_experts: bool = True
+    """With load_in_4bit/8bit, the fused routed experts too (95% of an MoE's weights), expert by
+    expert as they load; false leaves them in ``dtype``, as transformers' own 4-bit loading does."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """The 4-bit number format (bitsandbytes' BitsAndBytesConfig names)."""
+    bnb_4bit_use_double_quant: bool = True
+    """The 4-bit weights' scales quantized again, to 8 bits per block of 64 weights."""
+    bnb_4bit_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """What 4-bit weights dequantize to for their matmuls; auto: float32 for float32 weights, else bfloat16."""
     experts_implementation: Literal["moe_tune", "grouped_mm", "batched_mm", "eager"] = "moe_tune"
-    """How fused routed experts compute in training. moe_tune: per-expert matmuls that bf16
-    autocast reaches on a CPU (transformers' grouped kernel on CUDA) and LoRA applied to the
-    grouped inputs instead of rebuilding each expert's weight (moe_tune/moe/experts_kernel.py); the
-    others are transformers' own kernels."""
+    """How fused routed experts compute in training. moe_tune: per-expert matmuls that bf16 autocast
+    reaches on a CPU (transformers' grouped kernel on CUDA), LoRA applied to the grouped inputs
+    (moe_tune/moe/experts_kernel.py); the others are transformers' own kernels."""
 
     @model_validator(mode="after")
     def _one_quantization(self):
@@ -244,8 +251,7 @@ _SFT_OWNED_ELSEWHERE = {"output_dir": "output_dir", "seed": "seed", "router_aux_
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 scalars: ``1e-3`` is a float and ``no``/``off`` stay strings (TRL's
-    ``eval_strategy: no``), where YAML 1.1 reads a string and a boolean."""
+    """YAML 1.2 scalars: ``1e-3`` a float, ``no``/``off`` strings (YAML 1.1: a string, a boolean)."""
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -254,11 +260,8 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
 
 
 def _yaml(text: str):
@@ -403,8 +406,7 @@ def read_yaml(path: Path) -> dict:
     except UnicodeDecodeError:
         raise MoeTuneError(f"{path}: not UTF-8 text; save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
+        where = f":{e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
         raise MoeTuneError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise MoeTuneError(f"{path}: a recipe is a YAML mapping of sections (model:, data:, sft:, ...)")
@@ -427,12 +429,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def with_absolute_paths(recipe: Recipe) -> Recipe:
-    """The recipe with every local path absolute (output_dir, and model, data, eval and
-    selection files that exist here; hub names stay), so that a run folder's recipe.yaml works
-    from any working directory."""
+    """The recipe with every local path that exists here absolute (hub names stay): a run
+    folder's recipe.yaml then works from any working directory."""
     def absolute(path: str | None) -> str | None:
         return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
-
     out = recipe.model_copy(deep=True)
     out.output_dir = str(Path(recipe.output_dir).resolve())
     out.model.path = absolute(recipe.model.path)

@@ -7,8 +7,9 @@ from moe_tune.model.arch import describe
 from moe_tune.cli import main
 from moe_tune.errors import MoeTuneError
 from moe_tune.model.loading import load_model
-from moe_tune.recipe import load_recipe
-from moe_tune.training.pipeline import make_trainable, plan_run
+from moe_tune.model.quantized_experts import quantized_expert_tensors
+from moe_tune.recipe import ModelSection, load_recipe
+from moe_tune.training.pipeline import make_trainable, plan_run, set_experts_implementation
 from moe_tune.training.sft_trainer import build_trainer
 
 from conftest import ROOT, SHIPPED_MODEL
@@ -21,23 +22,32 @@ def recipe_for(tmp_path, *overrides):
     return load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"output_dir={tmp_path}", *STEPS, *overrides])
 
 
-def test_4bit_quantizes_linear_layers_only():
+FOUR_BIT = ModelSection(path=str(SHIPPED_MODEL), load_in_4bit=True)
+
+
+@pytest.mark.parametrize("experts", [True, False])
+def test_4bit_quantizes_linear_layers_and_with_quantize_experts_the_experts(experts):
     import bitsandbytes as bnb
 
-    model, _ = load_model(str(SHIPPED_MODEL), bits=4)
+    model, _ = load_model(str(SHIPPED_MODEL), quantization=FOUR_BIT.model_copy(update={"quantize_experts": experts}))
     arch = describe(model)
     linear4 = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert linear4 and all(".self_attn." in n for n in linear4)  # the tiny model's only nn.Linear layers
     params = dict(model.named_parameters())
-    for layer in arch.layers:  # fused experts and the router stay full precision
-        assert all(params[n].dtype == torch.float32 for n in layer.expert_params)
-        assert params[layer.router_weight].dtype == torch.float32
+    quantized = {f"{arch.layers[0].block}.experts.{name}" for module, name in quantized_expert_tensors(model)
+                 if module is model.get_submodule(f"{arch.layers[0].block}.experts")}
+    assert quantized == (set(arch.layers[0].expert_params) if experts else set())
+    for layer in arch.layers:  # without quantize_experts, as transformers loads them: full precision
+        assert all(n not in params for n in layer.expert_params) if experts else \
+            all(params[n].dtype == torch.float32 for n in layer.expert_params)
+        assert params[layer.router_weight].dtype == torch.float32  # routers stay full precision
 
 
 @pytest.mark.slow
 def test_4bit_lora_keeps_learning_after_evaluation(tmp_path):
     recipe = recipe_for(tmp_path, "model.load_in_4bit=true", "trainable.preset=lora_all")
-    model, tokenizer = load_model(str(SHIPPED_MODEL), bits=4)
+    model, tokenizer = load_model(str(SHIPPED_MODEL), quantization=FOUR_BIT)
+    set_experts_implementation(recipe, model)
     setup, arch = plan_run(recipe), describe(model)
     model, _ = make_trainable(setup, model, arch, tokenizer)
     trainer = build_trainer(recipe, setup.sft_args, model, tokenizer, arch)
@@ -90,7 +100,7 @@ def test_guard_stops_when_gradients_vanish():
 
     if not has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16 kernel path to break the graph")
-    model, _ = load_model(str(SHIPPED_MODEL), bits=4)
+    model, _ = load_model(str(SHIPPED_MODEL), quantization=FOUR_BIT)
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = True  # bitsandbytes' default on this CPU
@@ -102,7 +112,7 @@ def test_guard_stops_when_gradients_vanish():
 def test_work_around_keeps_every_adapter_learning():
     from moe_tune.training.callbacks import GradientGuard
 
-    model, _ = load_model(str(SHIPPED_MODEL), bits=4)
+    model, _ = load_model(str(SHIPPED_MODEL), quantization=FOUR_BIT)
     guard = GradientGuard()
     train_eval_train(lora_on_attention(model), guard)
     # every lora_B of q, v and o in the 4 layers (lora_A gets no gradient while B is still zero),
@@ -119,6 +129,9 @@ def test_8bit_lora_trains(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides, expected", [
     (["model.load_in_4bit=true", "trainable.preset=full"], "trainable.attention: its linear layers are quantized"),
+    (["model.load_in_4bit=true", "trainable.preset=experts_only"],
+     "trainable.routed_experts: its expert tensors are quantized (model.quantize_experts) and cannot train in full; "
+     "use lora or freeze, or model.quantize_experts: false"),
     (["model.load_in_4bit=true", "model.load_in_8bit=true"], "model: set only one of load_in_4bit and load_in_8bit"),
 ])
 def test_quantization_conflicts(tmp_path, capsys, overrides, expected):
@@ -126,15 +139,18 @@ def test_quantization_conflicts(tmp_path, capsys, overrides, expected):
     assert code == 2 and expected in capsys.readouterr().err
 
 
-def test_plan_memory_counts_4bit_linears():
+@pytest.mark.parametrize("experts", [True, False])
+def test_plan_memory_counts_4bit_linears_and_experts(experts):
     from moe_tune.plan.accounting import NF4_BYTES
     from moe_tune.training.pipeline import plan_run
 
-    full = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml", ["trainable.preset=lora_attention"])).report
-    q4 = plan_run(load_recipe(ROOT / "recipes" / "quickstart.yaml",
-                              ["trainable.preset=lora_attention", "model.load_in_4bit=true"])).report
-    attention = next(r.params for r in full.parts if r.part == "attention")
-    saved = attention * (4 - NF4_BYTES)  # fp32 -> NF4 for the attention linears only
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    full = plan_run(load_recipe(recipe, ["trainable.preset=lora_attention"])).report
+    q4 = plan_run(load_recipe(recipe, ["trainable.preset=lora_attention", "model.load_in_4bit=true",
+                                       f"model.quantize_experts={str(experts).lower()}"])).report
+    params = {r.part: r.params for r in full.parts}
+    quantized = params["attention"] + (params["routed_experts"] if experts else 0)
+    saved = quantized * (4 - NF4_BYTES)  # fp32 -> NF4
     assert full.state_bytes - q4.state_bytes == pytest.approx(saved, rel=1e-3)
 
 

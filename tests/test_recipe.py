@@ -43,6 +43,7 @@ def test_every_shipped_recipe_validates(path):
 
 HUB = ROOT / "recipes" / "hub"  # recipes for real checkpoints, on users' machines
 HUB_CONFIGS = {"mixtral-8x7b-qlora": "mixtral-8x7b", "qwen3-30b-a3b-lora-experts": "qwen3-30b-a3b",
+               "qwen3-30b-a3b-qlora": "qwen3-30b-a3b",
                "olmoe-1b-7b-freeze-experts": "olmoe-1b-7b", "mixtral-8x7b-base-chatml": "mixtral-8x7b",
                "mixtral-8x7b-fsdp2-ep": "mixtral-8x7b", "qwen3-30b-a3b-fsdp2-ep": "qwen3-30b-a3b"}
 

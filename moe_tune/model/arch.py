@@ -21,7 +21,9 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from moe_tune.errors import MoeTuneError
 from moe_tune.recipe import PARTS
@@ -165,6 +167,26 @@ def _children(module: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.M
     return [(n, m) for n, m in module.named_children() if n in names]
 
 
+def own_parameters(module: nn.Module, recurse: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """``module.named_parameters()``, each parametrized tensor under its own name (``gate_up_proj``,
+    not ``parametrizations.gate_up_proj.original``) and as a meta tensor of its own shape: the
+    values of quantized experts (model/quantized_experts.py) are packed, not (E, out, in)."""
+    found, seen = [], set()  # a tied weight is listed once, as named_parameters does
+    for mod_name, mod in module.named_modules() if recurse else [("", module)]:
+        if isinstance(mod, parametrize.ParametrizationList):
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        parametrized = parametrize.is_parametrized(mod)
+        for name, p in mod.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                found.append((prefix + name, p))
+        for name in mod.parametrizations if parametrized else ():
+            shape = getattr(mod.parametrizations[name][0], "shape", mod.parametrizations[name].original.shape)
+            found.append((prefix + name, torch.empty(shape, device="meta")))
+    return found
+
+
 def _tensors(module: nn.Module, prefix: str) -> list[tuple[str, object]]:
     """Parameters and buffers under ``module``, with full names."""
     return ([(f"{prefix}.{n}", t) for n, t in module.named_parameters()]
@@ -210,7 +232,7 @@ def _find_layer(name: str, block: nn.Module, model: nn.Module) -> MoeLayer | Non
     skip = {router_name, *shared_names}
     experts_module = dict(block.named_children()).get("experts")
     if experts_module is not None:
-        routed = [(f"{name}.experts.{n}", p) for n, p in experts_module.named_parameters()]
+        routed = [(f"{name}.experts.{n}", p) for n, p in own_parameters(experts_module)]
     else:  # jetmoe: expert tensors sit on the block itself
         routed = [(f"{name}.{n}", p) for n, p in block.named_parameters()
                   if n.split(".")[0] not in skip and n not in _CORRECTION_NAMES]
@@ -290,7 +312,7 @@ def param_owners(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
     """Parameter name -> (name of the module holding it, that module, attribute name)."""
     out = {}
     for mod_name, module in model.named_modules():
-        for attr, _ in module.named_parameters(recurse=False):
+        for attr, _ in own_parameters(module, recurse=False):
             out[f"{mod_name}.{attr}" if mod_name else attr] = (mod_name, module, attr)
     return out
 
@@ -312,7 +334,8 @@ def _classify(model: nn.Module, layers: list[MoeLayer]) -> dict[str, str]:
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     owners = param_owners(model)
-    for name, _ in model.named_parameters():
+    names = [name for name, _ in own_parameters(model)]
+    for name in names:
         if name in parts:
             continue
         mod_name, module, _ = owners[name]
@@ -328,7 +351,7 @@ def _classify(model: nn.Module, layers: list[MoeLayer]) -> dict[str, str]:
             parts[name] = "dense_mlp"
         else:
             parts[name] = "other"
-    return {name: parts[name] for name, _ in model.named_parameters()}
+    return {name: parts[name] for name in names}
 
 
 def describe(model: nn.Module) -> MoeArch:

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_tune.errors import MoeTuneError, shown
 from moe_tune.model.arch import describe, require_moe
+from moe_tune.model.quantized_experts import ExpertsBnb4BitQuantizer, ExpertsBnb8BitQuantizer
 from moe_tune.model.sources import LOCAL_CONFIGS, hub_unreachable, read_tokenizer
 from moe_tune.model.templates import TEMPLATE_KEY, give_template
 from moe_tune.recipe import DTYPE_NAMES, TEMPLATE_NAMES
@@ -104,22 +105,48 @@ def padding_side(tokenizer, side: str):
         tokenizer.padding_side = saved
 
 
-def quantization_config(bits: int | None, dtype: str):
-    if bits is None:
+def quantization_config(model):
+    """transformers' BitsAndBytesConfig for the recipe's ``model`` section, or None."""
+    if model.bits is None:
         return None
     from transformers import BitsAndBytesConfig  # noqa: PLC0415
 
-    if bits == 8:
+    if model.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.float32 if dtype == "float32" else torch.bfloat16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model.bnb_4bit_quant_type,
+                              bnb_4bit_use_double_quant=model.bnb_4bit_use_double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype(model))
 
 
-def load_model(path: str, dtype: str = "float32", bits: int | None = None, template=None, tokenizer=None,
+def compute_dtype(model) -> torch.dtype:
+    """What 4-bit weights dequantize to: the recipe's bnb_4bit_compute_dtype, or for auto float32
+    with float32 weights and bfloat16 otherwise."""
+    if model.bnb_4bit_compute_dtype != "auto":
+        return getattr(torch, model.bnb_4bit_compute_dtype)
+    return torch.float32 if model.dtype == "float32" else torch.bfloat16
+
+
+@contextlib.contextmanager
+def quantizing_experts(bits: int | None):
+    """While a model loads, transformers' bitsandbytes quantizer of ``bits`` is the one that also
+    quantizes the routed experts (model/quantized_experts.py). transformers picks a quantizer
+    class by name from one mapping and takes no instance: the name is pointed at ours inside this
+    block alone, and back after."""
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING  # noqa: PLC0415
+
+    key, ours = {4: ("bitsandbytes_4bit", ExpertsBnb4BitQuantizer), 8: ("bitsandbytes_8bit", ExpertsBnb8BitQuantizer)}[bits]
+    saved, AUTO_QUANTIZER_MAPPING[key] = AUTO_QUANTIZER_MAPPING[key], ours
+    try:
+        yield
+    finally:
+        AUTO_QUANTIZER_MAPPING[key] = saved
+
+
+def load_model(path: str, dtype: str = "float32", quantization=None, template=None, tokenizer=None,
                frozen_experts_in_bf16: bool = False, sharding=None):
     """(model, tokenizer), after checking that ``path`` holds an MoE with a usable tokenizer.
-    ``bits`` 4 or 8 quantizes the nn.Linear layers with bitsandbytes. ``template`` is given to
+    ``quantization``, the recipe's model section when it quantizes (load_in_4bit/8bit): bitsandbytes
+    for the nn.Linear layers, and the routed experts where it says quantize_experts. ``template`` is given to
     the checkpoint's tokenizer (model.chat_template). A ``tokenizer`` given is used as it is: the
     checkpoint's own as the run loaded it already (with ``template`` given), or another (a tuned
     run's, for its base model). The embeddings fit a template's or another tokenizer's tokens.
@@ -135,9 +162,11 @@ def load_model(path: str, dtype: str = "float32", bits: int | None = None, templ
     # a local folder by its absolute path: PEFT records it in adapter_config.json as the base
     # model, which must then load from any working directory
     source = str(Path(path).resolve()) if Path(path).is_dir() else path
-    with returning_freed_memory():
+    bits = quantization.bits if quantization is not None else None
+    experts = quantizing_experts(bits) if bits and quantization.quantize_experts else contextlib.nullcontext()
+    with returning_freed_memory(), experts:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16 if frozen_experts_in_bf16 else DTYPES[dtype],
-                                                     quantization_config=quantization_config(bits, dtype),
+                                                     quantization_config=quantization_config(quantization) if bits else None,
                                                      **({"distributed_config": sharding} if sharding else {}))
     if frozen_experts_in_bf16:
         _widen_all_but_routed_experts(model, DTYPES[dtype])

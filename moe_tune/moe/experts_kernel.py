@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from moe_tune.model.quantized_experts import QuantizedWeight, quantized_weight
 from moe_tune.moe.experts_lora import LORA_ATTR, LoraFactors, lora_factors
 from moe_tune.moe.experts_route import Piece, Route
 from moe_tune.moe.step_memory import Kept, casts_on_use, held_weight, kept_activation, step_empty
@@ -46,9 +47,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _slice(w: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert e's weight in ``dtype`` (a copy only where w is held narrower)."""
-    return w[e].to(dtype)
+def _slice(w: torch.Tensor | QuantizedWeight, e: int, dtype: torch.dtype) -> torch.Tensor:
+    """Expert e's weight in ``dtype`` (a copy only where w is held narrower or quantized)."""
+    return w.expert(e, dtype) if isinstance(w, QuantizedWeight) else w[e].to(dtype)
 
 
 class _SideTensors(NamedTuple):
@@ -101,8 +102,10 @@ class _Side:
     @classmethod
     def of(cls, given: _SideTensors, spec: _SideSpec, call: _Call) -> _Side:
         """From the module's tensors: each cast to the compute dtype once (the weight as held_weight)."""
-        dtype, lora, bias = call.dtype, given.a is not None, given.bias
-        held = _SideTensors(held_weight(given.weight, dtype, call.on_use, Kept(call.experts, f"{spec.name} copy")),
+        dtype, lora, bias, weight = call.dtype, given.a is not None, given.bias, given.weight
+        quantized = isinstance(weight, QuantizedWeight)  # dequantized per expert on use, never whole
+        held = _SideTensors(weight if quantized else held_weight(weight, dtype, call.on_use,
+                                                                 Kept(call.experts, f"{spec.name} copy")),
                             bias.to(dtype) if bias is not None else None,
                             given.a.to(dtype) if lora else None, given.b.to(dtype) if lora else None)
         dtypes = _GivenDtypes(given.weight.dtype, bias.dtype if bias is not None else None,
@@ -265,7 +268,9 @@ class _ExpertsMLP(torch.autograd.Function):
                     out.index_add_(0, route.tokens[rows], (de[:piece.n] * w[rows, None]).float())
                 else:
                     out[rows] = de[:piece.n]
-        ctx.save_for_backward(xz, u, d, hu, hd, w, *up.held, *down.held)
+        held = (*up.held, *down.held)  # a quantized weight is no tensor: kept on ctx as it is
+        ctx.save_for_backward(xz, u, d, hu, hd, w, *(None if isinstance(t, QuantizedWeight) else t for t in held))
+        ctx.quantized = [t if isinstance(t, QuantizedWeight) else None for t in held]
         ctx.call, ctx.given, ctx.combine, ctx.x_dtype = call, (up.given, down.given), combine, x.dtype
         ctx.weights_dtype = weights.dtype if combine else None
         return out.to(x.dtype) if combine else out
@@ -273,6 +278,7 @@ class _ExpertsMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xz, u, d, hu, hd, w, *held = ctx.saved_tensors
+        held = [q if q is not None else t for t, q in zip(held, ctx.quantized)]
         call, combine = ctx.call, ctx.combine
         experts, route, dtype = call.experts, call.route, call.dtype
         needs = ctx.needs_input_grad  # (call, x, weights, up's 4 tensors, down's 4)
@@ -321,12 +327,14 @@ class _Projection:
     (E, out) and LoRA factors, or None for each."""
 
     def __init__(self, experts: nn.Module, name: str):
-        self.weight = getattr(experts, name)
+        quantized = quantized_weight(experts, name)  # read per expert: not getattr, which dequantizes it whole
+        self.weight = quantized if quantized is not None else getattr(experts, name)
         self.bias = getattr(experts, f"{name}_bias", None) if experts.has_bias else None
         self.transposed = experts.is_transposed
         wrappers = getattr(experts, LORA_ATTR, {})
         # PEFT's own path is running (it parametrizes the weight with its delta): add nothing here
-        parametrized = parametrize.is_parametrized(experts)
+        parametrized = parametrize.is_parametrized(experts) and any(
+            quantized_weight(experts, n) is None for n in experts.parametrizations)  # besides quantization
         self.lora: LoraFactors | None = None if parametrized or name not in wrappers else lora_factors(wrappers[name])
 
     def tensors(self) -> _SideTensors:
@@ -369,7 +377,8 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     tokens, k = top_k_index.shape
     up = _Projection(self, "gate_up_proj" if self.has_gate else "up_proj")
     down = _Projection(self, "down_proj")
-    if _grouped(hidden_states):
+    quantized = isinstance(up.weight, QuantizedWeight) or isinstance(down.weight, QuantizedWeight)
+    if _grouped(hidden_states) and not quantized:  # quantized: the loop, one expert dequantized at a time
         expert_ids = top_k_index.reshape(-1)  # (S,) S = T * k
         order = torch.argsort(expert_ids, stable=True)  # (S,), grouped by expert
         offsets = torch.cumsum(torch.bincount(expert_ids, minlength=self.num_experts), 0, dtype=torch.int32)

@@ -16,15 +16,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe_tune.model.arch import MoeArch, decoder_layer_of, text_config
+from moe_tune.model.arch import MoeArch, decoder_layer_of, describe, text_config
 from moe_tune.model.loading import DTYPES
 from moe_tune.recipe import PARTS
 
 LORA_RANK = 16  # the rank assumed by the LoRA strategies' estimates
 ADAPTER_BYTES = 4 * 4  # fp32 weight + gradient + 2 AdamW moments
 # bitsandbytes NF4 with double quantization: 4 bits + an 8-bit absmax per 64 weights + an fp32
-# scale per 256 of those blocks.
+# scale per 256 of those blocks; without it, an fp32 absmax per 64 weights.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+NF4_SINGLE_BYTES = 0.5 + 4 / 64
 
 # transformers' layer_types of softmax attention over the sequence (not linear attention or mamba)
 _SOFTMAX_ATTENTION = ("full_attention", "sliding_attention", "chunked_attention")
@@ -32,12 +33,12 @@ DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items() if isinsta
 INT8_BYTES = 1 + 4 / 4096  # LLM.int8: a byte per weight plus an fp32 scale per row (~4k wide)
 
 
-def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int,
-                      quantized: int = 0, bits: int | None = None, bf16_expert_params: int = 0) -> float:
+def plan_memory_bytes(total: int, trained_full: int, lora: int, dtype_bytes: int, quantized: int = 0,
+                      bits: int | None = None, bf16_expert_params: int = 0, double_quant: bool = True) -> float:
     """Weights of the whole model (``quantized`` of them at 4 or 8 bits, ``bf16_expert_params`` frozen
     experts held in bf16: experts_policy.holds_frozen_experts_in_bf16), plus gradient and two AdamW moments
     per trained weight (in the weights' dtype) and 16 bytes per fp32 LoRA parameter."""
-    per_quantized = {4: NF4_BYTES, 8: INT8_BYTES}.get(bits, dtype_bytes)
+    per_quantized = {4: NF4_BYTES if double_quant else NF4_SINGLE_BYTES, 8: INT8_BYTES}.get(bits, dtype_bytes)
     weights = (total - quantized - bf16_expert_params) * dtype_bytes + quantized * per_quantized + bf16_expert_params * 2
     return weights + trained_full * 3 * dtype_bytes + lora * ADAPTER_BYTES
 
@@ -322,11 +323,13 @@ def lora_params(shape: tuple[int, ...], rank: int = LORA_RANK) -> int:
     return rank * experts * (shape[-1] + shape[-2])
 
 
-def quantized_weights(model: nn.Module) -> list[str]:
-    """Weights bitsandbytes quantizes: nn.Linear layers except the LM head. Fused experts and
-    bare router weights are not nn.Linear, so they stay in the model's dtype."""
+def quantized_weights(model: nn.Module, experts: bool = False) -> list[str]:
+    """Weights bitsandbytes quantizes: nn.Linear layers except the LM head, and with ``experts``
+    the routed experts' fused tensors (model.quantize_experts: model/quantized_experts.py).
+    Bare router weights are not nn.Linear, so they stay in the model's dtype."""
     head = model.get_output_embeddings()
-    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    return linears + (describe(model).expert_params if experts else [])
 
 
 def memory_bytes(model: nn.Module, arch: MoeArch, dtype_bytes: int = 2) -> dict[str, float]:
@@ -338,12 +341,12 @@ def memory_bytes(model: nn.Module, arch: MoeArch, dtype_bytes: int = 2) -> dict[
     expert_lora = sum(lora_params(shapes[n]) for n in expert_tensors)
     attention_linears = [n for n in quantized_weights(model) if arch.parts.get(n) == "attention"]
     attention_lora = sum(lora_params(shapes[n]) for n in attention_linears)
-    quantized = sum(sizes[n] for n in quantized_weights(model) if n in sizes)
+    quantized = sum(sizes[n] for n in quantized_weights(model, experts=True) if n in sizes)
     return {
         "full": plan_memory_bytes(total, total, 0, dtype_bytes),
         "freeze_experts": plan_memory_bytes(total, total - experts, 0, dtype_bytes),
         "lora_experts": plan_memory_bytes(total, 0, expert_lora, dtype_bytes),
-        # 4-bit nn.Linear layers; fused experts, embeddings and norms stay in dtype
+        # 4-bit nn.Linear layers and routed experts; embeddings, routers and norms stay in dtype
         "qlora": plan_memory_bytes(total, 0, expert_lora + attention_lora, dtype_bytes, quantized, bits=4),
     }
 

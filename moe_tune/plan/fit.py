@@ -172,7 +172,7 @@ def _largest_gathered(setup, units: list[str], dtype_bytes: int, expert_share: f
     routed experts, ``expert_share`` (1 / ep_size: expert parallelism gathers a rank's own only)."""
     rows = {r.part: r for r in setup.report.parts}
     bits = setup.recipe.model.bits
-    quantized = set(quantized_weights(setup.meta)) if bits else set()
+    quantized = set(quantized_weights(setup.meta, setup.recipe.model.quantize_experts)) if bits else set()
     size, q, grads = dict.fromkeys(units, 0), dict.fromkeys(units, 0), dict.fromkeys(units, 0.0)
     for name, p in setup.meta.named_parameters():
         pieces = name.split(".")
@@ -185,7 +185,9 @@ def _largest_gathered(setup, units: list[str], dtype_bytes: int, expert_share: f
         q[unit] += n if name in quantized else 0
         # trained in full: a gradient in dtype; LoRA: fp32 adapter + its gradient; frozen: no trainable share
         grads[unit] += n * row.trainable / row.params * (dtype_bytes if row.mode == "train" else 8)
-    return max(plan_memory_bytes(size[u], 0, 0, dtype_bytes, q[u], bits) + grads[u] for u in units)
+    double_quant = setup.recipe.model.bnb_4bit_use_double_quant
+    return max(plan_memory_bytes(size[u], 0, 0, dtype_bytes, q[u], bits, double_quant=double_quant) + grads[u]
+               for u in units)
 
 
 def per_device(setup, gpus: int) -> dict[str, dict[str, float]]:
@@ -267,8 +269,9 @@ def _state_remedy(setup, row: dict, acts: float, tgt: Target, strategy: str) -> 
             options.append(f"trainable.preset: lora_experts (states {lora / GB:.3f} GB per GPU)")
     elif not setup.recipe.model.bits and "lora" in (r.mode for r in report.parts):
         sizes = {n: p.numel() for n, p in setup.meta.named_parameters()}
-        saved = sum(sizes[n] for n in quantized_weights(setup.meta)) * (dtype_bytes - NF4_BYTES) / tgt.gpus
-        if row["states"] - saved < free:  # only nn.Linear layers quantize; fused experts stay in dtype
+        quantized = quantized_weights(setup.meta, setup.recipe.model.quantize_experts)
+        saved = sum(sizes[n] for n in quantized) * (dtype_bytes - NF4_BYTES) / tgt.gpus
+        if row["states"] - saved < free:  # nn.Linear layers and (model.quantize_experts) the routed experts
             options.append(f"model.load_in_4bit: true (states {(row['states'] - saved) / GB:.3f} GB per GPU)")
     # states / n < free  <=>  n > total / free
     options.append(f"{math.floor(total / free) + 1} GPUs of {_gb(tgt.memory)}")

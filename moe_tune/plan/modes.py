@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import types
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,6 @@ from torch import nn
 
 from moe_tune.errors import MoeTuneError
 from moe_tune.model.arch import MoeArch, param_owners
-from moe_tune.plan.accounting import quantized_weights
 from moe_tune.recipe import PARTS, PRESETS
 
 
@@ -63,9 +63,10 @@ def embedding_weights(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(names[id(layer.weight)] for layer in layers if layer is not None))
 
 
-def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized: bool = False,
+def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized: Collection[str] = (),
               new_tokens: list[int] = ()) -> Plan:
-    """The plan for ``modes``; ``new_tokens``, ids a chat template added, train their rows."""
+    """The plan for ``modes``; ``quantized``, the names of weights loaded in 4 or 8 bits (which
+    cannot train in full); ``new_tokens``, ids a chat template added, train their rows."""
     if modes.get("norms") == "lora":
         raise MoeTuneError("trainable.norms: norms have no LoRA form; use train or freeze")
     if modes.get("routed_experts") == "lora" and any(layer.flat for layer in arch.layers):
@@ -75,13 +76,12 @@ def make_plan(model: nn.Module, arch: MoeArch, modes: dict[str, str], quantized:
     fused = {n for layer in arch.layers for n in (*layer.expert_params, layer.router_weight)}
     owners = param_owners(model)
     plan = Plan(modes=modes)
-    if quantized:
-
-        frozen_4bit = set(quantized_weights(model))
-        for name, part in arch.parts.items():
-            if modes[part] == "train" and name in frozen_4bit:
-                raise MoeTuneError(f"trainable.{part}: its linear layers are quantized (model.load_in_4bit/8bit) "
-                                   "and cannot train in full; use lora or freeze")
+    for name, part in arch.parts.items() if quantized else ():
+        if modes[part] == "train" and name in quantized:
+            what = "its expert tensors are quantized (model.quantize_experts" if part == "routed_experts" else \
+                "its linear layers are quantized (model.load_in_4bit/8bit"
+            raise MoeTuneError(f"trainable.{part}: {what}) and cannot train in full; use lora or freeze"
+                               + (", or model.quantize_experts: false" if part == "routed_experts" else ""))
     for name, part in arch.parts.items():
         mode = modes[part]
         mod_name, module, attr = owners[name]

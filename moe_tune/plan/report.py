@@ -213,14 +213,17 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe, sft_args,
     new_rows = sum(r.trainable for r in rows if r.mode == "freeze")  # new tokens' rows (token_rows)
     dtype = recipe.model.dtype if recipe.model.dtype in DTYPE_BYTES else "bfloat16"
     sizes = {n: p.numel() for n, p in model.named_parameters()}
-    quantized = sum(sizes.get(n, 0) for n in quantized_weights(model)) if recipe.model.bits else 0
+    quantized = sum(sizes.get(n, 0) for n in quantized_weights(model, recipe.model.quantize_experts)) \
+        if recipe.model.bits else 0
+    double_quant = recipe.model.bnb_4bit_use_double_quant
     # the new rows: PEFT's own copy of them beside LoRA; otherwise the whole tensor has gradients and moments
     memory_full, memory_lora = (full, lora + new_rows) if plan.lora_targets else \
         (full + sum(sizes[n] for n in plan.token_rows), lora)
     bf16_expert_params = sum(sizes[n] for n in arch.expert_params) if frozen_experts_in_bf16 else 0
     state = plan_memory_bytes(total, memory_full, memory_lora, DTYPE_BYTES[dtype], quantized, recipe.model.bits,
-                              bf16_expert_params)
-    weights = plan_memory_bytes(total, 0, 0, DTYPE_BYTES[dtype], quantized, recipe.model.bits, bf16_expert_params)
+                              bf16_expert_params, double_quant)
+    weights = plan_memory_bytes(total, 0, 0, DTYPE_BYTES[dtype], quantized, recipe.model.bits, bf16_expert_params,
+                                double_quant)
     load = loading_bytes(model, arch, weights, 2 if frozen_experts_in_bf16 else DTYPE_BYTES[dtype],
                          experts_stored_apart(recipe.model.path), bf16_expert_bytes=2 * bf16_expert_params)
     checkpointing = bool(sft_args.gradient_checkpointing)

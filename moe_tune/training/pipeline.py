@@ -39,6 +39,7 @@ from moe_tune.evaluation.report import evaluate_files, write_report
 from moe_tune.model import templates
 from moe_tune.model.arch import MoeArch, describe, require_moe, text_config
 from moe_tune.model.loading import build_meta_model, load_config, load_model, load_tokenizer
+from moe_tune.model.quantized_experts import check_quantization
 from moe_tune.moe import experts_policy
 from moe_tune.moe.bias_balance import BiasBalancer, check_bias_balance
 from moe_tune.moe.expert_dropout import ExpertDropout
@@ -52,7 +53,7 @@ from moe_tune.moe.expert_selection import (
     select_experts,
 )
 from moe_tune.moe.router_losses import RouterRegularizer, check_router, coefficients
-from moe_tune.plan.accounting import expert_intermediate
+from moe_tune.plan.accounting import expert_intermediate, quantized_weights
 from moe_tune.plan.fit import available_bytes
 from moe_tune.plan.modes import Plan, apply_plan, check_parts_exist, make_plan, resolve_modes, unwrapped
 from moe_tune.plan.report import PlanReport, plan_report
@@ -147,12 +148,14 @@ def plan_run(recipe: Recipe, planning: bool = False) -> RunSetup:
     meta = build_meta_model(config)
     arch = describe(meta)
     modes = resolve_modes(recipe.trainable.preset, recipe.trainable.overrides())
-    plan = make_plan(meta, arch, modes, quantized=recipe.model.bits is not None, new_tokens=list(added.values()))
+    quantized = set(quantized_weights(meta, recipe.model.quantize_experts)) if recipe.model.bits else set()
+    plan = make_plan(meta, arch, modes, quantized=quantized, new_tokens=list(added.values()))
     check_selection(recipe, plan)
     check_router(recipe.router, modes["router"])
     check_bias_balance(recipe.router, arch, modes, bool(plan.lora_targets),
                        dict(meta.named_parameters()) | dict(meta.named_buffers()))
     check_parts_exist(recipe.trainable.overrides(), arch)
+    check_quantization(recipe.model, config, meta, arch)
     distributed.check_parallel(recipe.parallel, recipe.sft, recipe.model.bits, plan.modes, meta, arch, planning)
     cfg = recipe.trainable.selection()
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
@@ -311,7 +314,7 @@ def train_and_save(setup: RunSetup, data: RunData, checkpoint: Path | None, inte
     None on the ranks that do not evaluate."""
     recipe, run = setup.recipe, setup.run
     set_seed(recipe.seed)
-    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model.bits, setup.template,
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model, setup.template,
                                   tokenizer=data.tokenizer, frozen_experts_in_bf16=setup.frozen_experts_in_bf16,
                                   sharding=distributed.distributed_config(recipe.parallel))
     trainer, arch = trainer_for(setup, model, tokenizer, data)
