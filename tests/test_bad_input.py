@@ -65,6 +65,8 @@ def shared_files(tmp_path_factory):
         "base_model": str(without_template(folder / "base")),
         "bad_jinja": write("bad.jinja", "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}\n"),
         "no_ep_plan_model": str(tiny_checkpoint("jetmoe", folder / "jetmoe")),
+        "flat_experts_model": str(tiny_checkpoint("dbrx", folder / "dbrx")),
+        "fp8_model": str(_quantized_already(folder / "fp8")),
         "ends_with_user": write("endsuser.jsonl", json.dumps({"messages": [
             {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
             {"role": "user", "content": "and?"}]}) + "\n"),
@@ -121,6 +123,15 @@ def _dense_checkpoint(dest):
                          num_attention_heads=2, num_key_value_heads=2)
     LlamaForCausalLM(config).save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+    return dest
+
+
+def _quantized_already(dest, method="fp8"):
+    """The shipped model's files, its config declaring a quantization (as FP8 or MXFP4 releases do)."""
+    shutil.copytree(SHIPPED_MODEL, dest, ignore=shutil.ignore_patterns("model.safetensors"))
+    (dest / "model.safetensors").symlink_to(SHIPPED_MODEL / "model.safetensors")
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": method}}))
     return dest
 
 
@@ -281,6 +292,24 @@ CASES = [
      "sft.learning_rate: must be greater than 0"),
     ("bias_balance_with_lora_router", lambda f: train(f, "router.bias_balance_rate=0.001", "trainable.router=lora"),
      "router.bias_balance_rate: the router is LoRA-adapted"),
+    # quantized experts (model.load_in_4bit, model.quantize_experts)
+    ("4bit_experts_trained_in_full", lambda f: train(f, "model.load_in_4bit=true", "trainable.preset=experts_only"),
+     "trainable.routed_experts: its expert tensors are quantized (model.quantize_experts)"),
+    ("4bit_experts_of_a_flat_layout", lambda f: train(f, "model.load_in_4bit=true", f"model.path={f['flat_experts_model']}",
+                                                      "trainable.preset=lora_attention"),
+     "model.quantize_experts: dbrx's experts are 2-D stacks that the model reads outside their module"),
+    ("4bit_experts_outside_the_experts_interface", lambda f: train(f, "model.load_in_4bit=true", "trainable.preset=lora_attention",
+                                                                   f"model.path={f['no_ep_plan_model']}"),
+     "model.quantize_experts: jetmoe's experts do not go through transformers' experts interface"),
+    ("4bit_experts_through_another_kernel", lambda f: train(f, "model.load_in_4bit=true", "trainable.preset=lora_experts",
+                                                            "model.experts_implementation=grouped_mm"),
+     "model.experts_implementation: grouped_mm reads each quantized expert tensor whole"),
+    ("4bit_float16_compute_on_cpu", lambda f: train(f, "model.load_in_4bit=true", "trainable.preset=lora_experts",
+                                                    "model.bnb_4bit_compute_dtype=float16"),
+     "model.bnb_4bit_compute_dtype: float16 is not a CPU compute dtype here"),
+    ("4bit_of_a_quantized_checkpoint", lambda f: train(f, "model.load_in_4bit=true", "trainable.preset=lora_experts",
+                                                       f"model.path={f['fp8_model']}"),
+     "is quantized already (fp8); point model.path at its bf16 or fp32 release to quantize it with bitsandbytes"),
     ("template_raises_without_assistant_only_loss", lambda f: train(f, f"model.path={f['sharegpt_model']}",
                                                                     "sft.assistant_only_loss=false"),
      "train.jsonl row 1: the chat template cannot render it (Unknown role: user"),

@@ -26,13 +26,13 @@ def checkpoints(tmp_path_factory):
     return lambda family: made.get(family) or made.setdefault(family, tiny_checkpoint(family, folder / family))
 
 
-def adapted(path, out, *overrides, full_precision_experts=False):
+def adapted(path, out, bits=4, full_precision_experts=False):
     """The model `moe-tune train` builds for a QLoRA recipe (LoRA on attention and experts), LoRA
     factors drawn at random so that every factor gets a gradient; with
     ``full_precision_experts``, its experts dequantized to fp32 parameters before LoRA wraps them."""
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
-        f"model.path={path}", "model.load_in_4bit=true", "trainable.preset=lora_all", "trainable.router=freeze",
-        "eval.files=[]", f"output_dir={out}", *overrides])
+        f"model.path={path}", f"model.load_in_{bits}bit=true", "trainable.preset=lora_all", "trainable.router=freeze",
+        "eval.files=[]", f"output_dir={out}"])
     setup = plan_run(recipe)
     setup.run.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(str(path), "float32", recipe.model)
@@ -66,16 +66,17 @@ def step(model, seed=1):
     return loss.item(), {key: factor.grad.clone() for key, factor in lora_factors(model).items()}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_step_through_4bit_experts_equals_one_through_their_values_in_full_precision(family, checkpoints,
-                                                                                       monkeypatch, tmp_path):
-    quantized = adapted(checkpoints(family), tmp_path / "q")
-    reference = adapted(checkpoints(family), tmp_path / "ref", full_precision_experts=True)
+@pytest.mark.parametrize("family, bits", [(f, 4) for f in FAMILIES] + [("mixtral", 8)])
+def test_a_step_through_quantized_experts_equals_one_through_their_values_in_full_precision(family, bits, checkpoints,
+                                                                                            monkeypatch, tmp_path):
+    quantized = adapted(checkpoints(family), tmp_path / "q", bits)
+    reference = adapted(checkpoints(family), tmp_path / "ref", bits, full_precision_experts=True)
     expert_tensors = quantized_expert_tensors(unwrapped(quantized))
     assert len(expert_tensors) == 2 * len(describe(unwrapped(quantized)).layers)
-    for module, name in expert_tensors:  # 4 bits a weight: (E, out * in / 2) bytes
-        packed = module.parametrizations[name].original
-        assert packed.dtype == torch.uint8 and packed[0].numel() * 2 == module.parametrizations[name][0].shape[1:].numel()
+    for module, name in expert_tensors:  # 4 bits a weight, (E, out * in / 2) bytes; or a byte, (E, out, in)
+        packed, shape = module.parametrizations[name].original, module.parametrizations[name][0].shape
+        assert packed.dtype == (torch.uint8 if bits == 4 else torch.int8)
+        assert packed[0].numel() * 8 // bits == shape[1:].numel()
 
     def whole(*args):
         raise AssertionError("a whole expert tensor was dequantized inside the step")
@@ -89,3 +90,123 @@ def test_a_step_through_4bit_experts_equals_one_through_their_values_in_full_pre
     for key, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[key], rtol=1e-5, atol=1e-7, msg=str(key))
         assert grad.abs().sum() > 0, key
+
+
+PEAK = """
+import json, sys, threading, time
+import torch
+from moe_tune.model.loading import load_model
+from moe_tune.recipe import ModelSection
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+import transformers.models.qwen3_moe.modeling_qwen3_moe, bitsandbytes  # their imports are not loading
+peak, done = [anon()], threading.Event()
+before = peak[0]
+
+def sample():  # the anonymous memory's peak while loading (RSS would count the file's mapped pages)
+    while not done.is_set():
+        peak.append(anon())
+        time.sleep(0.002)
+
+threading.Thread(target=sample, daemon=True).start()
+section = ModelSection(path=sys.argv[1], **json.loads(sys.argv[2]))
+model, _ = load_model(sys.argv[1], "float32", section if section.bits else None)
+done.set()
+print(json.dumps({"peak": max(peak) - before}))
+"""
+
+
+@pytest.fixture(scope="module")
+def experts_heavy_checkpoint(tmp_path_factory):
+    """8 Qwen3-MoE layers of 16 experts of 512 x 256, saved in bf16: 200 MB of experts in fp32."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL)
+    config = Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024,
+                            moe_intermediate_size=512, num_hidden_layers=8, num_experts=16, num_experts_per_tok=4,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("experts-heavy")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_loading_quantizes_expert_by_expert_never_holding_the_experts_whole(experts_heavy_checkpoint):
+    import json
+    import subprocess
+    import sys
+
+    def peak(**section) -> int:
+        out = subprocess.run([sys.executable, "-c", PEAK, str(experts_heavy_checkpoint), json.dumps(section)],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+    experts = 8 * 16 * 3 * 512 * 256 * 4  # bytes of the routed experts in fp32 (transformers' own 4-bit loading: 1.1x)
+    found = peak(load_in_4bit=True)
+    # the experts end at 4 bits (0.13x); loading holds at most a few layers' fp32 tensors beside
+    # them (its loader threads), never the experts whole
+    assert 0.13 * experts < found < 0.4 * experts, found / experts
+
+
+@pytest.mark.slow
+def test_a_qlora_run_resumes_exports_merged_as_it_trained_and_prunes(tmp_path, capsys):
+    """A QLoRA run with 4-bit experts is a normal run: --resume from its adapter checkpoint gives
+    the same losses; `export --merged` writes a full-precision checkpoint, LoRA merged into the
+    dequantized experts, whose logits are the trained model's; prune reads it."""
+    import json
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from moe_tune.cli import main
+    from moe_tune.moe.experts_policy import route_lora_through
+
+    run = tmp_path / "run"
+    recipe = [str(ROOT / "recipes" / "quickstart.yaml"), "model.load_in_4bit=true", "trainable.preset=lora_all",
+              "sft.max_steps=4", "sft.save_strategy=steps", "sft.save_steps=2", "sft.logging_steps=1",
+              "sft.learning_rate=5.0e-3", "sft.eval_strategy=no", "data.valid=null", "data.max_train_rows=64",
+              "eval.files=[]", "eval.retention_file=null"]
+    assert main(["train", *recipe, f"output_dir={run}"]) == 0, capsys.readouterr().err
+
+    def losses():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    whole = losses()
+    merged = tmp_path / "merged"
+    assert main(["export", str(run), "--merged", str(merged), "--check-rows", "4"]) == 0, capsys.readouterr().err
+    saved = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in saved and saved["dtype"] == "float32"
+    # the trained model: the 4-bit base as it trained, the adapter read through the experts kernel
+    section = load_recipe(run / "recipe.yaml").model
+    base, _ = load_model(section.path, "float32", section)
+    set_experts_implementation(load_recipe(run / "recipe.yaml"), base)
+    trained = PeftModel.from_pretrained(base, run / "model")
+    assert route_lora_through(trained) == len(describe(base).layers)
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    assert main(["prune", str(run), "--keep", "6", "--data", str(ROOT / "data" / "train.jsonl"), "--rows", "16",
+                 "--out", str(tmp_path / "pruned"), "--no-base"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "pruned" / "config.json").read_text())["num_local_experts"] == 6
+    # as if killed after checkpoint 2: the adapter and optimizer come back. Unlike a LoRA run on
+    # an unquantized model (tests/test_resume.py: equal to 1e-4), a run on 4-bit weights goes on
+    # about 1e-3 apart after its first resumed step, with bitsandbytes' 4-bit linear layers alone
+    # too (model.quantize_experts: false); the cause is not found yet (docs/quantization.md)
+    for path in (run / "model", run / "eval", run / "checkpoints" / "checkpoint-4"):
+        shutil.rmtree(path, ignore_errors=True)
+    assert main(["train", str(run), "--resume"]) == 0, capsys.readouterr().err
+    resumed = losses()
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert resumed[3] == pytest.approx(whole[3], rel=1e-4), 3
+    assert resumed[4] == pytest.approx(whole[4], rel=5e-3), 4

@@ -13,7 +13,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from moe_tune.errors import MoeTuneError, shown
 from moe_tune.model.arch import describe, require_moe
-from moe_tune.model.quantized_experts import ExpertsBnb4BitQuantizer, ExpertsBnb8BitQuantizer
+from moe_tune.model.quantized_experts import (
+    ExpertsBnb4BitQuantizer,
+    ExpertsBnb8BitQuantizer,
+    dequantize_experts,
+    dequantize_linears,
+)
 from moe_tune.model.sources import LOCAL_CONFIGS, hub_unreachable, read_tokenizer
 from moe_tune.model.templates import TEMPLATE_KEY, give_template
 from moe_tune.recipe import DTYPE_NAMES, TEMPLATE_NAMES
@@ -286,14 +291,25 @@ def build_meta_model(config):
                                f"({str(e).splitlines()[0]})") from None
 
 
-def load_adapter_model(base_path: str, adapter_dir: Path, dtype: str = "float32"):
+def load_adapter_model(base_path: str, adapter_dir: Path, dtype: str = "float32", quantization=None):
     """A base model with the PEFT adapter saved by a LoRA run (weights not merged), and the
     tokenizer saved with the adapter where there is one (a run given a chat template has
-    grown its base's vocabulary)."""
+    grown its base's vocabulary). ``quantization``: the run's model section; a QLoRA run's base
+    loads quantized as it trained, then dequantized to ``dtype``: the values its adapter learnt
+    beside, in full precision (a merged export is that model's logits)."""
     from peft import PeftModel  # noqa: PLC0415
 
     if not (adapter_dir / "adapter_config.json").is_file():  # before the base loads
         raise MoeTuneError(f"{shown(adapter_dir)}: not a PEFT adapter folder (no adapter_config.json)")
     saved = load_tokenizer(str(adapter_dir)) if (adapter_dir / "tokenizer_config.json").is_file() else None
-    model, tokenizer = load_model(base_path, dtype, tokenizer=saved)
-    return PeftModel.from_pretrained(model, adapter_dir), tokenizer
+    model, tokenizer = load_model(base_path, dtype, quantization, tokenizer=saved)
+    if quantization is None or not quantization.bits:
+        return PeftModel.from_pretrained(model, adapter_dir), tokenizer
+    full = model.config.dtype if DTYPES[dtype] == "auto" else DTYPES[dtype]
+    dequantize_linears(model, full)
+    # the experts only once the adapter is on: PEFT nests the wrappers of a module's parameters in
+    # name order where they are parametrized (quantized), in definition order where plain, and the
+    # adapter's keys name the nesting it was trained with
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    dequantize_experts(model, full)
+    return model, tokenizer

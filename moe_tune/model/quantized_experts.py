@@ -186,9 +186,19 @@ def check_quantization(model_section, config, meta: nn.Module, arch: MoeArch) ->
                            "model.quantize_experts: false)")
 
 
+def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """bitsandbytes' quantized nn.Linear layers back to nn.Linear in ``dtype`` (transformers' own
+    dequantization), the model no longer marked quantized; quantized experts stay as they are."""
+    from transformers.integrations import dequantize_and_replace  # noqa: PLC0415
+
+    quantizer = model.hf_quantizer
+    dequantize_and_replace(model, quantization_config=quantizer.quantization_config, dtype=dtype)
+    quantizer.remove_quantization_config(model)
+
+
 def _settings(config, bits: int) -> ExpertsQuantization:
     if bits == 8:
-        return ExpertsQuantization(8, dtype=torch.float16)
+        return ExpertsQuantization(8)
     return ExpertsQuantization(4, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant,
                                config.bnb_4bit_compute_dtype or torch.float32)
 

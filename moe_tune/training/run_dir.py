@@ -402,7 +402,8 @@ def load_run_model(target: Path, dtype: str, adapter: str | None = None):
     saved = target / MODEL_DIR
     if not saved.is_dir():
         raise MoeTuneError(f"{target}: this run has no saved model yet (did training finish?)")
-    base_path = load_run_recipe(target).model.path
+    base = load_run_recipe(target).model
+    base_path = base.path
     if (saved / "adapter_config.json").is_file():
-        return (*load_adapter_model(base_path, saved, dtype), base_path)
+        return (*load_adapter_model(base_path, saved, dtype, base), base_path)
     return (*load_model(str(saved), dtype), base_path)
