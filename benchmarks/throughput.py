@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                      # about 10 minutes on 2 CPU cores
     python benchmarks/throughput.py --strategies full --repeats 1 --steps 3   # a quick look
     python benchmarks/throughput.py --shape qwen3-30b-a3b --layers 2          # real layer shapes
+    python benchmarks/throughput.py --shape qwen3-30b-a3b --layers 1 --strategies lora_all,qlora   # 4-bit experts
 
 On a benchmark-size Mixtral-style MoE (hidden 512, 8 experts, top-2, 4 layers), or with
 ``--shape NAME`` the layers of a published checkpoint (``moe_tune/model/configs/NAME``: its widths,
@@ -56,6 +57,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STRATEGIES = ("full", "freeze_experts", "lora_attention", "lora_experts")
+# beside the default four: LoRA on attention and experts over the base as moe_tune holds it, and
+# QLoRA (model.load_in_4bit: moe_tune's 4-bit experts; TRL: transformers' 4-bit linear layers)
+MORE = ("lora_all", "qlora")
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 LORA = {"r": 8, "alpha": 16}
 MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=1024)
@@ -256,8 +262,8 @@ def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int
     from moe_tune.training.pipeline import plan_run, trainer_for  # noqa: PLC0415
 
     run = work / f"run-moe_tune-{strategy}"
-    recipe = {"output_dir": str(run), "model": {"path": str(work / "model"), "dtype": dtype},
-              "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": strategy}, "lora": LORA,
+    recipe = {"output_dir": str(run), "model": _model(work, dtype, strategy),
+              "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": _preset(strategy)}, "lora": LORA,
               "sft": {"max_steps": steps, "per_device_train_batch_size": batch, "max_length": seq,
                       "learning_rate": 1e-4, "logging_steps": 1000, "report_to": "none",
                       "assistant_only_loss": False, "dataloader_num_workers": 0, "save_strategy": "no",
@@ -266,9 +272,19 @@ def moe_tune_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int
     (work / "recipe.yaml").write_text(json.dumps(recipe))
     recipe = load_recipe(work / "recipe.yaml")
     setup = plan_run(recipe)
-    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, frozen_experts_in_bf16=setup.frozen_experts_in_bf16)
+    model, tokenizer = load_model(recipe.model.path, recipe.model.dtype, recipe.model,
+                                  frozen_experts_in_bf16=setup.frozen_experts_in_bf16)
     run.mkdir(exist_ok=True)
     return trainer_for(setup, model, tokenizer)[0]  # what `moe-tune train` runs
+
+
+def _preset(strategy: str) -> str:
+    return "lora_all" if strategy == "qlora" else strategy
+
+
+def _model(work: Path, dtype: str, strategy: str) -> dict:
+    """The recipe's model section: QLoRA's with bitsandbytes' defaults (NF4, double quantization)."""
+    return {"path": str(work / "model"), "dtype": dtype, **({"load_in_4bit": True} if strategy == "qlora" else {})}
 
 
 def trl_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dtype: str, bf16: bool | None = None):
@@ -279,17 +295,26 @@ def trl_trainer(strategy: str, work: Path, steps: int, batch: int, seq: int, dty
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
     from trl import SFTConfig, SFTTrainer  # noqa: PLC0415
 
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=getattr(torch, dtype))
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+    # QLoRA as its guides write it: NF4, double quantization, bf16 compute
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16) if strategy == "qlora" else None
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=getattr(torch, dtype),
+                                                 quantization_config=quantization)
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
     peft = None
     if strategy == "freeze_experts":
         for name, p in model.named_parameters():
             p.requires_grad_(".experts." not in name)
     elif strategy == "lora_attention":
-        peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=ATTENTION)
     elif strategy == "lora_experts":
         peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=[], lora_dropout=0.0,
-                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+                          target_parameters=EXPERTS)
+    elif strategy in ("lora_all", "qlora"):
+        peft = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=ATTENTION, lora_dropout=0.0,
+                          target_parameters=EXPERTS)
     cpu = not torch.cuda.is_available()
     args = SFTConfig(output_dir=str(work / f"run-trl-{strategy}"), max_steps=steps, per_device_train_batch_size=batch,
                      max_length=seq, learning_rate=1e-4, logging_steps=1000, save_strategy="no", report_to="none",
@@ -350,8 +375,8 @@ def plan_report(strategy: str, work: Path, batch: int, seq: int, dtype: str, che
     from moe_tune.training.pipeline import plan_run  # noqa: PLC0415
 
     (work / "plan.yaml").write_text(json.dumps({
-        "output_dir": str(work / "plan"), "model": {"path": str(work / "model"), "dtype": dtype},
-        "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": strategy}, "lora": LORA,
+        "output_dir": str(work / "plan"), "model": _model(work, dtype, strategy),
+        "data": {"train": str(work / "train.jsonl")}, "trainable": {"preset": _preset(strategy)}, "lora": LORA,
         "sft": {"per_device_train_batch_size": batch, "max_length": seq, "activation_checkpointing": checkpointing}}))
     setup = plan_run(load_recipe(work / "plan.yaml"))
     return {**setup.report.to_json(), "bf16": bool(setup.sft_args.bf16),
@@ -489,12 +514,18 @@ def markdown(result: dict, command: str) -> str:
         cells = ("n/a (bf16 emulated)" if row[c] is None else str(row[c]) for c in cols)
         lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {paths[0]} | {paths[1]} |")
     lines += [f"| {strategy} | refused: {why} |" for strategy, why in result["refused"].items()]
+    rows = result["strategies"]
+    if {"qlora", "lora_all"} <= set(rows):  # what holding the experts in 4 bits costs in time
+        lines += ["", f"qlora (4-bit experts, each dequantized as it is used) takes "
+                  f"{rows['lora_all']['tokens_per_s'] / rows['qlora']['tokens_per_s']:.2f}x the step time of "
+                  "lora_all over the experts as moe_tune holds them unquantized"]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--strategies", type=lambda s: s.split(","), default=list(STRATEGIES))
+    parser.add_argument("--strategies", type=lambda s: s.split(","), default=list(STRATEGIES),
+                        help=f"comma-separated, of {', '.join(STRATEGIES + MORE)}")
     parser.add_argument("--shape", choices=SHAPES, default="benchmark",
                         help="the benchmark MoE, or a published config's layers (moe_tune/model/configs/)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the benchmark's 4; "
@@ -528,6 +559,9 @@ def main() -> None:
         print(json.dumps(worker(path, strategy, args.work, args.steps, args.warmup, args.batch, args.seq, args.dtype,
                                 args.memory, args.checkpointing, trl_bf16)))
         return
+    if set(args.strategies) - set(STRATEGIES + MORE):
+        parser.error(f"--strategies: {sorted(set(args.strategies) - set(STRATEGIES + MORE))[0]} is none of "
+                     f"{', '.join(STRATEGIES + MORE)}")
     if args.shape != "benchmark" and not args.layers:
         parser.error(f"--shape {args.shape} needs --layers N (e.g. 2)")
     result = compare(args)

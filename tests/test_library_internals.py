@@ -43,6 +43,15 @@ INTERNALS = [
     ("transformers", "Trainer._save"),
     # training.sft_trainer: TRL's num_tokens count, carried on by a resumed run
     ("trl", "SFTTrainer._total_train_tokens"),
+    # model.quantized_experts: transformers' bitsandbytes quantizers, subclassed to take the routed
+    # experts too (their hooks before and after the weights load), picked by name from transformers'
+    # mapping while a model loads (model.loading.quantizing_experts), with the per-tensor step's base
+    ("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer._process_model_before_weight_loading"),
+    ("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer._process_model_after_weight_loading"),
+    ("transformers.quantizers.quantizer_bnb_8bit", "Bnb8BitHfQuantizer._process_model_before_weight_loading"),
+    ("transformers.quantizers.quantizer_bnb_8bit", "Bnb8BitHfQuantizer._process_model_after_weight_loading"),
+    ("transformers.quantizers.auto", "AUTO_QUANTIZER_MAPPING"),
+    ("transformers.core_model_loading", "ConversionOps"),
     # plan.accounting: the vocabulary chunk of TRL's fused LM-head loss
     ("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE"),
 ]
