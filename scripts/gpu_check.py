@@ -8,7 +8,7 @@ next one runs):
 1. every test marked ``gpu`` (pytest -m gpu): the CUDA experts kernel, bf16 training, the
    accelerate FSDP2 config, QLoRA, vLLM's adapter path;
 2. the throughput benchmark at the Qwen3-30B-A3B shape (2 layers, bf16): moe_tune against plain
-   TRL, side by side (benchmarks/throughput.py).
+   TRL, side by side (benchmarks/throughput.py), QLoRA with 4-bit experts among the strategies.
 
 Writes OUT/report.md: one table (step, result, seconds, what it said), the GPU's name, the commit,
 and the benchmark's own table below it. Asks nothing; exits 1 when a step failed or ran over, 2
@@ -29,7 +29,8 @@ STEPS = {  # name -> (command, seconds allowed)
     "gpu tests": ([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], 270),
     "throughput, Qwen3-30B-A3B shape": ([sys.executable, "benchmarks/throughput.py", "--shape", "qwen3-30b-a3b",
                                          "--layers", "2", "--dtype", "bfloat16", "--repeats", "1", "--steps", "3",
-                                         "--warmup", "1", "--out", "{out}/throughput.md"], 180),
+                                         "--strategies", "full,freeze_experts,lora_attention,lora_experts,lora_all,qlora",
+                                         "--warmup", "1", "--out", "{out}/throughput.md"], 210),
 }
 
 
