@@ -139,19 +139,22 @@ def loss_head_bytes(model: nn.Module, tokens: int, compute_bytes: int, on_gpu: b
 
 def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_args, batch: int | None = None,
                             checkpointing: bool | None = None, frozen_experts_in_bf16: bool = False,
-                            on_gpu: bool | None = None, trained: list[str] | None = None) -> tuple[float, str]:
+                            on_gpu: bool | None = None, trained: list[str] | None = None,
+                            quantized_experts: bool = False) -> tuple[float, str]:
     """(bytes, what they assume) of ``activation_bytes`` for one micro-batch as the run's SFTConfig
     sets it, or with another ``batch`` size or ``checkpointing`` (what `plan` suggests).
     moe_tune's experts kernel keeps no bf16 copy of the routed experts where they are held in bf16
-    (``frozen_experts_in_bf16``) or where checkpointing makes it cast each on use
-    (experts_policy.cast_on_use). ``on_gpu``, ``trained``: see saved_activation_bytes."""
+    (``frozen_experts_in_bf16``), where checkpointing makes it cast each on use
+    (experts_policy.cast_on_use), or where they are quantized (``quantized_experts``: dequantized
+    one expert at a time). ``on_gpu``, ``trained``: see saved_activation_bytes."""
     batch = sft_args.per_device_train_batch_size if batch is None else batch
     checkpointing = bool(sft_args.gradient_checkpointing) if checkpointing is None else checkpointing
     autocast = bool(sft_args.bf16 or sft_args.fp16) and DTYPE_BYTES[dtype] == 4  # fp32 weights, 16-bit matmuls
     seq_len = sft_args.max_length or 1024
     tokens = batch * seq_len  # rows of sft.max_length tokens: the largest micro-batch
     acts = activation_bytes(model, arch, tokens, 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4, autocast,
-                            checkpointing, expert_copies=not (frozen_experts_in_bf16 or checkpointing), on_gpu=on_gpu,
+                            checkpointing, expert_copies=not (frozen_experts_in_bf16 or quantized_experts or checkpointing),
+                            on_gpu=on_gpu,
                             seq_len=seq_len, trained=trained)
     return acts, (f"{tokens} tokens per micro-batch, {'bf16 autocast' if autocast else dtype}, "
                   f"checkpointing {'on' if checkpointing else 'off'}")

@@ -227,10 +227,12 @@ def plan_report(model: nn.Module, arch: MoeArch, plan: Plan, recipe, sft_args,
     load = loading_bytes(model, arch, weights, 2 if frozen_experts_in_bf16 else DTYPE_BYTES[dtype],
                          experts_stored_apart(recipe.model.path), bf16_expert_bytes=2 * bf16_expert_params)
     checkpointing = bool(sft_args.gradient_checkpointing)
+    quantized_experts = recipe.model.bits is not None and recipe.model.quantize_experts
     acts, basis = micro_batch_activations(model, arch, dtype, sft_args, frozen_experts_in_bf16=frozen_experts_in_bf16,
-                                          trained=plan.with_gradients)
+                                          trained=plan.with_gradients, quantized_experts=quantized_experts)
     other, _ = micro_batch_activations(model, arch, dtype, sft_args, checkpointing=not checkpointing,
-                                       frozen_experts_in_bf16=frozen_experts_in_bf16, trained=plan.with_gradients)
+                                       frozen_experts_in_bf16=frozen_experts_in_bf16, trained=plan.with_gradients,
+                                       quantized_experts=quantized_experts)
     return PlanReport(rows, total, full + lora + new_rows, len(plan.lora_targets), selection, state, dtype,
                       frozen_experts_in_bf16, load, weights, Activations(acts, basis, checkpointing, other),
                       plan_warnings(plan, recipe.trainable.preset, rows, selection))
