@@ -80,10 +80,14 @@ class QuantizedExperts(nn.Module):
                        "nested_code": states[0].state2.code, "offset": torch.stack([s.offset for s in states])}
         return packed, cls(weight.shape, settings, scales)
 
-    def expert(self, packed: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
-        """Expert e's weight (out, in), or (in, out) transposed, in ``dtype``."""
+    def expert(self, packed: torch.Tensor, e: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert e's weight (out, in), or (in, out) transposed, in ``dtype`` (into ``out`` if given)."""
         import bitsandbytes.functional as bnb  # noqa: PLC0415
 
+        values = self._dequantized(bnb, packed, e, dtype)
+        return values if out is None else out.copy_(values)  # bitsandbytes has no CPU kernel writing into out
+
+    def _dequantized(self, bnb, packed: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
         if self.settings.bits == 8:
             return bnb.int8_vectorwise_dequant(packed[e], self.row_scales[e]).to(dtype)
         nested = None
@@ -95,9 +99,18 @@ class QuantizedExperts(nn.Module):
                                offset=self.offset[e] if nested is not None else None, state2=nested)
         return bnb.dequantize_4bit(packed[e], state)
 
+    def whole(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The whole tensor (E, out, in) in ``dtype``, each expert written into its slice as it is
+        dequantized: one expert's temporary at a time, not E of them (1-13 MB each, which glibc
+        serves from its heap and may keep there)."""
+        values = torch.empty(self.shape, dtype=dtype, device=packed.device)
+        for e in range(self.shape[0]):
+            self.expert(packed, e, dtype, out=values[e])
+        return values
+
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         """The whole tensor (E, out, in) in the settings' dtype."""
-        return torch.stack([self.expert(packed, e, self.settings.dtype) for e in range(self.shape[0])])
+        return self.whole(packed, self.settings.dtype)
 
 
 class QuantizedWeight(NamedTuple):
@@ -120,6 +133,9 @@ class QuantizedWeight(NamedTuple):
 
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         return self.quantization.expert(self.packed, e, dtype)
+
+    def whole(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.quantization.whole(self.packed, dtype)
 
 
 def quantized_weight(module: nn.Module, name: str) -> QuantizedWeight | None:
@@ -144,9 +160,8 @@ def dequantize_experts(model: nn.Module, dtype: torch.dtype) -> int:
     merged export: full precision, LoRA merged into the values training saw). Returns how many."""
     found = quantized_expert_tensors(model)
     for module, name in found:
-        weight = quantized_weight(module, name)
         with torch.no_grad():
-            values = torch.stack([weight.expert(e, dtype) for e in range(weight.shape[0])])
+            values = quantized_weight(module, name).whole(dtype)
         parametrize.remove_parametrizations(module, name, leave_parametrized=False)
         setattr(module, name, nn.Parameter(values, requires_grad=False))
     return len(found)
