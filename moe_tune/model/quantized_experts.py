@@ -4,7 +4,7 @@ bitsandbytes quantizes nn.Linear layers; transformers 5 holds the routed experts
 (E, out, in) parameters, 95% of an MoE's weights, which its bitsandbytes loading leaves in 16
 bits. Here each fused expert tensor is quantized expert by expert as the checkpoint loads
 (``ExpertsBnb4BitQuantizer``: transformers' own bitsandbytes quantizer, taking the experts too),
-so that no more than the one tensor loading is ever held unquantized. The packed values become
+so that only the tensors being loaded are ever held unquantized. The packed values become
 the parameter's ``original`` under a parametrization (``QuantizedExperts``) that holds each
 expert's scales. moe_tune's experts kernel reads one expert at a time (``QuantizedWeight``);
 whatever reads the parameter itself (transformers' other kernels, PEFT setting LoRA up, a merged
