@@ -66,6 +66,8 @@ def shared_files(tmp_path_factory):
         "bad_jinja": write("bad.jinja", "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}\n"),
         "no_ep_plan_model": str(tiny_checkpoint("jetmoe", folder / "jetmoe")),
         "flat_experts_model": str(tiny_checkpoint("dbrx", folder / "dbrx")),
+        "recurrent_model": str(tiny_checkpoint("jamba", folder / "jamba")),
+        "leaking_model": str(tiny_checkpoint("minimax", folder / "minimax")),
         "fp8_model": str(_quantized_already(folder / "fp8")),
         "ends_with_user": write("endsuser.jsonl", json.dumps({"messages": [
             {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
@@ -167,7 +169,14 @@ CASES = [
     ("recipe_two_checkpointing_names", lambda f: train(f, "sft.activation_checkpointing=false",
                                                        "sft.gradient_checkpointing=true"), "set only one of"),
     ("recipe_eval_without_valid", lambda f: train(f, "data.valid=null"), "data.valid"),
-    ("recipe_packing", lambda f: train(f, "sft.packing=true"), "sft.packing: transformers' attention here lets"),
+    ("packing_recurrent_family", lambda f: train(f, "sft.packing=true", f"model.path={f['recurrent_model']}"),
+     "sft.packing: jamba has layers that carry state along the sequence"),
+    ("packing_eval_packing", lambda f: train(f, "sft.packing=true", "sft.eval_packing=true"),
+     "sft.eval_packing: evaluation runs on whole rows"),
+    ("packing_wrapped", lambda f: train(f, "sft.packing=true", "sft.packing_strategy=wrapped"),
+     "sft.packing_strategy: wrapped cuts rows"),
+    ("padding_free_long_row", lambda f: train(f, f"data.train={f['long_row']}", "sft.padding_free=true",
+                                              "data.skip_bad_rows=true"), "sft.padding_free without sft.packing cuts no row"),
     ("recipe_lora_dropout_on_fused_experts", lambda f: train(f, "trainable.preset=lora_experts", "lora.dropout=0.1"),
      "lora.dropout"),
     ("recipe_norms_in_lora", lambda f: train(f, "trainable.norms=lora"), "trainable.norms"),
@@ -325,6 +334,17 @@ def test_bad_input_is_one_clear_line(case, argv, expected, files, capsys):
     assert len(lines) == 1, out.err
     assert "Traceback" not in out.err and expected in lines[0], lines[0]
     assert not (files["out"] and __import__("os").path.exists(files["out"]))  # nothing was written
+
+
+def test_packing_a_family_that_leaks_once_loaded_stops_before_the_first_step(files, capsys):
+    """Isolation is measured on the loaded model, so loading and data preparation print their
+    progress first; then one line, exit 2, and the run folder is gone."""
+    code = main(train(files, "sft.packing=true", f"model.path={files['leaking_model']}"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("moe-tune: error: sft.packing: minimax lets packed rows see each "
+                                                   "other here"), err
+    assert not __import__("os").path.exists(files["out"])
 
 
 # The parallel section's layouts, checked against the processes a launcher started (WORLD_SIZE,

@@ -147,34 +147,6 @@ def test_the_cross_entropy_is_logged_beside_the_loss_with_the_router_terms(tmp_p
         assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce_loss"] + metrics["eval_router_loss"], rel=1e-4)
 
 
-def test_packing_is_refused(tmp_path):
-    with pytest.raises(MoeTuneError, match="sft.packing: transformers' attention here lets packed rows attend"):
-        sft_config(minimal(tmp_path, "sft.packing=true"), tmp_path)
-
-
-def test_packed_rows_attend_to_each_other():
-    """Why packing is refused: rows packed into one sequence (position_ids restarting per row,
-    as TRL's padding-free collator makes them) do not score as the same rows apart. When
-    transformers isolates packed rows here, this fails, and packing can be allowed."""
-    from moe_tune.model import templates
-    from moe_tune.model.loading import load_model
-
-    model, tokenizer = load_model(str(ROOT / "data" / "tiny-moe"))
-    model.eval()
-    rows = [json.loads(line) for line in (ROOT / "data" / "train.jsonl").read_text().splitlines()[:8]]
-    how = templates.masking(tokenizer)
-    encoded = [templates.tokenize_row(tokenizer, r["messages"], how) for r in rows]
-    labels = [[i if m else -100 for i, m in zip(ids, mask)] for ids, mask in encoded]
-    with torch.no_grad():
-        apart = [model(input_ids=torch.tensor([ids]), labels=torch.tensor([lab])).loss.item() * sum(m[1:])
-                 for (ids, m), lab in zip(encoded, labels)]
-        packed = model(input_ids=torch.tensor([sum((ids for ids, _ in encoded), [])]),
-                       position_ids=torch.tensor([sum((list(range(len(ids))) for ids, _ in encoded), [])]),
-                       labels=torch.tensor([sum(labels, [])])).loss.item()
-    trained = sum(sum(m[1:]) for _, m in encoded)
-    assert packed != pytest.approx(sum(apart) / trained, rel=1e-3)
-
-
 def test_a_saved_model_and_its_checkpoints_keep_the_config_they_were_loaded_with(tmp_path):
     """TRL turns its aux loss off in the model's config (moe_tune computes the term itself);
     RUN/model and every checkpoint carry the base's load-balancing coefficient all the same."""

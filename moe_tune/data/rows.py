@@ -311,8 +311,10 @@ def messages_dataset(rows: list[dict]) -> Dataset:
     return Dataset.from_list([{"messages": r["messages"]} for r in rows])
 
 
-def check_lengths(path: str, rows: list[dict], tokenizer, max_length: int | None, skip: bool) -> None:
-    """A row longer than sft.max_length would be cut, often through its answer: say which."""
+def check_lengths(path: str, rows: list[dict], tokenizer, max_length: int | None, skip: bool,
+                  cuts: bool = True) -> None:
+    """A row longer than sft.max_length would be cut, often through its answer: say which.
+    Where nothing ``cuts`` rows (sft.padding_free without packing), a longer row is refused."""
     if not max_length:
         return
     texts = []
@@ -327,6 +329,10 @@ def check_lengths(path: str, rows: list[dict], tokenizer, max_length: int | None
     if not long:
         return
     (row, n), more = long[0], f" (and {len(long) - 1} more)" if len(long) > 1 else ""
+    if not cuts:
+        raise MoeTuneError(f"{path} row {row}: {n} tokens, longer than sft.max_length {max_length}{more}, and "
+                           "sft.padding_free without sft.packing cuts no row; raise sft.max_length, shorten the row, "
+                           "or set sft.packing: true")
     if skip:
         print(f"note: {path}: {len(long)} rows are longer than sft.max_length {max_length} and will be cut")
         return
@@ -337,3 +343,4 @@ def check_lengths(path: str, rows: list[dict], tokenizer, max_length: int | None
 def split_prompt(row: dict) -> tuple[list[dict], str]:
     """(conversation up to the final answer, the final answer) of a chat row."""
     return row["messages"][:-1], row["messages"][-1]["content"]
+

@@ -25,6 +25,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from datasets import Dataset
+from trl.data_utils import pack_dataset
+
 from moe_tune.errors import MoeTuneError, shown
 from moe_tune.model.sources import hub_unreachable, read_tokenizer
 from moe_tune.recipe import TEMPLATE_NAMES, TEMPLATES
@@ -162,6 +165,24 @@ def first_row(tokenizer, rows: list[dict], how: Masking) -> str:
     ids, mask = tokenize_row(tokenizer, rows[0]["messages"], how)
     return (f"first training row, {sum(mask)} of {len(ids)} tokens trained (between [[ ]]; assistant turns found "
             f"by {PATHS[how.path]}):\n{show_trained(tokenizer, ids, mask)}")
+
+
+PREVIEW_ROWS, PREVIEW_SHOWN = 64, 4  # the rows `packing_preview` packs, and shows
+
+
+def packing_preview(tokenizer, rows: list[dict], how: Masking, max_length: int) -> str:
+    """The first packed sequence of the first rows, as TRL's best-fit packing makes it: each row
+    between ‖ marks, where its position ids restart."""
+    encoded = [tokenize_row(tokenizer, r["messages"], how)[0] for r in rows[:PREVIEW_ROWS]]
+    first = pack_dataset(Dataset.from_dict({"input_ids": encoded}), max_length, "bfd")[0]
+    lengths, pieces, start = first["seq_lengths"], [], 0
+    for length in lengths[:PREVIEW_SHOWN]:
+        pieces.append(tokenizer.decode(first["input_ids"][start:start + length]))
+        start += length
+    more = f" ({len(lengths) - PREVIEW_SHOWN} rows more)" if len(lengths) > PREVIEW_SHOWN else ""
+    return (f"packing: the first packed sequence of the first {len(encoded)} rows holds {len(lengths)} rows "
+            f"({'+'.join(map(str, lengths))} of {max_length} tokens); each row attends only to itself, its "
+            "positions restarting at ‖:\n‖" + "‖".join(pieces) + "‖" + more)
 
 
 # --- giving a checkpoint a template (model.chat_template) ----------------------------------------

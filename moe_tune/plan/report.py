@@ -15,7 +15,7 @@ from moe_tune.data.rows import read_chat_rows
 from moe_tune.errors import MoeTuneError
 from moe_tune.model.arch import MoeArch
 from moe_tune.model.loading import experts_stored_apart, load_tokenizer
-from moe_tune.model.templates import GivenTemplate, first_row, masking
+from moe_tune.model.templates import PREVIEW_ROWS, GivenTemplate, first_row, masking, packing_preview
 from moe_tune.plan.accounting import (
     DTYPE_BYTES,
     loading_bytes,
@@ -249,5 +249,10 @@ def first_training_row(recipe, args, template: GivenTemplate | None = None) -> s
     except MoeTuneError:
         return None
     # a local file's mistakes (data.format, a bad first row) are told now, as train would tell them
-    rows = read_chat_rows(recipe.data.train, 1, recipe.data.format, recipe.data.skip_bad_rows)
-    return first_row(tokenizer, rows, masking(tokenizer))
+    rows = read_chat_rows(recipe.data.train, PREVIEW_ROWS if args.packing else 1, recipe.data.format,
+                          recipe.data.skip_bad_rows)
+    how = masking(tokenizer)
+    first = first_row(tokenizer, rows, how)
+    if args.packing:
+        first += "\n" + packing_preview(tokenizer, rows, how, args.max_length)
+    return first

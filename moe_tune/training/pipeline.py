@@ -58,7 +58,7 @@ from moe_tune.plan.fit import available_bytes
 from moe_tune.plan.modes import Plan, apply_plan, check_parts_exist, make_plan, resolve_modes, unwrapped
 from moe_tune.plan.report import PlanReport, plan_report
 from moe_tune.recipe import LoraSection, Recipe, dump_recipe, with_absolute_paths
-from moe_tune.training import distributed
+from moe_tune.training import distributed, packing
 from moe_tune.training.interrupts import Interrupts, StopOnInterrupt
 from moe_tune.training.run_dir import (
     CHECKPOINTS,
@@ -161,6 +161,8 @@ def plan_run(recipe: Recipe, planning: bool = False) -> RunSetup:
     selection = load_selection(cfg.file, arch) if cfg and cfg.file else None
     bf16, bf16_note = cpu_bf16(recipe, meta, arch)
     sft_args = sft_config(recipe, Path(recipe.output_dir), cpu_bf16=bf16)
+    if packing.packs(sft_args):
+        packing.check_packable(meta, arch.family)
     in_bf16 = experts_policy.holds_frozen_experts_in_bf16(recipe, sft_args, plan.modes["routed_experts"])
     report = plan_report(meta, arch, plan, recipe, sft_args, selection, in_bf16)
     if checkpointing_is_auto(recipe):  # on only where the planned peak exceeds the machine
@@ -210,7 +212,11 @@ def check_data(setup: RunSetup) -> RunData:
         how = templates.masking(tokenizer)
         templates.check_rows(data.train, read.train.rows, tokenizer, how)
         first = templates.first_row(tokenizer, read.train.rows, how)
-    check_lengths(data.train, read.train.rows, tokenizer, setup.sft_args.max_length, data.skip_bad_rows)
+    args = setup.sft_args
+    check_lengths(data.train, read.train.rows, tokenizer, args.max_length, data.skip_bad_rows,
+                  cuts=args.packing or not args.padding_free)
+    if first is not None and args.packing:
+        first += "\n" + templates.packing_preview(tokenizer, read.train.rows, how, args.max_length)
     for path in recipe.eval.files:
         read_chat_rows(path)
     if recipe.eval.retention_file and not Path(recipe.eval.retention_file).is_file():
@@ -289,7 +295,10 @@ def trainer_for(setup: RunSetup, model, tokenizer, data: RunData | None = None) 
         balancer.freeze()  # the plan may have made the router's tensors trainable
     parts = TrainerParts(regularizer, balancer, tuple(setup.plan.token_rows) if not setup.plan.lora_targets else (),
                          data.rows if data is not None else None, masks)
-    return build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, parts), arch
+    trainer = build_trainer(setup.recipe, setup.sft_args, model, tokenizer, arch, parts)
+    if packing.packs(setup.sft_args):  # measured before the first step: rows packed must not see each other
+        trainer.packed_masks = packing.check_isolation(trainer.model, trainer.data_collator, arch.family)
+    return trainer, arch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from moe_tune.data.rows import ReadRows, TrainRows, messages_dataset, read_train_rows
 from moe_tune.errors import MoeTuneError
@@ -33,6 +34,7 @@ from moe_tune.moe.router_losses import RouterRegularizer
 from moe_tune.plan.modes import unwrapped
 from moe_tune.training import distributed
 from moe_tune.training.callbacks import GradientGuard, MetricsLog, RoutingProbe
+from moe_tune.training.packing import RowTokens, check_packing_args, model_inputs, packs
 from moe_tune.training.run_dir import (
     CHECKPOINTS,
     DATA_REPORT_FILE,
@@ -115,11 +117,7 @@ def sft_config(recipe, run: Path, cpu_bf16: bool = False) -> SFTConfig:
             args[name] = False
     if recipe.data.valid is None and args.get("eval_strategy", "no") != "no":
         raise MoeTuneError("sft.eval_strategy is set but data.valid is not; add a validation file")
-    packed = [key for key in ("packing", "padding_free") if args.get(key)]
-    if packed:  # tests/test_sft_trainer.py::test_packed_rows_attend_to_each_other measures it
-        raise MoeTuneError(f"sft.{packed[0]}: transformers' attention here lets packed rows attend to each other "
-                           "(the loss of packed rows differs from the same rows apart), and the router terms would "
-                           "pool them; train without packing")
+    check_packing_args(recipe.sft, args)
     if args.get("fsdp") and distributed.world_size() == 1:  # Trainer would stop with a traceback
         raise MoeTuneError("sft.fsdp: FSDP shards a model over several processes; launch with torchrun or "
                            "accelerate launch (recipes/accelerate/fsdp2.yaml sets FSDP up itself), or drop sft.fsdp")
@@ -221,6 +219,11 @@ class MoeSFTTrainer(SFTTrainer):
         # weighs each batch by its rows, as Trainer's eval_loss does (a short last batch counts less)
         self.router_terms: dict[str, dict[str, list[tuple[float, int]]]] = {"train": defaultdict(list),
                                                                              "eval": defaultdict(list)}
+        self.eval_collator = None  # packed runs: evaluation batches whole rows, padded (packing.py)
+        if packs(self.args):
+            self.eval_collator = DataCollatorForLanguageModeling(
+                pad_token_id=self.data_collator.pad_token_id, pad_to_multiple_of=self.data_collator.pad_to_multiple_of)
+            self.data_collator = RowTokens(self.data_collator)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints and ``save_model`` write the config as the model was loaded."""
@@ -252,6 +255,15 @@ class MoeSFTTrainer(SFTTrainer):
             self.log(self.routing_probe())
         return metrics
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        train_collator, self.data_collator = self.data_collator, self.eval_collator
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = train_collator
+
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
         mask_sharded_grads(self.grad_masks)  # after the backward's reduction, before clipping and the step
@@ -268,11 +280,12 @@ class MoeSFTTrainer(SFTTrainer):
     def _moe_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's loss (the cross-entropy, logged as ``ce_loss``) plus the weighted router terms."""
         reg = self.regularizer if self.regularizer is not None and self.regularizer.active else None
+        inputs, tokens = model_inputs(inputs)  # tokens: (batch, length) 1 on the rows' tokens, or None
         with reg or contextlib.nullcontext():
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         if self.balancer is not None and mode == "train":
-            self.balancer.take(inputs.get("attention_mask"))
+            self.balancer.take(tokens)
         # With token-count normalisation Trainer sums a step's micro-batch losses (each is a share of
         # the step's tokens) and leaves accumulation to the loss: scaled by the accumulation steps,
         # the mean over micro-batches is the per-step value Trainer logs as ``loss``; the router
@@ -280,7 +293,7 @@ class MoeSFTTrainer(SFTTrainer):
         steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None and mode == "train" else 1
         rows = 1 if mode == "train" else len(inputs["input_ids"])
         self.router_terms[mode]["ce_loss"].append(((result[0] if return_outputs else result).item() * steps, rows))
-        terms = reg.terms(inputs.get("attention_mask")) if reg is not None else {}
+        terms = reg.terms(tokens) if reg is not None else {}
         if not terms:
             return result
         weighted = reg.weighted(terms)
@@ -384,9 +397,11 @@ def build_trainer(recipe, args: SFTConfig, model, tokenizer, arch, parts: Traine
     train, valid = load_data(recipe, run, tokenizer if args.assistant_only_loss else None, read)
     if "tensorboard" in (args.report_to or []):
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run / TENSORBOARD_DIR)  # read by transformers' TB callback
-    if args.assistant_only_loss:  # the mask is in the data, for any template: TRL would ask for markers
+    if args.assistant_only_loss or (args.padding_free and not args.packing):
         args = copy.copy(args)
-        args.assistant_only_loss = False
+        args.assistant_only_loss = False  # the mask is in the data, for any template: TRL would ask for markers
+        if args.padding_free and not args.packing:  # TRL cuts no row then; check_data refused longer ones
+            args.max_length = None
     trainer = MoeSFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
                             processing_class=tokenizer, regularizer=parts.regularizer, no_decay=list(parts.no_decay),
                             balancer=parts.balancer, grad_masks=parts.grad_masks, routing_probe=routing_probe(model, arch, tokenizer, read.valid),
