@@ -199,6 +199,9 @@ class RouterSection(Section):
     """ST-MoE router z-loss weight (1e-3 in the paper)."""
     anchor_kl_coef: float = Field(default=0.0, ge=0)
     """Weight of KL(base routing || current routing) on the same hidden states."""
+    balance_scope: Literal["micro_batch", "global_batch"] = "micro_batch"
+    """What the load-balancing loss balances: each micro-batch (every rank's together), or the step's
+    whole batch, expert counts summed over accumulation steps too (Qwen's global batch, 2501.11873)."""
     bias_balance_rate: float = Field(default=0.0, ge=0)
     """Aux-loss-free balancing (DeepSeek-V3): after every optimizer step, each expert's selection
     bias moves by this times sign(mean load - its load). For families with a score-correction
@@ -314,18 +317,15 @@ def explain_error(err: dict, source: str, schema: type[BaseModel] | None = None)
 # never): checked with the recipe, so that a bad value stops before anything loads.
 _SFT_RANGES: dict[str, tuple[typing.Callable[[float], bool], str]] = {
     "learning_rate": (lambda v: v > 0, "greater than 0"),
-    "per_device_train_batch_size": (lambda v: v >= 1, "at least 1"),
-    "per_device_eval_batch_size": (lambda v: v >= 1, "at least 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, "at least 1"),
+    **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"),
+                    (lambda v: v >= 1, "at least 1")),
     "max_steps": (lambda v: v == -1 or v > 0, "greater than 0, or -1 to train sft.num_train_epochs"),
     "num_train_epochs": (lambda v: v > 0, "greater than 0"),
     "warmup_steps": (lambda v: v >= 0, "0 or more (below 1: a share of the steps)"),
     "weight_decay": (lambda v: v >= 0, "0 or more"),
     "max_grad_norm": (lambda v: v >= 0, "0 or more (0: no clipping)"),
-    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    **dict.fromkeys(("adam_beta1", "adam_beta2", "label_smoothing_factor"), (lambda v: 0 <= v < 1, "in [0, 1)")),
     "adam_epsilon": (lambda v: v > 0, "greater than 0"),
-    "label_smoothing_factor": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "logging_steps": (lambda v: v > 0, "greater than 0 (below 1: a share of the steps)"),
     "eval_steps": (lambda v: v > 0, "greater than 0 (below 1: a share of the steps)"),
     "save_steps": (lambda v: v > 0, "greater than 0 (below 1: a share of the steps)"),

@@ -68,6 +68,18 @@ def test_terms_match_the_routers_own_logits(family):
     assert terms["z_loss"].item() == pytest.approx(z_ref.item(), rel=1e-5)
     assert terms["router_kl"].item() == pytest.approx(0.0, abs=1e-6)  # nothing has moved yet
     assert terms["aux_loss"].item() > 0
+    if all(layer.scoring == "softmax" for layer in arch.layers):
+        # transformers#45120: P is the softmax of the router's own logits, taken once (a second
+        # softmax, of the probabilities, flattens it)
+        def aux(probs_of):
+            values = []
+            for layer in arch.layers:
+                probs = probs_of(seen[layer.block].reshape(-1, layer.num_experts).float())
+                values.append(load_balancing_loss(probs, probs.topk(layer.top_k, -1).indices, layer.num_experts))
+            return torch.stack(values).mean().item()
+
+        assert terms["aux_loss"].item() == pytest.approx(aux(lambda x: x.softmax(-1)), rel=1e-5)
+        assert terms["aux_loss"].item() != pytest.approx(aux(lambda x: x.softmax(-1).softmax(-1)), rel=1e-3)
 
 
 def test_padding_positions_are_left_out_of_the_terms():
@@ -163,3 +175,52 @@ def test_router_terms_with_router_lora_are_refused(capsys):
     code = main(["plan", str(ROOT / "recipes" / "quickstart.yaml"), "trainable.preset=lora_experts",
                  "trainable.router=lora", "router.z_loss_coef=0.001"])
     assert code == 2 and "router: the router terms are computed from the router weight" in capsys.readouterr().err
+
+
+def test_global_batch_balancing_counts_the_whole_step_over_accumulation_and_ranks(tmp_path):
+    """2 ranks x 2 accumulation steps give the load-balancing term of 1 process with the whole
+    batch; with the default scope, each term of 2 ranks equals 1 process's on the same batch
+    (no world-size factor: transformers#48690)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from router_terms_ranks import router_terms
+
+    script = ROOT / "tests" / "router_terms_ranks.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                    str(tmp_path / "2.pt"), "2"], check=True, env=env, capture_output=True)
+    one, two = router_terms(0, 1, 1), torch.load(tmp_path / "2.pt")
+    assert two["global"] == pytest.approx(one["global"], rel=1e-6)
+    assert one["global"] == pytest.approx(one["micro"]["aux_loss"], rel=1e-6)  # one micro-batch: the same term
+    assert one["micro"]["router_kl"] > 0
+    for name, value in one["micro"].items():
+        assert two["micro"][name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_global_batch_gradients_use_the_choices_counted_so_far_in_the_step():
+    """In one process with 2 accumulation steps: the first micro-batch's term counts its own
+    choices, the second's those of both; the logged step term is the whole batch's."""
+    model = tiny("mixtral").train()
+    arch = describe(model)
+    ids = torch.randint(3, 100, (4, 10), generator=torch.Generator().manual_seed(0))
+    whole = RouterRegularizer(model, arch, aux=1.0, z=0.0, kl=0.0)
+    with whole, torch.no_grad():
+        model(input_ids=ids)
+    expected = whole.terms()["aux_loss"].item()
+    reg = RouterRegularizer(model, arch, aux=1.0, z=0.0, kl=0.0, balance_scope="global_batch")
+    local = RouterRegularizer(model, arch, aux=1.0, z=0.0, kl=0.0)
+    values = []
+    for rows in ids.chunk(2):
+        for r in (reg, local):
+            with r, torch.no_grad():
+                model(input_ids=rows)
+        values.append((reg.terms()["aux_loss"].item(), local.terms()["aux_loss"].item()))
+    assert values[0][0] == pytest.approx(values[0][1], rel=1e-6)  # nothing else counted yet
+    assert values[1][0] != pytest.approx(values[1][1], rel=1e-3)  # the first micro-batch's choices count too
+    assert reg.end_step() == pytest.approx(expected, rel=1e-6)
+    assert reg.end_step() is None  # counting starts afresh
+

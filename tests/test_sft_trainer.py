@@ -170,3 +170,25 @@ def test_a_saved_model_and_its_checkpoints_keep_the_config_they_were_loaded_with
                     "sft.per_device_train_batch_size=4", "eval.files=[]")
     logged = [json.loads(line) for line in (run_training(again) / "metrics.jsonl").read_text().splitlines()]
     assert any(m.get("aux_loss", 0) > 0 for m in logged)
+
+
+def test_global_batch_balancing_logs_the_term_of_the_whole_step(tmp_path):
+    """router.balance_scope: global_batch with 2 accumulation steps of 8 rows logs the
+    load-balancing term of the 16 rows together, as one micro-batch of 16 gives it; the default
+    scope averages two 8-row terms instead."""
+    from moe_tune.model.loading import load_model
+    from moe_tune.training.pipeline import plan_run, trainer_for
+
+    def first_step(batch, accumulation, scope):
+        recipe = load_recipe(QUICKSTART, [f"output_dir={tmp_path / scope / str(batch)}", "sft.max_steps=1",
+                                          "sft.logging_steps=1", "sft.eval_strategy=no", "data.max_train_rows=64",
+                                          "eval.files=[]", f"router.balance_scope={scope}", "trainable.preset=full",
+                                          f"sft.per_device_train_batch_size={batch}",
+                                          f"sft.gradient_accumulation_steps={accumulation}"])
+        trainer, _ = trainer_for(plan_run(recipe), *load_model(recipe.model.path))
+        trainer.train()
+        return next(h for h in trainer.state.log_history if "loss" in h)
+
+    whole = first_step(16, 1, "micro_batch")
+    assert first_step(8, 2, "global_batch")["aux_loss"] == pytest.approx(whole["aux_loss"], rel=1e-5)
+    assert first_step(8, 2, "micro_batch")["aux_loss"] != pytest.approx(whole["aux_loss"], rel=1e-4)

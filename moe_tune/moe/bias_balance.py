@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import TrainerCallback
 
 from moe_tune.errors import MoeTuneError
 from moe_tune.model.arch import MoeArch
@@ -41,7 +40,8 @@ def check_bias_balance(router, arch: MoeArch, modes: dict[str, str], lora: bool,
 
 class BiasBalancer:
     """Counts each MoE layer's top-k choices in training forwards (``take`` after each forward,
-    with its attention mask) and moves the selection biases at each optimizer step (``step``)."""
+    with its attention mask) and moves the selection biases at each optimizer step (``step``, which
+    the trainer calls)."""
 
     def __init__(self, model: nn.Module, arch: MoeArch, rate: float):
         tensors = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -93,12 +93,3 @@ class BiasBalancer:
     def bias_abs_max(self) -> float:
         return max(float(b.abs().max()) for b in self.bias.values())
 
-
-class BalanceBiases(TrainerCallback):
-    """``BiasBalancer.step`` after every optimizer step."""
-
-    def __init__(self, balancer: BiasBalancer):
-        self.balancer = balancer
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.balancer.step()

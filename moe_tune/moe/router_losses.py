@@ -15,9 +15,16 @@ between base and current scores.
 
 The logits are recomputed from each router's captured input and its weight, so the terms are
 differentiable with respect to the router and everything that feeds it, and nothing else.
+
+``balance_scope``: transformers balances each micro-batch; with ``global_batch`` (Qwen, arXiv
+2501.11873) ``f_e`` counts the choices of the step's whole batch, over every rank and accumulation
+step. A micro-batch's gradient can only use the choices counted so far in its step (as Megatron's
+and Qwen's buffers do); the logged term is the whole step's ``E * sum_e f_e * P_e``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -77,12 +84,36 @@ def router_kl(logits: torch.Tensor, base_logits: torch.Tensor, scoring: str, mea
     return mean(kl.sum(-1), logits.shape[-2])
 
 
+def _all_summed(t: torch.Tensor) -> torch.Tensor:
+    """t summed over every rank (no gradient); t itself in one process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@dataclass
+class StepChoices:
+    """A group of MoE layers' routing over the step so far, every rank's (global-batch balancing)."""
+
+    counts: torch.Tensor      # (L, k, E) top-k choices per slot
+    prob_sums: torch.Tensor   # (L, E) router probabilities summed over tokens, no gradient
+    tokens: float
+
+    def value(self, num_experts: int) -> torch.Tensor:
+        """(L,) the load-balancing term of the step's batch: E * sum f * P over all its tokens."""
+        f, p = self.counts / self.tokens, self.prob_sums / self.tokens
+        return num_experts * (f * p.unsqueeze(-2)).sum((-2, -1))
+
+
 class RouterRegularizer:
     """Captures router inputs during a forward (``with reg: model(...)``) and turns them into
     the router terms (``reg.terms(attention_mask)``) and their weighted sum (``reg.weighted``)."""
 
-    def __init__(self, model: nn.Module, arch: MoeArch, aux: float, z: float, kl: float):
+    def __init__(self, model: nn.Module, arch: MoeArch, aux: float, z: float, kl: float,
+                 balance_scope: str = "micro_batch"):
         self.arch, self.coef = arch, {"aux_loss": aux, "z_loss": z, "router_kl": kl}
+        self.global_batch = balance_scope == "global_batch"
+        self.step: dict[tuple[str, ...], StepChoices] = {}  # global batch: per group of layers, by blocks
         self.model = model
         self.tensors = dict(model.named_parameters()) | dict(model.named_buffers())
         # Sharded at load time (FSDP2), a router's weight is whole only inside its layer's forward:
@@ -150,8 +181,11 @@ class RouterRegularizer:
             probs = router_probs(logits, first.scoring)
             correction = self._stack(lambda layer: router_bias(self.tensors, layer, correction=True), layers)
             select = probs if correction is None else probs + correction.detach().float().unsqueeze(1)
-            out["aux_loss"] = load_balancing_loss(probs, select.topk(first.top_k, -1).indices, first.num_experts,
-                                                  self.mean)
+            topk = select.topk(first.top_k, -1).indices  # (L, tokens, k)
+            if self.global_batch and self.model.training:
+                out["aux_loss"] = self._global_aux(tuple(layer.block for layer in layers), probs, topk, first.num_experts)
+            else:  # evaluation balances each batch
+                out["aux_loss"] = load_balancing_loss(probs, topk, first.num_experts, self.mean)
         if self.coef["z_loss"]:
             out["z_loss"] = z_loss(logits, self.mean)
         if self.coef["router_kl"]:
@@ -162,6 +196,31 @@ class RouterRegularizer:
                 base_logits = base_logits + bias.detach().unsqueeze(1)
             out["router_kl"] = router_kl(logits, base_logits, first.scoring, self.mean)
         return out
+
+    def _global_aux(self, blocks: tuple[str, ...], probs: torch.Tensor, topk: torch.Tensor,
+                    num_experts: int) -> torch.Tensor:
+        """probs (L, tokens, E), topk (L, tokens, k) -> (L,): E * sum f * P, with f the step's
+        shares so far (every rank and micro-batch, no gradient) and P this micro-batch's mean
+        over every rank's tokens."""
+        counts = F.one_hot(topk, num_experts).float().sum(-3)  # (L, k, E), this rank's micro-batch
+        seen = _all_summed(torch.cat([counts.flatten(), probs.detach().sum(-2).flatten(),
+                                      counts.new_tensor([probs.shape[-2]])]))
+        counts, prob_sums = seen[:counts.numel()].view_as(counts), seen[counts.numel():-1].view(probs.shape[0], -1)
+        step = self.step.get(blocks)
+        self.step[blocks] = step = StepChoices(counts, prob_sums, seen[-1].item()) if step is None else \
+            StepChoices(step.counts + counts, step.prob_sums + prob_sums, step.tokens + seen[-1].item())
+        p = self.mean(probs.sum(-2), probs.shape[-2])  # (L, E)
+        return num_experts * ((step.counts / step.tokens) * p.unsqueeze(-2)).sum((-2, -1))
+
+    def end_step(self) -> float | None:
+        """Global batch: the step's load-balancing term (mean over MoE layers), and counting
+        starts afresh; None where nothing was counted."""
+        if not self.step:
+            return None
+        experts = {layer.block: layer.num_experts for layer in self.arch.layers}
+        value = torch.cat([step.value(experts[blocks[0]]) for blocks, step in self.step.items()]).mean().item()
+        self.step.clear()
+        return value
 
     def terms(self, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Unweighted terms, averaged over MoE layers, for the last forward."""
@@ -199,7 +258,12 @@ class RouterRegularizer:
 
 def check_router(router, router_mode: str) -> None:
     """``router`` is the recipe's RouterSection. The terms read the router weight, which LoRA
-    leaves unchanged: with a LoRA router, terms the recipe asks for are refused."""
+    leaves unchanged: with a LoRA router, terms the recipe asks for are refused. Global-batch
+    balancing is a choice about how the router learns: refused where it does not train."""
+    if router.balance_scope == "global_batch" and router_mode != "train":
+        state = {"freeze": "frozen", "lora": "LoRA-adapted"}.get(router_mode, router_mode)
+        raise MoeTuneError(f"router.balance_scope: global_batch balances a router that trains, and here it is {state} "
+                           "(trainable.router); set trainable.router: train, or leave balance_scope at micro_batch")
     explicit = router.z_loss_coef or router.anchor_kl_coef or router.aux_loss_coef
     if router_mode == "lora" and explicit:
         raise MoeTuneError("router: the router terms are computed from the router weight, which LoRA leaves "

@@ -76,3 +76,13 @@ class RoutingProbe:
         summary = routing_stats.summarize(now, self.base)["mean_over_layers"]
         # eval_: TensorBoard files it under eval/, beside the validation loss it goes with
         return {f"eval_routing/{key}": value for key, value in summary.items()}
+
+
+class AfterOptimizerStep(TrainerCallback):
+    """Calls ``fn()`` after every optimizer step (bias balancing, global-batch balancing)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.fn()

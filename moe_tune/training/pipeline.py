@@ -243,7 +243,8 @@ def attach_regularizers(setup: RunSetup, model, arch: MoeArch) -> tuple[RouterRe
         ExpertDropout(model, arch, experts.dropout, experts.shared_dropout, experts.drop_expert_prob).attach()
     coef = coefficients(recipe.router, model.config, setup.plan.modes["router"])
     balancer = BiasBalancer(model, arch, recipe.router.bias_balance_rate) if recipe.router.bias_balance_rate else None
-    return RouterRegularizer(model, arch, coef["aux_loss"], coef["z_loss"], coef["router_kl"]), balancer
+    return RouterRegularizer(model, arch, coef["aux_loss"], coef["z_loss"], coef["router_kl"],
+                             recipe.router.balance_scope), balancer
 
 
 def make_trainable(setup: RunSetup, model, arch: MoeArch, tokenizer,

@@ -28,12 +28,12 @@ from moe_tune.errors import MoeTuneError
 from moe_tune.model import templates
 from moe_tune.model.loading import returning_freed_memory
 from moe_tune.moe import routing, step_memory
-from moe_tune.moe.bias_balance import BalanceBiases, BiasBalancer
+from moe_tune.moe.bias_balance import BiasBalancer
 from moe_tune.moe.expert_selection import ShardedGradMask, mask_sharded_grads
 from moe_tune.moe.router_losses import RouterRegularizer
 from moe_tune.plan.modes import unwrapped
 from moe_tune.training import distributed
-from moe_tune.training.callbacks import GradientGuard, MetricsLog, RoutingProbe
+from moe_tune.training.callbacks import AfterOptimizerStep, GradientGuard, MetricsLog, RoutingProbe
 from moe_tune.training.packing import RowTokens, check_packing_args, model_inputs, packs
 from moe_tune.training.run_dir import (
     CHECKPOINTS,
@@ -210,7 +210,9 @@ class MoeSFTTrainer(SFTTrainer):
         self.regularizer = regularizer
         self.balancer = balancer  # aux-loss-free balancing: counts choices here, moves biases per step
         if balancer is not None:
-            self.add_callback(BalanceBiases(balancer))
+            self.add_callback(AfterOptimizerStep(balancer.step))
+        if regularizer is not None and regularizer.global_batch:
+            self.add_callback(AfterOptimizerStep(self.optimizer_step_done))
         self.routing_probe = routing_probe
         self.grad_masks = list(grad_masks)  # ESFT: unselected experts' rows of sharded gradients zeroed
         self.no_decay = set(no_decay)  # weights trained on some rows only (trainable.train_rows_only)
@@ -269,6 +271,12 @@ class MoeSFTTrainer(SFTTrainer):
         mask_sharded_grads(self.grad_masks)  # after the backward's reduction, before clipping and the step
         return loss
 
+    def optimizer_step_done(self) -> None:
+        """Global-batch balancing: the step's load-balancing term, logged once per step."""
+        value = self.regularizer.end_step() if self.regularizer is not None else None
+        if value is not None:
+            self.router_terms["train"]["aux_loss"].append((value, 1))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = self._moe_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
@@ -298,7 +306,8 @@ class MoeSFTTrainer(SFTTrainer):
             return result
         weighted = reg.weighted(terms)
         for name, value in terms.items():
-            self.router_terms[mode][name].append((value.item(), rows))
+            if not (name == "aux_loss" and reg.global_batch and mode == "train"):  # logged per step (end_step)
+                self.router_terms[mode][name].append((value.item(), rows))
         self.router_terms[mode]["router_loss"].append((weighted.item(), rows))
         if return_outputs:
             return result[0] + weighted / steps, result[1]
