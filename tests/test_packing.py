@@ -176,3 +176,30 @@ def test_the_mask_preview_shows_the_row_boundaries():
     assert sum(lengths) <= 128 and len(lengths) > templates.PREVIEW_SHOWN
     assert body.count("‖") == templates.PREVIEW_SHOWN + 1 and body.count("<|bos|>") == templates.PREVIEW_SHOWN
     assert f"({len(lengths) - templates.PREVIEW_SHOWN} rows more)" in body
+
+
+def test_a_packed_run_trains_on_packed_rows_and_evaluates_on_whole_rows(tmp_path):
+    """moe-tune train's own trainer with sft.packing: its training batches are packed sequences
+    of sft.max_length tokens (their row tokens marked), its evaluation batches the padded rows
+    an unpacked run evaluates, to the same eval_loss and router terms."""
+    from moe_tune.model.loading import load_model
+    from moe_tune.recipe import load_recipe
+    from moe_tune.training.packing import ROW_TOKENS
+    from moe_tune.training.pipeline import plan_run, trainer_for
+
+    def trainer(name, *overrides):
+        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
+            f"output_dir={tmp_path / name}", "sft.max_steps=2", "data.max_train_rows=256", "eval.files=[]",
+            "sft.per_device_train_batch_size=4", "router.z_loss_coef=0.01", *overrides])
+        return trainer_for(plan_run(recipe), *load_model(recipe.model.path))[0]
+
+    packed, padded = trainer("packed", "sft.packing=true"), trainer("padded")
+    batch = next(iter(packed.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and batch[ROW_TOKENS].all()  # 4 sequences flattened, no padding
+    assert int((batch["position_ids"] == 0).sum()) > 4  # more rows than sequences
+    a, b = padded.evaluate(), packed.evaluate()
+    for key in ("eval_loss", "eval_ce_loss", "eval_aux_loss", "eval_z_loss"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    packed.train()
+    logged = [h for h in packed.state.log_history if "loss" in h]
+    assert logged and all(h["loss"] == pytest.approx(h["ce_loss"] + h["router_loss"], rel=1e-4) for h in logged)
