@@ -44,10 +44,17 @@ def rows(vocab, lengths=LENGTHS, seed=0):
     return [{"input_ids": torch.randint(3, vocab, (n,), generator=g).tolist()} for n in lengths]
 
 
-def collators(pad_to=None):
+def collators(pad_to=None, apart=False):
     """(padded, packed) as TRL's SFTTrainer makes them (the packed one wrapped as moe_tune's trainer wraps it)."""
     return (DataCollatorForLanguageModeling(pad_token_id=0, pad_to_multiple_of=pad_to),
-            RowTokens(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=pad_to)))
+            RowTokens(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=pad_to),
+                      sequences_apart=apart))
+
+
+def packed_sequences(examples, cut=3):
+    """The rows as two packed sequences, as TRL's packing makes them (with their lengths)."""
+    return [{"input_ids": sum((e["input_ids"] for e in part), []), "seq_lengths": [len(e["input_ids"]) for e in part]}
+            for part in (examples[:cut], examples[cut:])]
 
 
 def loss_terms_grads(model, reg, batch):
@@ -63,11 +70,14 @@ def loss_terms_grads(model, reg, batch):
     return loss.detach(), {k: v.detach() for k, v in terms.items()}, grads
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["flattened", "sequences_apart"])
 @pytest.mark.parametrize("family", VARIANTS)
-def test_a_packed_batch_trains_as_the_same_rows_padded(family):
+def test_a_packed_batch_trains_as_the_same_rows_padded(family, apart):
+    """Flattened into one row (TRL's layout, for flash attention's varlen kernels) or each packed
+    sequence a row of its own (moe_tune's, for every other attention)."""
     model = tiny(family)
     arch = describe(model)
-    padded, packed = collators()
+    padded, packed = collators(apart=apart)
     check_isolation(model, packed, family)  # gpt_oss: its masks built from the restarting positions
     reg = RouterRegularizer(model, arch, aux=0.5, z=0.1, kl=1.0)
     with torch.no_grad():  # routers off the base, so that the KL term is not zero
@@ -75,7 +85,9 @@ def test_a_packed_batch_trains_as_the_same_rows_padded(family):
             model.get_parameter(layer.router_weight).mul_(1.5)
     examples = rows(model.config.get_text_config().vocab_size)
     a = loss_terms_grads(model, reg, padded(examples))
-    b = loss_terms_grads(model, reg, packed(examples))
+    batch = packed(packed_sequences(examples))
+    assert batch["input_ids"].shape[0] == (2 if apart else 1)
+    b = loss_terms_grads(model, reg, batch)
     torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-6)
     assert set(a[1]) == {"aux_loss", "z_loss", "router_kl"} and a[1]["router_kl"] > 0
     for name in a[1]:
@@ -195,8 +207,9 @@ def test_a_packed_run_trains_on_packed_rows_and_evaluates_on_whole_rows(tmp_path
 
     packed, padded = trainer("packed", "sft.packing=true"), trainer("padded")
     batch = next(iter(packed.get_train_dataloader()))
-    assert batch["input_ids"].shape[0] == 1 and batch[ROW_TOKENS].all()  # 4 sequences flattened, no padding
-    assert int((batch["position_ids"] == 0).sum()) > 4  # more rows than sequences
+    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 128  # each sequence its own row (sdpa)
+    assert batch[ROW_TOKENS].float().mean() > 0.9  # packed full, bar the end of a shorter sequence
+    assert int(((batch["position_ids"] == 0) & batch[ROW_TOKENS].bool()).sum()) > 4  # more rows than sequences
     a, b = padded.evaluate(), packed.evaluate()
     for key in ("eval_loss", "eval_ce_loss", "eval_aux_loss", "eval_z_loss"):
         assert b[key] == pytest.approx(a[key], rel=1e-5), key

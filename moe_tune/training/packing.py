@@ -76,17 +76,32 @@ def check_packable(model: nn.Module, family: str) -> None:
 
 
 class RowTokens:
-    """TRL's padding-free collator, plus ``ROW_TOKENS``: which of the flattened tokens are the
-    rows' (the padding ``pad_to_multiple_of`` adds at the end is not)."""
+    """TRL's padding-free collator, plus ``ROW_TOKENS``: which tokens are the rows' (the padding
+    ``pad_to_multiple_of`` adds is not).
 
-    def __init__(self, collate):
-        self.collate = collate
+    TRL flattens a micro-batch of packed sequences into one, (1, B x max_length), which the
+    varlen kernels of flash attention want. Any other attention builds a dense (N, N) mask and
+    attends over all of it: with ``sequences_apart`` each packed sequence stays a row of the
+    batch, (B, longest), positions restarting within it and padding at its end (position 0:
+    each pad token a sequence of its own, trained on by nothing)."""
+
+    def __init__(self, collate, sequences_apart: bool = False):
+        self.collate, self.sequences_apart = collate, sequences_apart
 
     def __call__(self, examples: list[dict]) -> dict:
+        if self.sequences_apart and len(examples) > 1 and all("seq_lengths" in e for e in examples):
+            return self._apart(examples)
         batch = self.collate(examples)
         rows = sum(len(example["input_ids"]) for example in examples)
         batch[ROW_TOKENS] = (torch.arange(batch["input_ids"].shape[1]) < rows).long().unsqueeze(0)  # (1, tokens)
         return batch
+
+    def _apart(self, examples: list[dict]) -> dict:
+        parts = [self(example_alone) for example_alone in ([e] for e in examples)]  # (1, n_i) each
+        longest = max(part["input_ids"].shape[1] for part in parts)
+        fill = {"input_ids": self.collate.pad_token_id, "labels": -100, "position_ids": 0, ROW_TOKENS: 0}
+        return {key: torch.cat([nn.functional.pad(part[key], (0, longest - part[key].shape[1]), value=value)
+                                for part in parts]) for key, value in fill.items()}  # (B, longest)
 
 
 def model_inputs(inputs: dict) -> tuple[dict, torch.Tensor | None]:
@@ -146,10 +161,12 @@ def _difference(model: nn.Module, collate, vocab: int) -> float:
     lengths = probe_lengths(unwrapped(model).config)
     rows = [torch.randint(3, vocab, (n,), generator=generator) for n in lengths]
     device = next(model.parameters()).device
-    batch, _ = model_inputs(collate([{"input_ids": r.tolist()} for r in rows]))
+    # two packed sequences of two rows each, as the trainer's collator lays packed sequences out
+    pairs = [{"input_ids": torch.cat(rows[i:i + 2]).tolist(), "seq_lengths": list(lengths[i:i + 2])} for i in (0, 2)]
+    batch, tokens = model_inputs(collate(pairs))
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
-        packed = model(**batch).logits[0, :sum(lengths)].float()
+        packed = model(**batch).logits[tokens.bool().to(device)].float()  # (the rows' tokens, V), in order
         apart = torch.cat([model(input_ids=r[None].to(device), use_cache=False).logits[0].float() for r in rows])
     return ((packed - apart).abs().max() / apart.abs().max()).item()
 

@@ -225,7 +225,8 @@ class MoeSFTTrainer(SFTTrainer):
         if packs(self.args):
             self.eval_collator = DataCollatorForLanguageModeling(
                 pad_token_id=self.data_collator.pad_token_id, pad_to_multiple_of=self.data_collator.pad_to_multiple_of)
-            self.data_collator = RowTokens(self.data_collator)
+            flash = "flash" in (unwrapped(self.model).config._attn_implementation or "")  # varlen kernels: flat
+            self.data_collator = RowTokens(self.data_collator, sequences_apart=not flash)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints and ``save_model`` write the config as the model was loaded."""
@@ -292,6 +293,10 @@ class MoeSFTTrainer(SFTTrainer):
         with reg or contextlib.nullcontext():
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
+        if mode == "train" and tokens is not None and tokens.shape[0] > 1:  # packed sequences kept apart:
+            # TRL counts one flattened row's length, (1, N); here (B, longest) holds B rows of it
+            extra = torch.tensor(tokens.numel() - tokens.shape[1], device=tokens.device)
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(extra).sum())
         if self.balancer is not None and mode == "train":
             self.balancer.take(tokens)
         # With token-count normalisation Trainer sums a step's micro-batch losses (each is a share of
