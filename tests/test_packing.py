@@ -216,3 +216,5 @@ def test_a_packed_run_trains_on_packed_rows_and_evaluates_on_whole_rows(tmp_path
     packed.train()
     logged = [h for h in packed.state.log_history if "loss" in h]
     assert logged and all(h["loss"] == pytest.approx(h["ce_loss"] + h["router_loss"], rel=1e-4) for h in logged)
+    # TRL counts a flattened row's positions; the 4 rows of each step count (what --resume goes on from)
+    assert logged[-1]["num_tokens"] > 3 * 2 * 128

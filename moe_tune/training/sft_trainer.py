@@ -290,13 +290,14 @@ class MoeSFTTrainer(SFTTrainer):
         """TRL's loss (the cross-entropy, logged as ``ce_loss``) plus the weighted router terms."""
         reg = self.regularizer if self.regularizer is not None and self.regularizer.active else None
         inputs, tokens = model_inputs(inputs)  # tokens: (batch, length) 1 on the rows' tokens, or None
-        with reg or contextlib.nullcontext():
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        if mode == "train" and tokens is not None and tokens.shape[0] > 1:  # packed sequences kept apart:
-            # TRL counts one flattened row's length, (1, N); here (B, longest) holds B rows of it
+        if mode == "train" and tokens is not None and "attention_mask" not in inputs and tokens.shape[0] > 1:
+            # packed sequences kept apart: TRL counts one flattened row's positions, (1, N), here B
+            # rows of them; added before TRL's count, which logs the total
             extra = torch.tensor(tokens.numel() - tokens.shape[1], device=tokens.device)
             self._total_train_tokens += int(self.accelerator.gather_for_metrics(extra).sum())
+        with reg or contextlib.nullcontext():
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.balancer is not None and mode == "train":
             self.balancer.take(tokens)
         # With token-count normalisation Trainer sums a step's micro-batch losses (each is a share of
