@@ -199,14 +199,13 @@ def test_a_qlora_run_resumes_exports_merged_as_it_trained_and_prunes(tmp_path, c
     assert main(["prune", str(run), "--keep", "6", "--data", str(ROOT / "data" / "train.jsonl"), "--rows", "16",
                  "--out", str(tmp_path / "pruned"), "--no-base"]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "pruned" / "config.json").read_text())["num_local_experts"] == 6
-    # as if killed after checkpoint 2: the adapter and optimizer come back. Unlike a LoRA run on
-    # an unquantized model (tests/test_resume.py: equal to 1e-4), a run on 4-bit weights goes on
-    # about 1e-3 apart after its first resumed step, with bitsandbytes' 4-bit linear layers alone
-    # too (model.quantize_experts: false); the cause is not found yet (docs/quantization.md)
+    # as if killed after checkpoint 2: the adapter (trained in bf16, as TRL trains a quantized
+    # model's; PEFT's loading would make it fp32) and the optimizer come back, and it goes on as
+    # the uninterrupted run did
     for path in (run / "model", run / "eval", run / "checkpoints" / "checkpoint-4"):
         shutil.rmtree(path, ignore_errors=True)
     assert main(["train", str(run), "--resume"]) == 0, capsys.readouterr().err
     resumed = losses()
     assert sorted(resumed) == [1, 2, 3, 4]
     assert resumed[3] == pytest.approx(whole[3], rel=1e-4), 3
-    assert resumed[4] == pytest.approx(whole[4], rel=5e-3), 4
+    assert resumed[4] == pytest.approx(whole[4], rel=1e-4), 4

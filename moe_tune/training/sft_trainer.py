@@ -330,7 +330,14 @@ class MoeSFTTrainer(SFTTrainer):
         model = model if model is not None else self.model
         self._continue_token_count(Path(resume_from_checkpoint))
         if hasattr(model, "peft_config"):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            # PEFT's load_adapter casts a bf16 adapter to fp32; TRL trains a quantized model's
+            # adapter in bf16, so the resumed run would step in another precision (about 1e-3 apart)
+            dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for name, param in model.named_parameters():
+                if name in dtypes and param.dtype != dtypes[name]:
+                    param.data = param.data.to(dtypes[name])
+            return None
         with returning_freed_memory():
             saved = type(model).from_pretrained(resume_from_checkpoint, dtype=next(model.parameters()).dtype)
         model.load_state_dict(saved.state_dict(), strict=True)
