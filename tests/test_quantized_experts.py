@@ -5,6 +5,8 @@ experts hold the same dequantized values in full precision."""
 import pytest
 import torch
 
+from moe_tune.errors import MoeTuneError
+from moe_tune.export import serving
 from moe_tune.model.arch import describe
 from moe_tune.model.loading import load_model
 from moe_tune.model.quantized_experts import QuantizedExperts, dequantize_experts, quantized_expert_tensors
@@ -159,7 +161,8 @@ def test_loading_quantizes_expert_by_expert_never_holding_the_experts_whole(expe
 def test_a_qlora_run_resumes_exports_merged_as_it_trained_and_prunes(tmp_path, capsys):
     """A QLoRA run with 4-bit experts is a normal run: --resume from its adapter checkpoint gives
     the same losses; `export --merged` writes a full-precision checkpoint, LoRA merged into the
-    dequantized experts, whose logits are the trained model's; prune reads it."""
+    dequantized experts, whose logits are the trained model's; llama.cpp serves it (--gguf);
+    prune reads it."""
     import json
     import shutil
 
@@ -196,6 +199,14 @@ def test_a_qlora_run_resumes_exports_merged_as_it_trained_and_prunes(tmp_path, c
         expected = trained(input_ids=ids).logits
         got = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    try:  # llama.cpp answers as transformers does from the merged export (make test builds llama.cpp)
+        serving.llama_cpp_home()
+    except MoeTuneError:
+        pass
+    else:
+        assert main(["export", str(run), "--gguf", str(tmp_path / "run.gguf"), "--data",
+                     str(ROOT / "data" / "heldout.jsonl")]) == 0, capsys.readouterr().err
+        assert "greedy answers identical to transformers'" in capsys.readouterr().out
     assert main(["prune", str(run), "--keep", "6", "--data", str(ROOT / "data" / "train.jsonl"), "--rows", "16",
                  "--out", str(tmp_path / "pruned"), "--no-base"]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "pruned" / "config.json").read_text())["num_local_experts"] == 6
