@@ -68,6 +68,14 @@ def test_terms_match_the_routers_own_logits(family):
     assert terms["z_loss"].item() == pytest.approx(z_ref.item(), rel=1e-5)
     assert terms["router_kl"].item() == pytest.approx(0.0, abs=1e-6)  # nothing has moved yet
     assert terms["aux_loss"].item() > 0
+    # global-batch balancing of a step of one micro-batch is the micro-batch's term, for every family
+    model.train()
+    scoped = RouterRegularizer(model, arch, aux=1.0, z=0.0, kl=0.0, balance_scope="global_batch")
+    with scoped, torch.no_grad():
+        model(input_ids=x)
+    assert scoped.terms()["aux_loss"].item() == pytest.approx(terms["aux_loss"].item(), rel=1e-5)
+    assert scoped.end_step() == pytest.approx(terms["aux_loss"].item(), rel=1e-5)
+    model.eval()
     if all(layer.scoring == "softmax" for layer in arch.layers):
         # transformers#45120: P is the softmax of the router's own logits, taken once (a second
         # softmax, of the probabilities, flattens it)
