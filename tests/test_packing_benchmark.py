@@ -86,20 +86,3 @@ def test_the_packed_batch_holds_about_the_padded_batchs_real_tokens(bench, token
     # within half a packed sequence of each other
     assert abs(data.planned_real_tokens["packed"] - data.planned_real_tokens["padded"]) <= 128 / 2
 
-
-def test_a_measurement_counts_the_batches_its_timed_steps_train(bench, tmp_path):
-    """One warm-up and one timed step of moe_tune packed and of TRL padded on the shipped data."""
-    data, model = str(ROOT / "data" / "train.jsonl"), str(SHIPPED_MODEL)
-    packed = bench.worker("moe_tune", "packed", model, data, 128, 2, steps=1, warmup=1,
-                          run=tmp_path / "packed")
-    # each packed sequence a row of its own: a shorter one padded to the longer
-    assert packed["padding_share"] < 0.1 and packed["positions_per_step"] >= packed["real_tokens_per_step"]
-    assert 100 < packed["real_tokens_per_step"] <= 2 * 128  # two sequences of up to 128 tokens
-    assert packed["rows_per_step"] > 2 and packed["batch"] == 2
-    padded = bench.worker("trl", "padded", model, data, 128, 8, steps=1, warmup=1, run=tmp_path / "padded",
-                          trl_bf16=False)
-    assert padded["rows_per_step"] == 8 and not padded["bf16"]
-    assert 0 < padded["padding_share"] < 0.5  # rows of 12-17 tokens padded to the batch's longest
-    real = padded["positions_per_step"] * (1 - padded["padding_share"])
-    assert real == pytest.approx(padded["real_tokens_per_step"], rel=1e-3)
-    assert padded["seconds_per_step"] > 0 and padded["real_tokens_per_s"] > 0

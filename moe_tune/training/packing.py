@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import masking_utils
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from moe_tune.errors import MoeTuneError
 from moe_tune.model.arch import text_config
@@ -102,6 +103,16 @@ class RowTokens:
         fill = {"input_ids": self.collate.pad_token_id, "labels": -100, "position_ids": 0, ROW_TOKENS: 0}
         return {key: torch.cat([nn.functional.pad(part[key], (0, longest - part[key].shape[1]), value=value)
                                 for part in parts]) for key, value in fill.items()}  # (B, longest)
+
+
+def packed_collators(collate, model: nn.Module) -> tuple[RowTokens, DataCollatorForLanguageModeling]:
+    """A packed run's (training, evaluation) collators from TRL's padding-free ``collate``: the
+    rows' tokens marked, sequences kept apart but under flash attention, whose varlen kernels
+    want them flat; evaluation on whole rows, padded."""
+    flash = "flash" in (model.config._attn_implementation or "")
+    return (RowTokens(collate, sequences_apart=not flash),
+            DataCollatorForLanguageModeling(pad_token_id=collate.pad_token_id,
+                                            pad_to_multiple_of=collate.pad_to_multiple_of))
 
 
 def model_inputs(inputs: dict) -> tuple[dict, torch.Tensor | None]:

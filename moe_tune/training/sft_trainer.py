@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from moe_tune.data.rows import ReadRows, TrainRows, messages_dataset, read_train_rows
 from moe_tune.errors import MoeTuneError
@@ -34,7 +33,7 @@ from moe_tune.moe.router_losses import RouterRegularizer
 from moe_tune.plan.modes import unwrapped
 from moe_tune.training import distributed
 from moe_tune.training.callbacks import AfterOptimizerStep, GradientGuard, MetricsLog, RoutingProbe
-from moe_tune.training.packing import RowTokens, check_packing_args, model_inputs, packs
+from moe_tune.training.packing import check_packing_args, model_inputs, packed_collators, packs
 from moe_tune.training.run_dir import (
     CHECKPOINTS,
     DATA_REPORT_FILE,
@@ -223,10 +222,7 @@ class MoeSFTTrainer(SFTTrainer):
                                                                              "eval": defaultdict(list)}
         self.eval_collator = None  # packed runs: evaluation batches whole rows, padded (packing.py)
         if packs(self.args):
-            self.eval_collator = DataCollatorForLanguageModeling(
-                pad_token_id=self.data_collator.pad_token_id, pad_to_multiple_of=self.data_collator.pad_to_multiple_of)
-            flash = "flash" in (unwrapped(self.model).config._attn_implementation or "")  # varlen kernels: flat
-            self.data_collator = RowTokens(self.data_collator, sequences_apart=not flash)
+            self.data_collator, self.eval_collator = packed_collators(self.data_collator, unwrapped(self.model))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Checkpoints and ``save_model`` write the config as the model was loaded."""
@@ -274,8 +270,7 @@ class MoeSFTTrainer(SFTTrainer):
 
     def optimizer_step_done(self) -> None:
         """Global-batch balancing: the step's load-balancing term, logged once per step."""
-        value = self.regularizer.end_step() if self.regularizer is not None else None
-        if value is not None:
+        if (value := self.regularizer.end_step()) is not None:
             self.router_terms["train"]["aux_loss"].append((value, 1))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -292,8 +287,7 @@ class MoeSFTTrainer(SFTTrainer):
         inputs, tokens = model_inputs(inputs)  # tokens: (batch, length) 1 on the rows' tokens, or None
         mode = "train" if self.model.training else "eval"
         if mode == "train" and tokens is not None and "attention_mask" not in inputs and tokens.shape[0] > 1:
-            # packed sequences kept apart: TRL counts one flattened row's positions, (1, N), here B
-            # rows of them; added before TRL's count, which logs the total
+            # packed sequences kept apart: TRL counts 1 row's positions of B (added before it logs)
             extra = torch.tensor(tokens.numel() - tokens.shape[1], device=tokens.device)
             self._total_train_tokens += int(self.accelerator.gather_for_metrics(extra).sum())
         with reg or contextlib.nullcontext():
