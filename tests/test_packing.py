@@ -164,15 +164,8 @@ def test_families_that_leak_across_packed_rows_are_refused(family):
         with pytest.raises(MoeTuneError, match=f"sft.packing: {family} lets packed rows see each other"):
             check_isolation(model, packed, family)
         return
-    masks = check_isolation(model, packed, family)
+    masks = check_isolation(model, packed, family)  # measured packed against apart: within 1e-4, or it raises
     assert (masks is not None) == (family in {"gpt_oss", "afmoe"})  # their forward builds masks without positions
-    examples = rows(model.config.get_text_config().vocab_size)
-    with torch.no_grad():
-        batch, _ = model_inputs(packed(examples))
-        together = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
-        alone = torch.cat([model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits[0]
-                           for e in examples])
-    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4 * alone.abs().max().item())
 
 
 def test_the_mask_preview_shows_the_row_boundaries():
