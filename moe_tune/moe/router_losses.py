@@ -55,12 +55,16 @@ def global_mean(sums: torch.Tensor, tokens: int) -> torch.Tensor:
     return dist_nn.all_reduce(sums) / count
 
 
+def balance_term(f: torch.Tensor, p: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """f (..., k, E) share of each top-k slot, p (..., E) mean probability -> (...) E * sum f * P."""
+    return num_experts * (f.detach() * p.unsqueeze(-2)).sum((-2, -1))
+
+
 def load_balancing_loss(probs: torch.Tensor, topk: torch.Tensor, num_experts: int, mean=local_mean) -> torch.Tensor:
     """probs (..., tokens, E) fp32 distribution, topk (..., tokens, k) expert ids -> (...) loss."""
     tokens = probs.shape[-2]
     f = mean(F.one_hot(topk, num_experts).float().sum(-3), tokens)  # (..., k, E): share of each top-k slot
-    p = mean(probs.sum(-2), tokens)  # (..., E)
-    return num_experts * (f.detach() * p.unsqueeze(-2)).sum((-2, -1))
+    return balance_term(f, mean(probs.sum(-2), tokens), num_experts)
 
 
 def z_loss(logits: torch.Tensor, mean=local_mean) -> torch.Tensor:
@@ -101,8 +105,7 @@ class StepChoices:
 
     def value(self, num_experts: int) -> torch.Tensor:
         """(L,) the load-balancing term of the step's batch: E * sum f * P over all its tokens."""
-        f, p = self.counts / self.tokens, self.prob_sums / self.tokens
-        return num_experts * (f * p.unsqueeze(-2)).sum((-2, -1))
+        return balance_term(self.counts / self.tokens, self.prob_sums / self.tokens, num_experts)
 
 
 class RouterRegularizer:
@@ -209,8 +212,7 @@ class RouterRegularizer:
         step = self.step.get(blocks)
         self.step[blocks] = step = StepChoices(counts, prob_sums, seen[-1].item()) if step is None else \
             StepChoices(step.counts + counts, step.prob_sums + prob_sums, step.tokens + seen[-1].item())
-        p = self.mean(probs.sum(-2), probs.shape[-2])  # (L, E)
-        return num_experts * ((step.counts / step.tokens) * p.unsqueeze(-2)).sum((-2, -1))
+        return balance_term(step.counts / step.tokens, self.mean(probs.sum(-2), probs.shape[-2]), num_experts)
 
     def end_step(self) -> float | None:
         """Global batch: the step's load-balancing term (mean over MoE layers), and counting
