@@ -173,6 +173,8 @@ CASES = [
      "sft.packing: jamba has layers that carry state along the sequence"),
     ("packing_eval_packing", lambda f: train(f, "sft.packing=true", "sft.eval_packing=true"),
      "sft.eval_packing: evaluation runs on whole rows"),
+    ("packing_without_max_length", lambda f: train(f, "sft.packing=true", "sft.max_length=null"),
+     "sft.max_length: packing fills sequences of sft.max_length tokens, and it is null"),
     ("packing_wrapped", lambda f: train(f, "sft.packing=true", "sft.packing_strategy=wrapped"),
      "sft.packing_strategy: wrapped cuts rows"),
     ("padding_free_long_row", lambda f: train(f, f"data.train={f['long_row']}", "sft.padding_free=true",

@@ -57,6 +57,9 @@ def check_packing_args(sft: dict, args: dict) -> None:
     if sft.get("eval_packing"):
         raise MoeTuneError("sft.eval_packing: evaluation runs on whole rows, padded, so that eval_loss is the same "
                            "number whether a run packs or not (runs are compared by it); leave sft.eval_packing unset")
+    if args.get("packing") and "max_length" in args and args["max_length"] is None:  # TRL's default is 1024
+        raise MoeTuneError("sft.max_length: packing fills sequences of sft.max_length tokens, and it is null; set it "
+                           "(e.g. 1024), or drop sft.packing")
     if args.get("packing") and args.get("packing_strategy") == "wrapped":
         raise MoeTuneError("sft.packing_strategy: wrapped cuts rows at every block boundary, so a row's tail trains "
                            "without its prompt; use bfd (the default) or bfd_split")
