@@ -66,6 +66,7 @@ def pytest_collection_modifyitems(config, items):
         group = "shared_run" if "shared_run" in getattr(item, "fixturenames", ()) else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
 
+
 # Runs of the shipped model (the quickstart recipe) that several test files read, each trained once
 # a session, when a test first asks for it: shared_run(name). Tests read a run and may write beside
 # what it holds (`eval RUN --data OTHER` adds RUN/eval-OTHER); none changes it.
