@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_tune.cli import main
 
@@ -352,6 +353,9 @@ def test_packing_a_family_that_leaks_once_loaded_stops_before_the_first_step(fil
     assert not __import__("os").path.exists(files["out"])
 
 
+# accelerate trains a tensor-parallel group on GPUs only; on a GPU it is refused as unchecked
+TP_GROUP_WHY = "moe_tune has not checked" if torch.cuda.is_available() else "accelerate trains on GPUs only"
+
 # The parallel section's layouts, checked against the processes a launcher started (WORLD_SIZE,
 # as torchrun sets it) before anything loads: (case, overrides, environment, what the line says).
 PARALLEL_CASES = [
@@ -366,7 +370,7 @@ PARALLEL_CASES = [
     ("parallel_ep_without_plan", ["parallel.fsdp_size=2", "parallel.ep_size=2", "model.path={no_ep_plan_model}"],
      {"WORLD_SIZE": "2"}, "parallel.ep_size: JetMoeForCausalLM has no expert-parallel plan"),
     ("parallel_ep_alone", ["parallel.ep_size=2"], {"WORLD_SIZE": "2"},
-     "expert parallelism alone makes ranks share a batch (a tensor-parallel group), which moe_tune has not checked"),
+     "expert parallelism alone makes ranks share a batch (a tensor-parallel group), which " + TP_GROUP_WHY),
     ("parallel_tp", ["parallel.tp_size=2"], {"WORLD_SIZE": "2"}, "parallel.tp_size makes ranks share a batch"),
     ("parallel_lora_experts_with_ep", ["parallel.fsdp_size=2", "parallel.ep_size=2", "trainable.preset=lora_experts"],
      {"WORLD_SIZE": "2"}, "bypasses PEFT's LoRA on the routed experts"),

@@ -146,11 +146,13 @@ def check_parallel(parallel, sft: dict, bits: int | None, modes: dict[str, str],
                            "routed experts (nothing would train); with LoRA on the experts shard with "
                            "parallel.fsdp_size alone")
     if batch_sharers(parallel) > 1 and not planning:
-        # accelerate runs a tensor-parallel group on GPUs only, and two ranks cannot share one GPU:
-        # no machine this was built on could check it against one process
+        # accelerate refuses a tensor-parallel group off GPUs (its ParallelismConfig check), and two
+        # ranks cannot share one GPU: no machine this was built on could check it against one process
         what = "expert parallelism alone" if ep_alone(parallel) else "parallel.tp_size"
-        raise MoeTuneError(f"parallel: {what} makes ranks share a batch (a tensor-parallel group), which moe_tune "
-                           f"has not checked against one process; set parallel.fsdp_size with ep_size (FSDP2 x EP)")
+        why = "moe_tune has not checked against one process" if torch.cuda.is_available() else \
+            "accelerate trains on GPUs only"
+        raise MoeTuneError(f"parallel: {what} makes ranks share a batch (a tensor-parallel group), which {why}; "
+                           f"set parallel.fsdp_size with ep_size (FSDP2 x EP), which shards the experts as EP does")
     if parallel.tp_size > 1 and not getattr(meta, "tp_plan", None):
         raise MoeTuneError(f"parallel.tp_size: {type(meta).__name__} has no tensor-parallel plan in transformers; "
                            f"use parallel.fsdp_size")
