@@ -117,8 +117,8 @@ def test_fsdp2_config_trains_and_saves_like_plain_training(tmp_path):
 
 # --- sharded at load time (the recipe's parallel section) against one process -----------------
 #
-# Each layout trains 4 steps on 2 processes (gloo) with 4 rows per rank, against one process with
-# the 8 rows: every step's loss and router terms and the final weights must agree to fp32 order.
+# Each layout trains 4 steps on 2 or 4 processes (gloo) with 8 rows a step between them, against
+# one process with the 8 rows: every step's loss and router terms and the final weights must agree to fp32 order.
 # The shipped Mixtral and a tiny Qwen3-MoE; full fine-tuning (with z-loss and the KL anchor on),
 # freeze_experts, LoRA on the experts and ESFT. Refused combinations are tested in test_bad_input.
 
@@ -129,9 +129,14 @@ PRESET_OVERRIDES = {"full": ["router.z_loss_coef=0.001", "router.anchor_kl_coef=
                     "freeze_experts": ["trainable.preset=freeze_experts"],
                     "lora_experts": ["trainable.preset=lora_experts"],
                     "esft": ["trainable.preset=esft"]}
-LAYOUTS = {"fsdp": ["parallel.fsdp_size=2"], "fsdp_ep": ["parallel.fsdp_size=2", "parallel.ep_size=2"]}
+LAYOUTS = {"fsdp": ["parallel.fsdp_size=2"], "fsdp_ep": ["parallel.fsdp_size=2", "parallel.ep_size=2"],
+           # 4 processes: each expert on 2 ranks of 4 (EP 2) and FSDP-sharded between them; HSDP x EP
+           "fsdp4_ep2": ["parallel.fsdp_size=4", "parallel.ep_size=2"],
+           "hsdp_ep": ["parallel.dp_replicate_size=2", "parallel.fsdp_size=2", "parallel.ep_size=2"]}
+PROCESSES = {"fsdp": 2, "fsdp_ep": 2, "fsdp4_ep2": 4, "hsdp_ep": 4}
 MATRIX = [("mixtral", "fsdp", p) for p in PRESET_OVERRIDES] + \
-         [("mixtral", "fsdp_ep", p) for p in ("full", "esft")] + [("qwen3_moe", "fsdp_ep", "full")]
+         [("mixtral", "fsdp_ep", p) for p in ("full", "esft")] + [("qwen3_moe", "fsdp_ep", "full")] + \
+         [("mixtral", "fsdp4_ep2", "full"), ("qwen3_moe", "hsdp_ep", "freeze_experts")]
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +178,9 @@ def saved_weights(run):
 @pytest.mark.parametrize("family, layout, preset", MATRIX, ids=["-".join(m) for m in MATRIX])
 def test_a_sharded_run_matches_one_process(one_process, tmp_path, family, layout, preset):
     one = one_process(family, preset)
-    two, out = train([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "moe_tune.cli",
-                      "train"], 4, tmp_path, "two", f"model.path={one_process.models[family]}", *SHARDED[1:],
+    n = PROCESSES[layout]  # the same 8 rows a step, 8 // n on each rank
+    two, out = train([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m", "moe_tune.cli",
+                      "train"], 8 // n, tmp_path, "two", f"model.path={one_process.models[family]}", *SHARDED[1:],
                      *PRESET_OVERRIDES[preset], *LAYOUTS[layout], base=SHARDED[0])
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
