@@ -25,7 +25,7 @@ def test_notebook_runs_top_to_bottom(tmp_path):
              "eval.retention_file": None, "data.max_train_rows": 64}
     # injected after the settings cell, as papermill does
     nb.cells.insert(params + 1, nbformat.v4.new_code_cell(
-        f'VARIANTS = ["full", "esft"]\nSTEPS = 2\nEVAL_STEPS = 2\nOUTPUT_DIR = "{tmp_path / "out"}"\n'
+        f'VARIANTS = ["full", "esft"]\nSEEDS = [1]\nSTEPS = 2\nEVAL_STEPS = 2\nOUTPUT_DIR = "{tmp_path / "out"}"\n'
         f"EXTRA = {quick!r}"))
     NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
@@ -34,6 +34,6 @@ def test_notebook_runs_top_to_bottom(tmp_path):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 4  # score, loss curves, drift, one run's expert load
     table = next(o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
-    assert "| full |" in table and "| esft |" in table and "±" in table
-    for seed in (1, 2):
-        assert (tmp_path / "out" / "esft" / f"seed-{seed}" / "compare_run.json").is_file()
+    # one seed: each run starts a process (about 12 s here); seeds and spreads are test_compare's
+    assert "| full |" in table and "| esft |" in table and "One seed per variant." in table
+    assert (tmp_path / "out" / "esft" / "seed-1" / "compare_run.json").is_file()
