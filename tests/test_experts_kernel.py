@@ -137,13 +137,14 @@ def test_bf16_autocast_runs_expert_matmuls_in_bf16(monkeypatch):
     """transformers' grouped kernel stays fp32 under CPU autocast; this path does not."""
     model = tiny("mixtral")
     experts_policy.use_experts_kernel(model)
-    dtypes, expert_slice = [], experts_kernel._slice
+    dtypes, expert_weight = [], experts_kernel._Side.weight
 
-    def spy(w, e, dtype):
-        dtypes.append(dtype)
-        return expert_slice(w, e, dtype)
+    def spy(side, e):
+        we = expert_weight(side, e)
+        dtypes.append(we.dtype)
+        return we
 
-    monkeypatch.setattr(experts_kernel, "_slice", spy)
+    monkeypatch.setattr(experts_kernel._Side, "weight", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(**batch(model))
     # the weights of two projections per expert that received tokens, in every layer

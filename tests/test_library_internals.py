@@ -1,6 +1,6 @@
-"""The private internals of transformers, TRL, PEFT, accelerate and datasets that moe_tune reaches
-into, named in one place: an upgrade that moves one fails here, by name, rather than somewhere in a
-run. pyproject.toml caps those libraries at the releases this list was checked against."""
+"""The private internals of transformers, TRL, PEFT, accelerate, datasets and bitsandbytes that
+moe_tune reaches into, named in one place: an upgrade that moves one fails here, by name, rather
+than somewhere in a run. pyproject.toml caps those libraries at the releases this list was checked against."""
 
 import ast
 import importlib
@@ -15,7 +15,7 @@ from trl import SFTConfig
 from families import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets")
+LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
 OUR_CODE = ("moe_tune", "benchmarks", "scripts")
 
 # (module, attribute path): every private name of those libraries that our code uses, as the module
@@ -52,6 +52,12 @@ INTERNALS = [
     ("transformers.quantizers.quantizer_bnb_8bit", "Bnb8BitHfQuantizer._process_model_after_weight_loading"),
     ("transformers.quantizers.auto", "AUTO_QUANTIZER_MAPPING"),
     ("transformers.core_model_loading", "ConversionOps"),
+    # model.quantized_experts: bitsandbytes' C++ CPU dequantization of 4-bit blocks, called into a
+    # buffer moe_tune reuses (its dequantize_4bit writes into a fresh tensor only on a CPU); the
+    # names are cdequantize_blockwise_cpu_{nf4,fp4}_{bf16,fp32,fp16}, with the arguments of
+    # bitsandbytes/backends/cpu/ops.py
+    ("bitsandbytes.cextension", "lib._lib.cdequantize_blockwise_cpu_nf4_bf16"),
+    ("bitsandbytes.cextension", "lib._lib.cdequantize_blockwise_cpu_fp4_fp32"),
     # plan.accounting: the vocabulary chunk of TRL's fused LM-head loss
     ("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE"),
 ]

@@ -94,6 +94,62 @@ def test_a_step_through_quantized_experts_equals_one_through_their_values_in_ful
         assert grad.abs().sum() > 0, key
 
 
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_expert_read_into_a_buffer_equals_bitsandbytes_own_dequantization(quant_type, double_quant, dtype):
+    """On a CPU an expert is dequantized by bitsandbytes' C++ kernel into a buffer the kernel
+    reuses (QuantizedExperts._dequantized_into), to the bit what bitsandbytes' own
+    dequantize_4bit returns in a fresh tensor."""
+    from moe_tune.model.quantized_experts import ExpertsQuantization
+
+    weight = torch.randn(3, 96, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    packed, quantization = QuantizedExperts.quantize(weight, ExpertsQuantization(4, quant_type, double_quant))
+    assert quantization._native_cpu_kernel(packed, dtype) is not None  # the buffer path is the one tested
+    buffer = torch.empty(96, 128, dtype=dtype)
+    for e in range(3):
+        expected = quantization.expert(packed, e, dtype)  # bitsandbytes' dequantize_4bit
+        assert quantization.expert(packed, e, dtype, out=buffer) is buffer
+        assert torch.equal(buffer, expected), e
+
+
+def test_each_expert_is_dequantized_once_a_pass_whatever_its_pieces(checkpoints, monkeypatch, tmp_path):
+    """Under bf16 an expert's rows run in pieces (experts_route.ROW_PIECE); a quantized expert is
+    dequantized once for all of them, in the forward and again in the backward, and the step is
+    the one with a single piece per expert."""
+    from moe_tune.moe import experts_route
+
+    model = adapted(checkpoints("mixtral"), tmp_path / "q")
+    reads, expert = [], QuantizedExperts.expert  # (packed, e, dtype, out) per read
+    monkeypatch.setattr(QuantizedExperts, "expert", lambda self, *a, **k: reads.append(a[1]) or expert(self, *a, **k))
+    ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(2))
+
+    def bf16_step():
+        reads.clear()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {key: factor.grad.clone() for key, factor in lora_factors(model).items()}
+
+    whole_loss, whole_grads = bf16_step()
+    monkeypatch.setattr(experts_route, "ROW_PIECE", experts_route.ROW_BLOCK)  # 64-row pieces
+    calls, pieces = [], experts_route.Route.pieces  # each call: one layer's forward or backward
+
+    def recorded(route):
+        calls.append(list(pieces(route)))
+        return iter(calls[-1])
+
+    monkeypatch.setattr(experts_route.Route, "pieces", recorded)
+    loss, grads = bf16_step()
+    experts = sum(len({piece.expert for piece in call}) for call in calls)
+    assert sum(len(call) for call in calls) > experts  # some experts' rows ran in several pieces
+    assert 0 < len(reads) <= 2 * experts  # up and down: once per expert and pass, not per piece
+    assert loss == pytest.approx(whole_loss, rel=1e-4)
+    for key, grad in grads.items():  # bf16 matmuls of other row counts: 0.4% of the largest at most here
+        torch.testing.assert_close(grad, whole_grads[key], rtol=1e-2, atol=1e-2 * whole_grads[key].abs().max().item(),
+                                   msg=str(key))
+
+
 PEAK = """
 import json, sys, threading, time
 import torch

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from moe_tune.model.quantized_experts import QuantizedWeight, quantized_weight
 from moe_tune.moe.experts_lora import LORA_ATTR, LoraFactors, lora_factors
 from moe_tune.moe.experts_route import Piece, Route
-from moe_tune.moe.step_memory import Kept, casts_on_use, held_weight, kept_activation, step_empty
+from moe_tune.moe.step_memory import EVERY_LAYER, Kept, casts_on_use, held_weight, kept_activation, step_empty
 
 try:  # transformers' gate for experts classes that define none: gate, up = chunk(2); act(gate) * up
     from transformers.activations import SiLUActivation
@@ -45,11 +45,6 @@ def _grouped(x: torch.Tensor) -> bool:
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def _slice(w: torch.Tensor | QuantizedWeight, e: int, dtype: torch.dtype) -> torch.Tensor:
-    """Expert e's weight in ``dtype`` (a copy only where w is held narrower or quantized)."""
-    return w.expert(e, dtype) if isinstance(w, QuantizedWeight) else w[e].to(dtype)
 
 
 class _SideTensors(NamedTuple):
@@ -98,6 +93,21 @@ class _Side:
         self.experts, self.dtype, self.lora = call.experts, call.dtype, held.a is not None
         self.out_features = self.w.shape[2] if spec.transposed else self.w.shape[1]
         self.rank = self.a.shape[1] if self.lora else 0
+        self.dequantized, self.current = None, None  # a quantized weight's expert in use, and which
+
+    def weight(self, e: int) -> torch.Tensor:
+        """Expert e's weight in the compute dtype (a copy only where held narrower). A quantized
+        one is dequantized into one buffer, which every layer reuses in turn, once for all of e's
+        pieces (they come in a row): a fresh tensor per use would be new pages, faulted in anew."""
+        if not isinstance(self.w, QuantizedWeight):
+            return self.w[e].to(self.dtype)
+        if self.current != e:
+            if self.dequantized is None:
+                self.dequantized = step_empty(self.w.shape[1:], self.dtype, self.w.device,
+                                              Kept(EVERY_LAYER, f"{self.spec.name} dequantized"))
+            self.w.expert(e, self.dtype, out=self.dequantized)
+            self.current = e
+        return self.dequantized
 
     @classmethod
     def of(cls, given: _SideTensors, spec: _SideSpec, call: _Call) -> _Side:
@@ -115,7 +125,7 @@ class _Side:
     def forward(self, x: torch.Tensor, e: int, y: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
         """y (p, out) = x (p, in) W_e^T + s (x A_e^T) B_e^T + bias_e, written into y; x A_e^T into h
         (p, r), kept for B's gradient. LoRA's term is added while y is in cache."""
-        we = _slice(self.w, e, self.dtype)
+        we = self.weight(e)
         torch.mm(x, we if self.spec.transposed else we.t(), out=y)
         if self.lora:
             torch.mm(x, self.a[e].t(), out=h)
@@ -135,7 +145,7 @@ class _Side:
         gh = g @ self.b[e] if self.lora and (need_in or grad_a is not None) else None  # (p, r): g B_e
         grad_in = None
         if need_in:
-            we = _slice(self.w, e, self.dtype)
+            we = self.weight(e)
             grad_in = g @ (we.t() if self.spec.transposed else we)  # (p, in)
             if gh is not None:
                 grad_in.addmm_(gh, self.a[e], alpha=scaling)

@@ -38,6 +38,8 @@ class _Mapping(NamedTuple):
 
 # {experts module: {Kept.what: _Mapping}}
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the owner of buffers that every layer uses in turn (one layer runs at a time): Kept(EVERY_LAYER, ...)
+EVERY_LAYER = nn.Module()
 
 
 def casts_on_use(experts: nn.Module) -> bool:
@@ -86,7 +88,7 @@ def step_empty(shape: torch.Size, dtype: torch.dtype, device: torch.device,
 def release_kept(model: nn.Module) -> None:
     """Give back the buffers that ``model``'s experts modules keep from step to step, once
     training ends."""
-    for module in model.modules():
+    for module in (*model.modules(), EVERY_LAYER):
         _KEPT.pop(module, None)
 
 
@@ -101,5 +103,5 @@ def held_weight(weight: torch.Tensor, dtype: torch.dtype, on_use: bool, kept: Ke
     """The (E, out, in) weight the kernel's loop reads, in ``dtype``: cast once when wider (fp32
     weights under autocast), and kept for the backward; a narrower one (bf16 experts, fp32
     compute: evaluation), or any with ``on_use`` (cast_on_use), is cast per expert used, on use
-    (experts_kernel._slice)."""
+    (experts_kernel._Side.weight)."""
     return _cast_whole(weight, dtype, kept) if weight.dtype.itemsize >= dtype.itemsize and not on_use else weight
