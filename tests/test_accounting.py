@@ -87,6 +87,22 @@ def test_memory_estimates_by_hand():
     assert mem["full"] > mem["freeze_experts"] and mem["full"] > mem["lora_experts"]
 
 
+def test_quantized_experts_count_one_dequantized_expert_of_each_projection():
+    """The experts kernel dequantizes one expert of each projection at a time, into buffers that
+    every layer reuses: the plan counts them once, in the compute dtype (bf16 under autocast)."""
+    from types import SimpleNamespace
+
+    from moe_tune.plan.accounting import micro_batch_activations
+
+    model = build_meta_model(load_config(str(SHIPPED_MODEL)))
+    arch = describe(model)
+    args = SimpleNamespace(per_device_train_batch_size=2, max_length=64, gradient_checkpointing=False, bf16=True,
+                           fp16=False)
+    quantized, _ = micro_batch_activations(model, arch, "float32", args, quantized_experts=True)
+    held_in_bf16, _ = micro_batch_activations(model, arch, "float32", args, frozen_experts_in_bf16=True)
+    assert quantized - held_in_bf16 == 2 * (512 * 128 + 128 * 256)  # no whole-layer copy, one expert's buffers
+
+
 def test_lora_param_count_matches_peft():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -146,16 +146,21 @@ def micro_batch_activations(model: nn.Module, arch: MoeArch, dtype: str, sft_arg
     moe_tune's experts kernel keeps no bf16 copy of the routed experts where they are held in bf16
     (``frozen_experts_in_bf16``), where checkpointing makes it cast each on use
     (experts_policy.cast_on_use), or where they are quantized (``quantized_experts``: dequantized
-    one expert at a time). ``on_gpu``, ``trained``: see saved_activation_bytes."""
+    one expert at a time, into a buffer per projection, which is counted). ``on_gpu``,
+    ``trained``: see saved_activation_bytes."""
     batch = sft_args.per_device_train_batch_size if batch is None else batch
     checkpointing = bool(sft_args.gradient_checkpointing) if checkpointing is None else checkpointing
     autocast = bool(sft_args.bf16 or sft_args.fp16) and DTYPE_BYTES[dtype] == 4  # fp32 weights, 16-bit matmuls
     seq_len = sft_args.max_length or 1024
     tokens = batch * seq_len  # rows of sft.max_length tokens: the largest micro-batch
-    acts = activation_bytes(model, arch, tokens, 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4, autocast,
+    compute_bytes = 2 if autocast or DTYPE_BYTES[dtype] == 2 else 4
+    acts = activation_bytes(model, arch, tokens, compute_bytes, autocast,
                             checkpointing, expert_copies=not (frozen_experts_in_bf16 or quantized_experts or checkpointing),
                             on_gpu=on_gpu,
                             seq_len=seq_len, trained=trained)
+    if quantized_experts:  # one expert of each projection dequantized, in a buffer every layer reuses
+        acts += compute_bytes * max((sum(model.get_parameter(n).numel() for n in layer.expert_params) / layer.num_experts
+                                     for layer in arch.layers), default=0)
     return acts, (f"{tokens} tokens per micro-batch, {'bf16 autocast' if autocast else dtype}, "
                   f"checkpointing {'on' if checkpointing else 'off'}")
 
