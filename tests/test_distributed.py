@@ -135,7 +135,8 @@ LAYOUTS = {"fsdp": ["parallel.fsdp_size=2"], "fsdp_ep": ["parallel.fsdp_size=2",
            "hsdp_ep": ["parallel.dp_replicate_size=2", "parallel.fsdp_size=2", "parallel.ep_size=2"]}
 PROCESSES = {"fsdp": 2, "fsdp_ep": 2, "fsdp4_ep2": 4, "hsdp_ep": 4}
 MATRIX = [("mixtral", "fsdp", p) for p in PRESET_OVERRIDES] + \
-         [("mixtral", "fsdp_ep", p) for p in ("full", "esft")] + [("qwen3_moe", "fsdp_ep", "full")] + \
+         [("mixtral", "fsdp_ep", "esft"), ("qwen3_moe", "fsdp_ep", "full")] + \
+         [("qwen3_moe", "fsdp", "lora_experts")] + \
          [("mixtral", "fsdp4_ep2", "full"), ("qwen3_moe", "hsdp_ep", "freeze_experts")]
 
 
@@ -204,7 +205,8 @@ def test_a_sharded_run_matches_one_process(one_process, tmp_path, family, layout
         from peft import PeftModel
 
         adapter = json.loads((two / "model" / "adapter_config.json").read_text())
-        assert adapter["auto_mapping"]["base_model_class"] == "MixtralForCausalLM"
+        assert adapter["auto_mapping"]["base_model_class"] == \
+            {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[family]
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(one_process.models[family]), two / "model")
     else:
         AutoModelForCausalLM.from_pretrained(two / "model")  # plain transformers loads it
