@@ -91,11 +91,11 @@ class QuantizedExperts(nn.Module):
 
     def _native_cpu_kernel(self, packed: torch.Tensor, dtype: torch.dtype):
         """bitsandbytes' own C++ CPU dequantization of 4-bit blocks, which its ``dequantize_4bit``
-        runs into a fresh tensor only. Into a buffer the kernel reuses, a Mixtral expert (117M
-        weights) takes a fifth of the time: a fresh 235 MB tensor is new pages, each faulted in
-        (docs/quantization.md). None where bitsandbytes itself would not run it."""
+        runs into a fresh tensor only: into a buffer the experts kernel reuses, no new pages are
+        faulted in on every read (measured in docs/quantization.md). None where bitsandbytes
+        itself would not run it."""
         if self.settings.bits != 4 or packed.device.type != "cpu" or self.settings.blocksize >= 2048 \
-                or self.shape[-1] % 2:  # bitsandbytes' own fallbacks (AVX-512 accuracy, odd rows)
+                or self.shape[-1] % 2:  # bitsandbytes' own fallbacks (AVX-512 accuracy, odd row length)
             return None
         from bitsandbytes.cextension import lib  # noqa: PLC0415
 
