@@ -84,8 +84,9 @@ class QuantizedExperts(nn.Module):
         """Expert e's weight (out, in), or (in, out) transposed, in ``dtype`` (into ``out`` if given)."""
         import bitsandbytes.functional as bnb  # noqa: PLC0415
 
-        if out is not None and self._native_cpu_kernel(packed, dtype) is not None:
-            return self._dequantized_into(bnb, packed, e, out)
+        kernel = self._native_cpu_kernel(packed, dtype) if out is not None else None
+        if kernel is not None:
+            return self._dequantized_into(bnb, kernel, packed, e, out)
         values = self._dequantized(bnb, packed, e, dtype)
         return values if out is None else out.copy_(values)
 
@@ -104,34 +105,35 @@ class QuantizedExperts(nn.Module):
         return getattr(getattr(lib, "_lib", None), f"cdequantize_blockwise_cpu_{self.settings.quant_type}_{suffix}",
                        None) if suffix else None
 
-    def _dequantized_into(self, bnb, packed: torch.Tensor, e: int, out: torch.Tensor) -> torch.Tensor:
-        """Expert e's 4-bit values through bitsandbytes' CPU kernel into ``out``: the same values
-        as ``dequantize_4bit`` (its fp32 scales times the code, rounded once to out's dtype)."""
+    def _dequantized_into(self, bnb, kernel, packed: torch.Tensor, e: int, out: torch.Tensor) -> torch.Tensor:
+        """Expert e's 4-bit values through bitsandbytes' CPU ``kernel`` into ``out``: the same
+        values as ``dequantize_4bit`` (its fp32 scales times the code, rounded once to out's dtype)."""
         import ctypes  # noqa: PLC0415
 
-        absmax = self.absmax[e]
-        if self.settings.double_quant:  # the 8-bit scales first, as dequantize_4bit does
-            nested = bnb.QuantState(absmax=self.nested_absmax[e], code=self.nested_code,
-                                    blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-            absmax = bnb.dequantize_blockwise(absmax, nested) + self.offset[e]
-        rows = self.shape[1:].numel() // self.shape[-1]
+        state = self._state(bnb, e, out.dtype)
+        absmax = state.absmax
+        if state.nested:  # the 8-bit scales first, as dequantize_4bit does
+            absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
         assert out.is_contiguous() and out.numel() == self.shape[1:].numel()
-        self._native_cpu_kernel(packed, out.dtype)(
-            bnb.get_ptr(packed[e]), bnb.get_ptr(absmax.float().contiguous()), bnb.get_ptr(out),
-            ctypes.c_longlong(self.settings.blocksize), ctypes.c_longlong(rows), ctypes.c_longlong(self.shape[-1]))
+        kernel(bnb.get_ptr(packed[e]), bnb.get_ptr(absmax.float().contiguous()), bnb.get_ptr(out),
+               ctypes.c_longlong(self.settings.blocksize), ctypes.c_longlong(out.numel() // self.shape[-1]),
+               ctypes.c_longlong(self.shape[-1]))
         return out
 
     def _dequantized(self, bnb, packed: torch.Tensor, e: int, dtype: torch.dtype) -> torch.Tensor:
         if self.settings.bits == 8:
             return bnb.int8_vectorwise_dequant(packed[e], self.row_scales[e]).to(dtype)
+        return bnb.dequantize_4bit(packed[e], self._state(bnb, e, dtype))
+
+    def _state(self, bnb, e: int, dtype: torch.dtype):
+        """Expert e's 4-bit bitsandbytes QuantState, dequantizing to ``dtype``."""
         nested = None
         if self.settings.double_quant:
             nested = bnb.QuantState(absmax=self.nested_absmax[e], code=self.nested_code,
                                     blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-        state = bnb.QuantState(absmax=self.absmax[e], shape=self.shape[1:], code=self.code,
-                               blocksize=self.settings.blocksize, quant_type=self.settings.quant_type, dtype=dtype,
-                               offset=self.offset[e] if nested is not None else None, state2=nested)
-        return bnb.dequantize_4bit(packed[e], state)
+        return bnb.QuantState(absmax=self.absmax[e], shape=self.shape[1:], code=self.code,
+                              blocksize=self.settings.blocksize, quant_type=self.settings.quant_type, dtype=dtype,
+                              offset=self.offset[e] if nested is not None else None, state2=nested)
 
     def whole(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The whole tensor (E, out, in) in ``dtype``, each expert written into its slice as it is
