@@ -83,14 +83,16 @@ def bf16_frozen_experts_run(tmp_path_factory):
 # A full fine-tune and a LoRA-on-experts run of the shipped model (conftest.SHARED_RUNS), and the one above
 SERVED = ["full", "lora_experts", "bf16_frozen_experts"]
 # vLLM's start costs about 40 s a check: it serves the merged LoRA export (every weight written by
-# the merge) and the bf16 one (mixed dtypes); the full run's folder is a plain save of the same kind
-SERVED_BY_VLLM = ["lora_experts", "bf16_frozen_experts"]
+# the merge) and the bf16 one (mixed dtypes), or the full run's where bf16 does not pay (no bf16 run)
+SERVED_BY_VLLM = ["lora_experts", "bf16_frozen_experts_or_full"]
 
 
 @pytest.fixture
 def served_run(request, shared_run):
     if request.param == "bf16_frozen_experts":
         return request.getfixturevalue("bf16_frozen_experts_run")
+    if request.param == "bf16_frozen_experts_or_full":
+        return request.getfixturevalue("bf16_frozen_experts_run") if _bf16_pays() else shared_run("full")
     return shared_run(request.param)
 
 
