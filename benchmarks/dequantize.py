@@ -29,7 +29,7 @@ def fastest_ms(call, repeats: int) -> float:
         start = time.perf_counter()
         call()
         best = min(best, time.perf_counter() - start)
-    return round(best * 1e3, 1)
+    return best * 1e3
 
 
 def main() -> None:
@@ -59,6 +59,8 @@ def main() -> None:
         "matmul_ms": fastest_ms(lambda: x @ buffer.t(), args.repeats),
     }
     result["fresh_over_buffer"] = round(result["fresh_tensor_ms"] / result["into_buffer_ms"], 2)
+    for key in ("fresh_tensor_ms", "into_buffer_ms", "matmul_ms"):
+        result[key] = round(result[key], 3)
     print(json.dumps(result))
 
 
